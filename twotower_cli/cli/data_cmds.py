@@ -1,0 +1,157 @@
+"""`validate-data` and `inspect-vocab`: look at the data and at the characters the model reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from twotower_cli.cli.common import command, settings
+from twotower_cli.cli.console import out
+from twotower_cli.cli.main import app
+from twotower_cli.cli.options import (ConfigOpt, DataArg, DocumentColOpt, JsonOpt, LabelColOpt, QueryColOpt,
+                                      RunOpt, RunsDirOpt)
+
+LEVEL_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
+
+
+def data_overrides(query_col, document_col, label_col) -> dict:
+    return {("data", "query_col"): query_col, ("data", "document_col"): document_col,
+            ("data", "label_col"): label_col}
+
+
+@command(app, "validate-data", help="Check a pairs file: schema, labels, duplicates, lengths, odd characters.")
+def validate_data(
+    data: DataArg,
+    json_out: JsonOpt = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Treat warnings as errors (exit 1).")] = False,
+    query_col: QueryColOpt = None,
+    document_col: DocumentColOpt = None,
+    label_col: LabelColOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    from twotower_cli.data import load_pairs
+    from twotower_cli.validate import validate
+
+    cfg = settings(config, data_overrides(query_col, document_col, label_col))
+    pairs = load_pairs(data, cfg.data.query_col, cfg.data.document_col, cfg.data.label_col)
+    rep = validate(pairs, cfg.data.max_query_length, cfg.data.max_document_length)
+    failed = bool(rep.errors) or (strict and bool(rep.warnings))
+    if json_out:
+        doc = rep.to_dict()
+        doc["ok"] = not failed
+        out.print_json(json.dumps(doc))
+    else:
+        show_report(rep)
+    if failed:
+        first = (rep.errors or rep.warnings)[0]
+        from twotower_cli.cli.console import error_line
+
+        error_line(f"{data}: {first.check}: {first.message}"
+                   + (f" (+{len(rep.errors) + len(rep.warnings) - 1} more findings above)"
+                      if len(rep.errors) + len(rep.warnings) > 1 else ""))
+        raise typer.Exit(1)
+
+
+def show_report(rep) -> None:
+    from rich.table import Table
+
+    summary = Table(title=f"{rep.path}: {rep.rows:,} rows", title_justify="left")
+    for col in ("column", "type", "nulls", "empty", "p50 chars", "p95 chars", "max chars", "truncated at max",
+                "control chars"):
+        summary.add_column(col, justify="right" if col not in ("column", "type") else "left")
+    for name, st in rep.columns.items():
+        share = f"{100 * st['truncated'] / rep.rows:.1f}% at {st['max_length']}" if rep.rows else "-"
+        summary.add_row(name, rep.schema[name], str(st["nulls"]), str(st["empty"] + st["blank"]), str(st["p50"]),
+                        str(st["p95"]), str(st["max"]), share, str(st["control"]))
+    lab = rep.labels
+    summary.add_row("label", rep.schema["label"], str(lab["invalid"]), "", "", "", "",
+                    f"{lab['positive']:,} positive", f"{lab['negative']:,} negative")
+    out.print(summary)
+    if not rep.findings:
+        out.print("[green]No problems found.[/]")
+        return
+    table = Table(title="Findings", title_justify="left")
+    table.add_column("level")
+    table.add_column("check")
+    table.add_column("finding")
+    for f in sorted(rep.findings, key=lambda f: ["error", "warning", "info"].index(f.level)):
+        table.add_row(f"[{LEVEL_STYLE[f.level]}]{f.level}[/]", f.check, f.message)
+    out.print(table)
+    verdict = "[bold red]not usable[/]" if rep.errors else "[green]usable[/]"
+    out.print(f"{verdict}: {len(rep.errors)} errors, {len(rep.warnings)} warnings")
+
+
+@command(app, "inspect-vocab", help="Show the character vocabulary of a run (or the one a file would build).")
+def inspect_vocab(
+    run: RunOpt = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Pairs file: its out-of-vocabulary rate, or the "
+                                                 "vocabulary training would build from it when there is no run.",
+                                                 show_default=False)] = None,
+    top: Annotated[int, typer.Option("--top", min=0, help="Characters to list (0: all).")] = 40,
+    json_out: JsonOpt = False,
+    runs_dir: RunsDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    import polars as pl
+
+    from twotower_cli.data import load_pairs
+    from twotower_cli.errors import ArtifactError, UsageError
+    from twotower_cli.runs import resolve_run
+    from twotower_cli.vocab import Vocab, describe, visible
+
+    cfg = settings(config, {("train", "runs_dir"): str(runs_dir) if runs_dir else None})
+    source = None
+    try:
+        run_dir = resolve_run(cfg.train.runs_dir, run)
+        vocab = Vocab.load(run_dir / "vocab.json")
+        source = f"run {run_dir.name}"
+    except ArtifactError:
+        if run or data is None:
+            if run:
+                raise
+            raise UsageError(f"no trained run in {cfg.train.runs_dir}: train first (twotower train DATA) or pass "
+                             "--data FILE to see the vocabulary training would build") from None
+        vocab = None
+    pairs = load_pairs(data, cfg.data.query_col, cfg.data.document_col, cfg.data.label_col) if data else None
+    if vocab is None:
+        vocab = Vocab.build([pairs.df["query"], pairs.df["document"]], cfg.vocab.min_freq, cfg.vocab.max_size,
+                            cfg.vocab.lowercase)
+        source = f"built from {data} (as training would)"
+    total = sum(vocab.counts) or 1
+    rows = []
+    for i, (ch, n) in enumerate(zip(vocab.chars, vocab.counts)):
+        name, cat = describe(ch)
+        rows.append({"id": i + 2, "char": ch, "shown": visible(ch), "name": name, "category": cat, "count": n,
+                     "share": n / total})
+    doc = {"source": source, "size": len(vocab), "lowercase": vocab.lowercase, "chars": rows[: top or None]}
+    if pairs is not None:
+        text = pl.concat([pairs.df["query"], pairs.df["document"]])
+        rate, unknown = vocab.unknown_rate(text)
+        doc["data"] = {"path": str(data), "oov_rate": rate,
+                       "top_unknown": [{"char": c, "shown": visible(c), "name": describe(c)[0], "count": k}
+                                       for c, k in unknown]}
+    if json_out:
+        out.print_json(json.dumps(doc, ensure_ascii=False))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Vocabulary: {source}", title_justify="left")
+    for col, just in (("id", "right"), ("char", "center"), ("unicode name", "left"), ("cat", "left"),
+                      ("count", "right"), ("share", "right")):
+        table.add_column(col, justify=just)
+    table.add_row("0", "", "(padding)", "", "", "", style="dim")
+    table.add_row("1", "�", "(unknown character)", "", "", "", style="dim")
+    for r in doc["chars"]:
+        table.add_row(str(r["id"]), r["shown"], r["name"], r["category"], f"{r['count']:,}", f"{100 * r['share']:.2f}%")
+    out.print(table)
+    shown = len(doc["chars"])
+    out.print(f"size {len(vocab)} (2 special + {len(vocab.chars)} characters, {shown} shown), "
+              f"lowercase={vocab.lowercase}, {total:,} characters counted")
+    if pairs is not None:
+        d = doc["data"]
+        unk = ", ".join(f"{u['shown']} ({u['count']:,})" for u in d["top_unknown"][:10]) or "none"
+        out.print(f"{data}: out-of-vocabulary rate {100 * d['oov_rate']:.3f}%; most frequent unknown: {unk}")
+

@@ -1,0 +1,254 @@
+"""Layered configuration: built-in defaults < config.toml < environment (.env, real variables) < flags.
+
+Every setting lives in one table below (section, key, default, help). Environment names are
+``TWOTOWER_<SECTION>_<KEY>``; W&B's own ``WANDB_API_KEY``/``WANDB_PROJECT``/``WANDB_ENTITY`` are read too.
+The effective configuration remembers where each value came from, so ``twotower config`` can show it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from twotower_cli.errors import ConfigError
+
+# (default, help). The type of the default is the type of the setting; None defaults are strings.
+FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
+    "data": {
+        "query_col": ("query", "column holding the query text"),
+        "document_col": ("document", "column holding the document text"),
+        "label_col": ("label", "column holding the label (1 relevant, 0 negative); optional in the file"),
+        "max_query_length": (64, "characters of a query the model reads"),
+        "max_document_length": (512, "characters of a document the model reads (Debian p95 is ~800)"),
+    },
+    "vocab": {
+        "min_freq": (2, "characters seen fewer times become the unknown id"),
+        "max_size": (2000, "most frequent characters kept (ids 0 and 1 included)"),
+        "lowercase": (True, "lowercase text before building and encoding"),
+    },
+    "model": {
+        "encoder": ("ngram", "ngram (hashed character n-grams + words), cnn (char CNN) or mean (the seed's)"),
+        "embedding_dim": (128, "size of the final L2-normalised embedding"),
+        "hidden_dim": (256, "size of the character/n-gram embeddings and hidden layers"),
+        "ngram_buckets": (262144, "hash buckets of the ngram encoder"),
+        "cnn_widths": ("3,5", "convolution widths of the cnn encoder"),
+    },
+    "train": {
+        "epochs": (3, "passes over the training pairs"),
+        "batch_size": (256, "positive pairs per step (more in-batch negatives with infonce)"),
+        "learning_rate": (1e-3, "peak learning rate"),
+        "warmup_fraction": (0.05, "share of steps that warm the learning rate up; then linear decay"),
+        "weight_decay": (0.0, "AdamW weight decay of dense parameters"),
+        "loss": ("infonce", "infonce (in-batch softmax) or triplet (the seed's cosine margin)"),
+        "temperature": (0.05, "softmax temperature of infonce"),
+        "margin": (0.2, "margin of the triplet loss"),
+        "seed": (13, "seed of the split, batch order, negatives and initial weights"),
+        "val_fraction": (0.05, "share of queries held out for validation"),
+        "val_corpus_size": (0, "documents searched in validation (0: all; else a sample that keeps positives)"),
+        "device": ("auto", "cpu, cuda, cuda:N or auto"),
+        "precision": ("fp32", "fp32 or bf16 (bf16 autocast on CUDA only)"),
+        "runs_dir": ("runs", "folder holding the run folders and runs/latest"),
+        "run_name": ("", "name of the run folder (default: a timestamp)"),
+        "log_every": (10, "steps between train/* records in metrics.jsonl"),
+        "checkpoint_minutes": (10.0, "also checkpoint mid-epoch at this interval (0: epoch ends only)"),
+        "hard_negatives": ("none", "none, bm25 or model: mined negatives added to each batch"),
+        "report": (True, "write the HTML report at the end of training"),
+        "log_level": ("info", "debug, info, warning or error"),
+    },
+    "search": {
+        "top_k": (10, "results per query"),
+        "index": ("default", "name of the index searched"),
+        "hybrid_weight": (0.5, "weight of the two-tower score in hybrid search (BM25 gets the rest)"),
+    },
+    "wandb": {
+        "enabled": (False, "log the run to Weights & Biases"),
+        "project": ("twotower", "W&B project"),
+        "entity": ("", "W&B entity (team or user)"),
+        "run_name": ("", "W&B display name"),
+        "mode": ("", "online, offline or disabled (default: WANDB_MODE, else decided by key and network)"),
+        "api_key": ("", "W&B API key (secret; prefer WANDB_API_KEY in .env)"),
+        "init_timeout": (15.0, "seconds wandb.init may take before falling back to offline"),
+    },
+}
+
+SECRETS = {("wandb", "api_key")}
+# Names W&B users already have in their environment.
+ALIASES = {"WANDB_API_KEY": ("wandb", "api_key"), "WANDB_PROJECT": ("wandb", "project"),
+           "WANDB_ENTITY": ("wandb", "entity")}
+# TWOTOWER_* variables that are not settings.
+RESERVED_ENV = {"TWOTOWER_CONFIG", "TWOTOWER_DEBUG"}
+
+
+class Section:
+    """Attribute access to one section's values (``cfg.train.batch_size``)."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.__dict__.update(values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Config:
+    values: dict[str, dict[str, Any]]
+    sources: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Section:
+        if name in ("values", "sources"):
+            raise AttributeError(name)
+        try:
+            return Section(self.values[name])
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self, mask_secrets: bool = True) -> dict[str, dict[str, Any]]:
+        out = {s: dict(kv) for s, kv in self.values.items()}
+        if mask_secrets:
+            for s, k in SECRETS:
+                out[s][k] = mask(out[s][k])
+        return out
+
+    def with_overrides(self, overrides: Mapping[tuple[str, str], Any], source: str = "flag") -> "Config":
+        values = {s: dict(kv) for s, kv in self.values.items()}
+        sources = {s: dict(kv) for s, kv in self.sources.items()}
+        for (section, key), raw in overrides.items():
+            if raw is None:
+                continue
+            values[section][key] = coerce(section, key, raw, source)
+            sources[section][key] = source
+        return Config(values, sources)
+
+
+def mask(value: Any) -> str:
+    return "(set, hidden)" if value else ""
+
+
+def coerce(section: str, key: str, raw: Any, source: str) -> Any:
+    """Convert ``raw`` to the setting's type, or raise a one-line error naming key and source."""
+    if section not in FIELDS or key not in FIELDS[section]:
+        known = ", ".join(f"{section}.{k}" for k in FIELDS.get(section, {})) or ", ".join(FIELDS)
+        raise ConfigError(f"unknown setting '{section}.{key}' in {source}; known: {known}")
+    default = FIELDS[section][key][0]
+    kind = type(default)
+    bad = ConfigError(f"setting '{section}.{key}' in {source} must be {kind.__name__}, got {raw!r}")
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        raise bad
+    if kind is int:
+        if isinstance(raw, bool):
+            raise bad
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if kind is float:
+        if isinstance(raw, bool):
+            raise bad
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
+        return str(raw)
+    raise bad
+
+
+def find_config_file(explicit: str | os.PathLike | None, env: Mapping[str, str]) -> Path | None:
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; check --config")
+        return path
+    if env.get("TWOTOWER_CONFIG"):
+        path = Path(env["TWOTOWER_CONFIG"])
+        if not path.is_file():
+            raise ConfigError(f"config file {path} (from TWOTOWER_CONFIG) not found; fix or unset the variable")
+        return path
+    path = Path("config.toml")
+    return path if path.is_file() else None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the file or pass another with --config") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def environment(dotenv_path: str | os.PathLike = ".env") -> tuple[dict[str, str], dict[str, str]]:
+    """Real variables win over .env ones, which never override what is already set."""
+    from dotenv import dotenv_values  # light, but only needed here
+
+    dotenv = {}
+    if Path(dotenv_path).is_file():
+        dotenv = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
+    merged = {**dotenv, **os.environ}
+    origin = {k: ("env" if k in os.environ else ".env") for k in merged}
+    return merged, origin
+
+
+def load_config(config_path: str | os.PathLike | None = None,
+                overrides: Mapping[tuple[str, str], Any] | None = None,
+                env: Mapping[str, str] | None = None,
+                env_origin: Mapping[str, str] | None = None) -> Config:
+    if env is None:
+        env, env_origin = environment()
+    env_origin = env_origin or {}
+    values = {s: {k: d for k, (d, _) in kv.items()} for s, kv in FIELDS.items()}
+    sources = {s: {k: "default" for k in kv} for s, kv in FIELDS.items()}
+
+    path = find_config_file(config_path, env)
+    if path is not None:
+        for section, table in read_toml(path).items():
+            if section not in FIELDS:
+                raise ConfigError(f"{path}: unknown section [{section}]; known: {', '.join(FIELDS)}")
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: '{section}' must be a [section] table")
+            for key, raw in table.items():
+                values[section][key] = coerce(section, key, raw, str(path))
+                sources[section][key] = "config.toml"
+
+    for name, raw in sorted(env.items()):
+        if name in ALIASES:
+            section, key = ALIASES[name]
+        elif name.startswith("TWOTOWER_") and name not in RESERVED_ENV:
+            section, key = split_env_name(name, env_origin.get(name, "env"))
+        else:
+            continue
+        where = f"environment variable {name}" + (" (.env)" if env_origin.get(name) == ".env" else "")
+        values[section][key] = coerce(section, key, raw, where)
+        sources[section][key] = "env"
+
+    return Config(values, sources).with_overrides(overrides or {})
+
+
+def split_env_name(name: str, origin: str) -> tuple[str, str]:
+    rest = name[len("TWOTOWER_"):].lower()
+    for section in FIELDS:
+        if rest.startswith(section + "_"):
+            key = rest[len(section) + 1:]
+            if key in FIELDS[section]:
+                return section, key
+            raise ConfigError(f"unknown setting '{section}.{key}' in environment variable {name}"
+                              f"{' (.env)' if origin == '.env' else ''}; known: "
+                              + ", ".join(f"TWOTOWER_{section.upper()}_{k.upper()}" for k in FIELDS[section]))
+    raise ConfigError(f"environment variable {name} names no setting; expected TWOTOWER_<SECTION>_<KEY> "
+                      f"with a section among {', '.join(FIELDS)}")

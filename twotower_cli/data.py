@@ -1,0 +1,216 @@
+"""Reading pairs files (TSV, CSV, Parquet, JSONL) into one Polars frame: query, document, label.
+
+Every reader ends in the same shape, so every command sees the same data. Text is NFKC-normalised.
+Problems the user can fix raise DataError naming the file (and line or column).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from twotower_cli.errors import DataError
+
+TEXT_FORMATS = {".tsv": "\t", ".tab": "\t", ".txt": "\t", ".csv": ","}
+PARQUET = {".parquet", ".pq"}
+JSONL = {".jsonl", ".ndjson"}
+TRUE_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "1.0": 1, "0.0": 0}
+
+
+@dataclass
+class Pairs:
+    """The loaded pairs. ``label`` is Int8 (1/0), null where the file's value was not a valid label."""
+
+    df: pl.DataFrame
+    path: Path
+    has_label: bool
+    line_offset: int = 0  # add to a 0-based row index to get the file's line number (0 for Parquet/JSONL)
+    bad_labels: list[tuple[int, str]] = field(default_factory=list)  # (row, raw value), first few
+    n_bad_labels: int = 0
+
+    def where(self, row: int) -> str:
+        return f"line {row + self.line_offset}" if self.line_offset else f"row {row + 1}"
+
+
+def check_file(path: str | os.PathLike) -> Path:
+    """Fail with a clear message for paths that cannot be read as a file."""
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise DataError(f"{p}: dangling symbolic link (its target {os.readlink(p)} does not exist)")
+    if not p.exists():
+        raise DataError(f"{p}: file not found; check the path")
+    if p.is_dir():
+        raise DataError(f"{p}: is a directory, expected a pairs file (.tsv, .csv, .parquet, .jsonl)")
+    if not os.access(p, os.R_OK):
+        raise DataError(f"{p}: permission denied; make the file readable (chmod +r)")
+    return p
+
+
+def file_format(p: Path) -> str:
+    suffix = p.suffix.lower()
+    if suffix in PARQUET:
+        return "parquet"
+    if suffix in JSONL:
+        return "jsonl"
+    if suffix in TEXT_FORMATS:
+        return "csv" if suffix == ".csv" else "tsv"
+    raise DataError(f"{p}: unknown file type '{suffix}'; use .tsv, .csv, .parquet or .jsonl")
+
+
+def read_text(p: Path) -> str:
+    data = p.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{p}: line {line} is not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
+                        "re-encode the file as UTF-8") from None
+    return text.replace("\r\n", "\n")
+
+
+def read_delimited(p: Path, sep: str, wanted: list[str]) -> tuple[pl.DataFrame, int]:
+    """Read TSV/CSV; a header is detected from the wanted column names. Returns (frame, line offset)."""
+    text = read_text(p)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise DataError(f"{p}: file is empty; expected rows of query{sep!r}document{sep!r}label")
+    first = lines[0].split(sep)
+    has_header = wanted[0] in first and wanted[1] in first
+    if sep == "\t":
+        width = len(first)
+        if not has_header and width not in (2, 3):
+            raise DataError(f"{p}: line 1 has {width} tab-separated fields; expected query<TAB>document"
+                            "[<TAB>label] or a header naming the columns")
+        for i, line in enumerate(lines):
+            n = line.count("\t") + 1
+            if n != width:
+                raise DataError(f"{p}: line {i + 1} has {n} tab-separated fields, expected {width}; "
+                                "fix that line (tabs inside text must be removed)")
+        names = first if has_header else ["query", "document", "label"][:width]
+        body = lines[1:] if has_header else lines
+        if has_header and not body:
+            raise DataError(f"{p}: has a header but no rows")
+        cols = list(zip(*[ln.split("\t") for ln in body])) if body else [() for _ in names]
+        df = pl.DataFrame({n: pl.Series(n, list(c), dtype=pl.String) for n, c in zip(names, cols)})
+        if not has_header:
+            df = df.rename({"query": wanted[0], "document": wanted[1]} |
+                           ({"label": wanted[2]} if width == 3 else {}))
+        return df, (2 if has_header else 1)
+    if not has_header:
+        raise DataError(f"{p}: CSV files need a header row naming the columns ({', '.join(wanted[:2])}, ...)")
+    if len(lines) < 2:
+        raise DataError(f"{p}: has a header but no rows")
+    try:
+        df = pl.read_csv(text.encode(), infer_schema=False, raise_if_empty=True)
+    except (pl.exceptions.PolarsError, ValueError) as exc:
+        raise DataError(f"{p}: cannot parse as CSV ({first_line(exc)})") from None
+    return df, 2
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> tuple[pl.DataFrame, int]:
+    """Read any supported file. Parquet is scanned lazily, reading only ``columns``."""
+    p = check_file(path)
+    fmt = file_format(p)
+    if p.stat().st_size == 0:
+        raise DataError(f"{p}: file is empty")
+    if fmt == "parquet":
+        try:
+            schema = pl.read_parquet_schema(p)
+        except Exception as exc:  # polars raises several kinds for a broken footer
+            raise DataError(f"{p}: not a readable Parquet file ({first_line(exc)}); "
+                            "it may be truncated or not Parquet at all") from None
+        cols = [c for c in (columns or schema) if c in schema]
+        try:
+            return pl.scan_parquet(p).select(cols).collect(), 0
+        except Exception as exc:
+            raise DataError(f"{p}: cannot read Parquet data ({first_line(exc)})") from None
+    if fmt == "jsonl":
+        text = read_text(p)
+        try:
+            df = pl.read_ndjson(text.encode(), infer_schema_length=None)
+        except Exception as exc:
+            raise DataError(f"{p}: cannot parse as JSON lines ({first_line(exc)}); one JSON object per line") from None
+        return (df.select([c for c in columns if c in df.columns]) if columns else df), 0
+    return read_delimited(p, TEXT_FORMATS[p.suffix.lower()], columns or ["query", "document", "label"])
+
+
+def as_text(df: pl.DataFrame, col: str, p: Path) -> pl.Series:
+    s = df.get_column(col)
+    if s.dtype == pl.String:
+        return s
+    if s.dtype.is_numeric() or s.dtype == pl.Boolean:
+        return s.cast(pl.String)
+    raise DataError(f"{p}: column '{col}' has type {s.dtype}, expected text")
+
+
+def normalise_labels(s: pl.Series) -> tuple[pl.Series, pl.Series]:
+    """Map 0/1/true/false to Int8; anything else becomes null. Returns (labels, raw text)."""
+    raw = s.cast(pl.String) if s.dtype != pl.String else s
+    if s.dtype == pl.Boolean:
+        return s.cast(pl.Int8), raw
+    if s.dtype.is_numeric():
+        f = s.cast(pl.Float64)
+        lab = pl.select(pl.when(f.is_in([0.0, 1.0])).then(f).otherwise(None).cast(pl.Int8)).to_series()
+        return lab, raw
+    key = raw.str.strip_chars().str.to_lowercase()
+    return key.replace_strict(TRUE_WORDS, default=None, return_dtype=pl.Int8), raw
+
+
+def load_pairs(path: str | os.PathLike, query_col: str = "query", document_col: str = "document",
+               label_col: str = "label", require_label: bool = False) -> Pairs:
+    p = Path(path)
+    df, offset = read_table(p, [query_col, document_col, label_col])
+    for col in (query_col, document_col):
+        if col not in df.columns:
+            raise DataError(f"{p}: missing column '{col}' (found: {', '.join(df.columns) or 'none'}); "
+                            "rename it or pass --query-col/--document-col")
+    if df.height == 0:
+        raise DataError(f"{p}: no rows")
+    has_label = label_col in df.columns
+    if require_label and not has_label:
+        raise DataError(f"{p}: missing column '{label_col}'; pass --label-col")
+    query = as_text(df, query_col, p).str.normalize("NFKC").alias("query")
+    document = as_text(df, document_col, p).str.normalize("NFKC").alias("document")
+    if has_label:
+        s = df.get_column(label_col)
+        if s.dtype.is_nested() or s.dtype == pl.Struct:
+            raise DataError(f"{p}: column '{label_col}' has type {s.dtype}, expected 0/1 labels")
+        label, raw = normalise_labels(s)
+    else:
+        label, raw = pl.Series("label", [1] * df.height, dtype=pl.Int8), None
+    out = pl.DataFrame([query, document, label.alias("label")])
+    pairs = Pairs(out, p, has_label, offset)
+    if raw is not None:
+        bad = label.is_null()
+        pairs.n_bad_labels = int(bad.sum())
+        if pairs.n_bad_labels:
+            rows = bad.arg_true().head(5).to_list()
+            pairs.bad_labels = [(r, "empty" if raw[r] is None or raw[r] == "" else raw[r]) for r in rows]
+    return pairs
+
+
+def require_trainable(pairs: Pairs) -> pl.DataFrame:
+    """The rows training can use; raise for data no model can be trained on."""
+    p, df = pairs.path, pairs.df
+    if pairs.n_bad_labels:
+        r, v = pairs.bad_labels[0]
+        raise DataError(f"{p}: {pairs.n_bad_labels} labels are not 0/1 ({pairs.where(r)}: {v!r}); "
+                        "use 1 for relevant and 0 for negative (true/false also accepted)")
+    usable = df.filter(pl.col("query").str.strip_chars().str.len_chars().fill_null(0) > 0,
+                       pl.col("document").str.strip_chars().str.len_chars().fill_null(0) > 0)
+    if usable.filter(pl.col("label") == 1).height == 0:
+        raise DataError(f"{p}: no positive pairs (label 1) with a non-empty query and document; "
+                        "training needs at least one relevant pair")
+    return usable

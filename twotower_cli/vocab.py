@@ -1,0 +1,152 @@
+"""The character vocabulary: id 0 = padding, 1 = unknown, then characters by frequency.
+
+Encoding a whole column is vectorised: Polars pads every string to the same length, the column becomes one
+UTF-32 buffer, and a lookup table maps code points to ids. No Python loop runs per character.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from twotower_cli.errors import ArtifactError
+
+PAD, UNK = 0, 1
+FORMAT_VERSION = 1
+MAX_CODEPOINT = 0x10FFFF
+
+
+@dataclass
+class Vocab:
+    chars: list[str]  # chars[i] has id i + 2
+    counts: list[int]
+    lowercase: bool = True
+
+    def __post_init__(self):
+        cps = np.array([ord(c) for c in self.chars], dtype=np.int64)
+        self._table = np.full(int(cps.max()) + 2 if len(cps) else 2, UNK, dtype=np.int32)
+        self._table[cps] = np.arange(2, len(cps) + 2, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.chars) + 2
+
+    # -- building ---------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, columns, min_freq: int = 1, max_size: int = 2000, lowercase: bool = True) -> "Vocab":
+        """Count characters of Polars string Series; keep those seen ``min_freq`` times, most frequent first."""
+        counts = np.zeros(MAX_CODEPOINT + 1, dtype=np.int64)
+        for s in columns:
+            cps = codepoints_flat(prepare(s, lowercase))
+            counts += np.bincount(cps, minlength=MAX_CODEPOINT + 1)
+        counts[0] = 0  # NUL never becomes a vocabulary entry (it is the padding value internally)
+        seen = np.flatnonzero(counts >= max(min_freq, 1))
+        order = seen[np.lexsort((seen, -counts[seen]))][: max(max_size - 2, 0)]
+        return cls([chr(c) for c in order], [int(counts[c]) for c in order], lowercase)
+
+    # -- encoding ---------------------------------------------------------------------------------------------
+    def encode(self, series, max_len: int) -> np.ndarray:
+        """Encode a Polars string Series into an int32 array [rows, max_len], padded with 0."""
+        cps, lengths = codepoints_padded(prepare(series, self.lowercase), max_len)
+        ids = self._table[np.minimum(cps, len(self._table) - 1)]
+        ids[cps >= len(self._table) - 1] = UNK
+        ids[np.arange(max_len)[None, :] >= lengths[:, None]] = PAD
+        return ids
+
+    def encode_text(self, text: str, max_len: int) -> np.ndarray:
+        import polars as pl
+
+        return self.encode(pl.Series([text]), max_len)[0]
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == PAD:
+                continue
+            out.append(self.chars[i - 2] if i >= 2 else "\ufffd")
+        return "".join(out)
+
+    def unknown_rate(self, series) -> tuple[float, list[tuple[str, int]]]:
+        """Share of characters (untruncated) that map to the unknown id, and the most frequent of them."""
+        cps = codepoints_flat(prepare(series, self.lowercase))
+        if cps.size == 0:
+            return 0.0, []
+        known = np.zeros(MAX_CODEPOINT + 1, dtype=bool)
+        known[[ord(c) for c in self.chars]] = True
+        unknown = cps[~known[cps]]
+        values, n = np.unique(unknown, return_counts=True)
+        top = sorted(zip(values.tolist(), n.tolist()), key=lambda x: (-x[1], x[0]))[:20]
+        return unknown.size / cps.size, [(chr(c), k) for c, k in top]
+
+    # -- saving -----------------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "pad_id": PAD, "unk_id": UNK, "lowercase": self.lowercase,
+                "size": len(self),
+                "chars": [{"id": i + 2, "char": c, "count": n} for i, (c, n) in enumerate(zip(self.chars, self.counts))]}
+
+    @classmethod
+    def from_json(cls, obj: dict, where: str = "vocab.json") -> "Vocab":
+        try:
+            if obj.get("format_version", 0) > FORMAT_VERSION:
+                raise ArtifactError(f"{where}: vocabulary format {obj['format_version']} is newer than this "
+                                    f"twotower understands ({FORMAT_VERSION}); upgrade twotower")
+            entries = sorted(obj["chars"], key=lambda e: e["id"])
+            if [e["id"] for e in entries] != list(range(2, len(entries) + 2)):
+                raise ArtifactError(f"{where}: character ids are not contiguous from 2; the file was altered")
+            chars = [e["char"] for e in entries]
+            if any(not isinstance(c, str) or len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
+                raise ArtifactError(f"{where}: entries must be distinct single characters; the file was altered")
+            return cls(chars, [int(e["count"]) for e in entries], bool(obj["lowercase"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"{where}: not a twotower vocabulary ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocab":
+        path = Path(path)
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: missing; the run folder is incomplete") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{path}: not valid JSON ({exc}); the file is corrupt") from None
+        return cls.from_json(obj, str(path))
+
+
+def prepare(series, lowercase: bool):
+    s = series.fill_null("")
+    return s.str.to_lowercase() if lowercase else s
+
+
+def codepoints_flat(series) -> np.ndarray:
+    text = "".join(series.to_list())
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+
+
+def codepoints_padded(series, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    import polars as pl
+
+    cut = series.str.slice(0, max_len)
+    lengths = cut.str.len_chars().to_numpy().astype(np.int64)
+    if len(cut) == 0:
+        return np.zeros((0, max_len), dtype=np.int64), lengths
+    joined = pl.select(cut.str.pad_end(max_len, "\0").str.join("")).item()
+    cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).reshape(len(cut), max_len)
+    return cps.astype(np.int64), lengths
+
+
+def visible(char: str) -> str:
+    """How to show a character in a table: whitespace and control characters as visible marks."""
+    marks = {" ": "␠", "\t": "⇥ (tab)", "\n": "↵ (newline)", "\r": "␍ (return)", "\u00a0": "⍽ (nbsp)"}
+    if char in marks:
+        return marks[char]
+    if unicodedata.category(char)[0] in "CZ":
+        return f"U+{ord(char):04X}"
+    return char
+
+
+def describe(char: str) -> tuple[str, str]:
+    return unicodedata.name(char, f"U+{ord(char):04X}"), unicodedata.category(char)
