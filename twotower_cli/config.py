@@ -32,8 +32,8 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
     "model": {
         "encoder": ("ngram", "ngram (hashed character n-grams + words), cnn (char CNN) or mean (the seed's)"),
         "embedding_dim": (128, "size of the final L2-normalised embedding"),
-        "hidden_dim": (256, "size of the character/n-gram embeddings and hidden layers"),
-        "ngram_buckets": (262144, "hash buckets of the ngram encoder"),
+        "hidden_dim": (128, "size of the character/n-gram embeddings and hidden layers"),
+        "ngram_buckets": (131072, "hash buckets of the ngram encoder"),
         "cnn_widths": ("3,5", "convolution widths of the cnn encoder"),
     },
     "train": {

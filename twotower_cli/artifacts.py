@@ -1,0 +1,170 @@
+"""Saving and loading models and checkpoints: safetensors for tensors, JSON for everything else.
+
+Nothing here unpickles: a model is rebuilt from `config.json` and `vocab.json`, then given its weights.
+A resumable checkpoint is one safetensors file whose metadata holds the training state as JSON, so model,
+optimizer and counters are replaced together by one atomic rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from twotower_cli import __version__
+from twotower_cli.errors import ArtifactError
+from twotower_cli.model import ModelConfig, TwoTower
+from twotower_cli.runs import atomic_write_bytes, atomic_write_json, read_json
+from twotower_cli.vocab import Vocab
+
+FORMAT_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import polars
+
+    return {"twotower": __version__, "torch": torch.__version__, "polars": polars.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def write_config(run_dir: Path, model_cfg: ModelConfig, settings: dict, extra: dict | None = None) -> None:
+    atomic_write_json(run_dir / "config.json", {"format_version": FORMAT_VERSION, "model": model_cfg.to_dict(),
+                                                "settings": settings, "versions": versions(), **(extra or {})})
+
+
+def read_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / "config.json"
+    cfg = read_json(path, "model configuration")
+    if cfg.get("format_version", 0) > FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format version {cfg['format_version']} is newer than this twotower "
+                            f"understands ({FORMAT_VERSION}); upgrade twotower (pip install -U twotower-cli)")
+    try:
+        ModelConfig(**cfg["model"])
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path}: 'model' section is invalid ({exc}); the file is corrupt") from None
+    return cfg
+
+
+def state_bytes(model: torch.nn.Module) -> bytes:
+    return st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                   metadata={"format": "twotower", "format_version": str(FORMAT_VERSION)})
+
+
+def save_model(run_dir: Path, model: torch.nn.Module) -> str:
+    """Write model.safetensors atomically; return its fingerprint (sha256 of the file)."""
+    data = state_bytes(model)
+    atomic_write_bytes(Path(run_dir) / "model.safetensors", data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(run_dir: Path) -> str:
+    path = Path(run_dir) / "model.safetensors"
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; the run folder is incomplete (was training interrupted?)") from None
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise ArtifactError(f"{path}: not a valid safetensors file ({exc}); it is truncated or corrupt") from None
+    return tensors, meta
+
+
+def load_weights(model: TwoTower, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ArtifactError(f"{path}: weights do not match config.json (missing {missing[:3]}, unexpected "
+                            f"{extra[:3]}); the files come from different models")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise ArtifactError(f"{path}: weight '{name}' has shape {tuple(t.shape)} but config.json implies "
+                                f"{tuple(expected[name].shape)}; the files come from different models")
+    model.load_state_dict(tensors)
+
+
+def load_model(run_dir: Path, device="cpu") -> tuple[TwoTower, Vocab, dict]:
+    """Rebuild a model from its run folder alone: config.json + vocab.json + model.safetensors."""
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    vocab = Vocab.load(run_dir / "vocab.json")
+    mcfg = ModelConfig(**cfg["model"])
+    if mcfg.vocab_size != len(vocab):
+        raise ArtifactError(f"{run_dir / 'vocab.json'}: {len(vocab)} entries but config.json says vocab_size "
+                            f"{mcfg.vocab_size}; the files come from different runs")
+    model = TwoTower(mcfg)
+    tensors, _ = read_tensors(run_dir / "model.safetensors")
+    load_weights(model, tensors, run_dir / "model.safetensors")
+    return model.to(device).eval(), vocab, cfg
+
+
+# -- resumable checkpoints -------------------------------------------------------------------------------------
+
+def optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, info: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, t in tensors.items():
+        if name.startswith(prefix + "."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = t
+    for name, value in info["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+def save_checkpoint(path: Path, model, optimizers: dict[str, torch.optim.Optimizer], state: dict) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    info = {}
+    for name, opt in optimizers.items():
+        t, i = optimizer_tensors(f"optim_{name}", opt)
+        tensors.update(t)
+        info[name] = i
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"format": "twotower-checkpoint", "format_version": str(FORMAT_VERSION),
+            "state": json.dumps(state), "optimizers": json.dumps(info)}
+    atomic_write_bytes(Path(path), st_save(tensors, metadata=meta))
+
+
+def load_checkpoint(path: Path, model, optimizers: dict[str, torch.optim.Optimizer]) -> dict:
+    tensors, meta = read_tensors(path)
+    try:
+        state = json.loads(meta["state"])
+        info = json.loads(meta["optimizers"])
+        weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        load_weights(model, weights, path)
+        for name, opt in optimizers.items():
+            restore_optimizer(f"optim_{name}", opt, tensors, info[name])
+        torch.set_rng_state(tensors["rng.torch"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{path}: checkpoint is incomplete or altered ({type(exc).__name__}: {exc})") from None
+    return state

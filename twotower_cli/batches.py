@@ -1,0 +1,123 @@
+"""The training set as integer tensors, tokenised once; batches are index slices.
+
+Unique queries and unique documents are tokenised once each. A training example is a positive pair
+(query index, document index); label-0 rows become, per query, a list of negatives (CSR arrays) from which one is
+sampled per positive each epoch. Mined hard negatives are appended to the same lists. The validation split is by
+query: no query appears on both sides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from twotower_cli.errors import DataError
+
+
+@dataclass
+class TrainingSet:
+    queries: pl.Series  # unique query texts; row i has token row i
+    documents: pl.Series  # unique document texts
+    q_tokens: torch.Tensor  # [n_queries, Lq] int32
+    d_tokens: torch.Tensor  # [n_documents, Ld] int32
+    pos_q: torch.Tensor  # [P] training positives: query index
+    pos_d: torch.Tensor  # [P] training positives: document index
+    neg_ptr: torch.Tensor  # [n_queries + 1] CSR offsets into neg_doc
+    neg_doc: torch.Tensor  # [M] negative document indices
+    val_q: torch.Tensor  # [V] validation query indices
+    val_qrels: list[dict[int, float]]  # per validation query: {document index: 1.0}
+
+    @property
+    def n_train(self) -> int:
+        return int(self.pos_q.shape[0])
+
+    def to(self, device) -> "TrainingSet":
+        for name in ("q_tokens", "d_tokens", "pos_q", "pos_d", "neg_ptr", "neg_doc"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+def build(df: pl.DataFrame, vocab, max_query_length: int, max_document_length: int, val_fraction: float,
+          seed: int) -> TrainingSet:
+    queries = df["query"].unique().sort()
+    documents = df["document"].unique().sort()
+    qidx = pl.DataFrame({"query": queries, "qid": np.arange(len(queries), dtype=np.int64)})
+    didx = pl.DataFrame({"document": documents, "did": np.arange(len(documents), dtype=np.int64)})
+    rows = df.join(qidx, on="query", maintain_order="left").join(didx, on="document", maintain_order="left")
+
+    pos = rows.filter(pl.col("label") == 1).unique(["qid", "did"], maintain_order=True)
+    candidates = np.unique(pos["qid"].to_numpy())
+    n_val = 0 if val_fraction <= 0 else max(1, int(round(val_fraction * len(candidates))))
+    if n_val >= len(candidates):
+        raise DataError(f"validation would take all {len(candidates)} queries with a positive; "
+                        "lower --val-fraction or use more data")
+    rng = np.random.default_rng(seed)
+    val_q = np.sort(rng.permutation(candidates)[:n_val])
+    is_val = np.zeros(len(queries), dtype=bool)
+    is_val[val_q] = True
+
+    train_pos = pos.filter(~pl.col("qid").is_in(val_q))
+    val_pos = pos.filter(pl.col("qid").is_in(val_q))
+    qrels: dict[int, dict[int, float]] = {int(q): {} for q in val_q}
+    for q, d in zip(val_pos["qid"].to_list(), val_pos["did"].to_list()):
+        qrels[q][d] = 1.0
+
+    neg = rows.filter((pl.col("label") == 0) & ~pl.col("qid").is_in(val_q)).unique(["qid", "did"]).sort(["qid", "did"])
+    neg_ptr, neg_doc = csr(neg["qid"].to_numpy(), neg["did"].to_numpy(), len(queries))
+
+    return TrainingSet(
+        queries=queries, documents=documents,
+        q_tokens=torch.from_numpy(vocab.encode(queries, max_query_length)),
+        d_tokens=torch.from_numpy(vocab.encode(documents, max_document_length)),
+        pos_q=torch.from_numpy(train_pos["qid"].to_numpy().copy()),
+        pos_d=torch.from_numpy(train_pos["did"].to_numpy().copy()),
+        neg_ptr=neg_ptr, neg_doc=neg_doc,
+        val_q=torch.from_numpy(val_q.astype(np.int64)), val_qrels=[qrels[int(q)] for q in val_q],
+    )
+
+
+def csr(keys: np.ndarray, values: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group ``values`` by ``keys`` (sorted by key) into offsets [n+1] and values."""
+    order = np.argsort(keys, kind="stable")
+    counts = np.bincount(keys, minlength=n)
+    ptr = np.concatenate([[0], np.cumsum(counts)])
+    return torch.from_numpy(ptr.astype(np.int64)), torch.from_numpy(values[order].astype(np.int64))
+
+
+def add_negatives(ts: TrainingSet, q: np.ndarray, d: np.ndarray) -> None:
+    """Append mined negatives (query index, document index) to the per-query lists."""
+    starts, ends = ts.neg_ptr[:-1].cpu().numpy(), ts.neg_ptr[1:].cpu().numpy()
+    old_q = np.repeat(np.arange(len(starts)), ends - starts)
+    keys = np.concatenate([old_q, q])
+    vals = np.concatenate([ts.neg_doc.cpu().numpy(), d])
+    ts.neg_ptr, ts.neg_doc = csr(keys, vals, len(starts))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of training positives for one epoch: a pure function of (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def sample_negatives(ts: TrainingSet, seed: int, epoch: int) -> torch.Tensor:
+    """One negative document per training positive (-1 where its query has none), a pure function of the epoch."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch + 7)
+    r = torch.rand(ts.n_train, generator=g, dtype=torch.float64)
+    ptr = ts.neg_ptr.cpu()
+    q = ts.pos_q.cpu()
+    start, count = ptr[q], ptr[q + 1] - ptr[q]
+    pick = start + (r * count).long().clamp(max=torch.clamp(count - 1, min=0))
+    neg = torch.full((ts.n_train,), -1, dtype=torch.long)
+    has = count > 0
+    neg[has] = ts.neg_doc.cpu()[pick[has]]
+    # never use the positive itself as its negative (duplicated rows with both labels)
+    neg[neg == ts.pos_d.cpu()] = -1
+    return neg
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    return math.ceil(n_train / batch_size)

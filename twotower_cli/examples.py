@@ -1,0 +1,42 @@
+"""What a person wants to see of a trained run: retrieval examples and similarity distributions (JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from twotower_cli.evaluation import embed_tokens
+from twotower_cli.runs import atomic_write_json
+from twotower_cli.topk import exact_topk
+
+
+@torch.no_grad()
+def retrieval_examples(run_dir: Path, model, ts, device, n_queries: int = 20, k: int = 5) -> None:
+    if len(ts.val_q) == 0:
+        atomic_write_json(run_dir / "retrieval_examples.json", [])
+        atomic_write_json(run_dir / "similarities.json", {"positive": [], "negative": []})
+        return
+    de = embed_tokens(model.encode_documents, ts.d_tokens, device)
+    qsel = ts.val_q[:n_queries]
+    qe = embed_tokens(model.encode_queries, ts.q_tokens[qsel.to(ts.q_tokens.device)], device)
+    scores, idx = exact_topk(qe, de, k)
+    rows = []
+    for r, q in enumerate(qsel.tolist()):
+        rel = ts.val_qrels[r]
+        rows.append({"query": ts.queries[q],
+                     "found": any(int(d) in rel for d in idx[r].tolist()),
+                     "relevant": [ts.documents[d][:300] for d in rel][:1],
+                     "results": [{"rank": j + 1, "score": round(float(s), 4), "document": ts.documents[int(d)][:300],
+                                  "relevant": int(d) in rel} for j, (s, d) in enumerate(zip(scores[r], idx[r]))]})
+    atomic_write_json(run_dir / "retrieval_examples.json", rows)
+    # cosine of each validation query to its relevant document and to a random document
+    allq = ts.val_q[:2000]
+    qe = embed_tokens(model.encode_queries, ts.q_tokens[allq.to(ts.q_tokens.device)], device)
+    pos_docs = torch.tensor([next(iter(rel)) for rel in ts.val_qrels[:2000]], device=de.device)
+    g = torch.Generator().manual_seed(0)
+    rnd = torch.randint(0, de.shape[0], (len(allq),), generator=g).to(de.device)
+    pos = (qe * de[pos_docs]).sum(-1).cpu().tolist()
+    neg = (qe * de[rnd]).sum(-1).cpu().tolist()
+    atomic_write_json(run_dir / "similarities.json", {"positive": [round(x, 4) for x in pos],
+                                                      "negative": [round(x, 4) for x in neg]})

@@ -1,0 +1,144 @@
+"""Embedding indexes: `runs/<id>/index/<name>/` = embeddings.npy (memory-mappable) + documents.parquet + meta.json.
+
+An index is written into a temporary folder and renamed into place, so a killed `index` never leaves a half
+index that `search` would use. `meta.json` records the fingerprint of the model that made it; searching with
+another model is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from twotower_cli.artifacts import fingerprint
+from twotower_cli.errors import ArtifactError, UsageError
+from twotower_cli.runs import atomic_write_json, read_json
+from twotower_cli.topk import exact_topk
+
+INDEX_FORMAT = 1
+
+
+def index_dir(run_dir: Path, name: str) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise UsageError(f"index name {name!r} must be a plain folder name")
+    return Path(run_dir) / "index" / name
+
+
+@torch.no_grad()
+def build_index(run_dir: Path, model, vocab, documents: pl.Series, ids: list | None, name: str = "default",
+                device="cpu", dtype: str = "float32", backend: str = "exact", batch_size: int = 2048,
+                progress=None) -> Path:
+    if dtype not in ("float32", "float16"):
+        raise UsageError(f"--dtype {dtype!r}: use float32 or float16")
+    frame = pl.DataFrame({"id": ids if ids is not None else [str(i) for i in range(len(documents))],
+                          "document": documents}, schema={"id": pl.String, "document": pl.String})
+    frame = frame.unique("document", keep="first", maintain_order=True)  # identical documents stored once
+    final = index_dir(run_dir, name)
+    tmp = final.parent / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n, dim = frame.height, model.cfg.embedding_dim
+    emb = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np.dtype(dtype), shape=(n, dim))
+    max_len = model.cfg.max_document_length
+    was = model.training
+    model.eval()
+    for s in range(0, n, batch_size):
+        chunk = frame["document"].slice(s, batch_size)
+        tokens = torch.from_numpy(vocab.encode(chunk, max_len)).to(device)
+        emb[s:s + len(chunk)] = model.encode_documents(tokens).float().cpu().numpy().astype(dtype)
+        if progress:
+            progress(min(s + batch_size, n), n)
+    model.train(was)
+    emb.flush()
+    del emb
+    frame.write_parquet(tmp / "documents.parquet")
+    meta = {"format_version": INDEX_FORMAT, "model_fingerprint": fingerprint(run_dir), "dim": dim, "count": n,
+            "dtype": dtype, "backend": backend, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if backend == "faiss":
+        meta["faiss"] = build_faiss(tmp, n, dim)
+    atomic_write_json(tmp / "meta.json", meta)
+    old = final.parent / f".{name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def build_faiss(folder: Path, n: int, dim: int) -> dict:
+    try:
+        import faiss
+    except ImportError:
+        raise UsageError("--backend faiss needs faiss-cpu: pip install 'twotower-cli[faiss]'") from None
+    x = np.load(folder / "embeddings.npy").astype(np.float32)
+    index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 80
+    index.add(x)
+    faiss.write_index(index, str(folder / "faiss.index"))
+    return {"type": "HNSW32", "ef_search": 128}
+
+
+@dataclass
+class Index:
+    path: Path
+    meta: dict
+    embeddings: np.ndarray
+
+    def documents(self, rows: list[int]) -> list[dict]:
+        """Id and text of the given rows, read from Parquet without loading the rest."""
+        p = self.path / "documents.parquet"
+        try:
+            frame = (pl.scan_parquet(p).with_row_index("row").filter(pl.col("row").is_in(rows)).collect())
+        except Exception as exc:
+            raise ArtifactError(f"{p}: cannot read ({str(exc).splitlines()[0]}); rebuild with twotower index") from None
+        by_row = {r["row"]: r for r in frame.to_dicts()}
+        return [by_row[r] for r in rows]
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.meta.get("backend") == "faiss":
+            import faiss
+
+            index = faiss.read_index(str(self.path / "faiss.index"))
+            index.hnsw.efSearch = max(self.meta["faiss"]["ef_search"], k)
+            s, i = index.search(queries.cpu().numpy().astype(np.float32), k)
+            return torch.from_numpy(s), torch.from_numpy(i)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only memmap: torch warns that it is not writable
+            return exact_topk(queries.float(), self.embeddings, k)
+
+
+def load_index(run_dir: Path, name: str = "default", check_model: bool = True) -> Index:
+    folder = index_dir(run_dir, name)
+    if not folder.is_dir():
+        have = sorted(p.name for p in (Path(run_dir) / "index").glob("[!.]*")) if (Path(run_dir) / "index").is_dir() else []
+        raise ArtifactError(f"no index '{name}' in {run_dir} (have: {', '.join(have) or 'none'}); "
+                            f"build one with: twotower index CORPUS --name {name}")
+    meta = read_json(folder / "meta.json", "index metadata")
+    if meta.get("format_version", 0) > INDEX_FORMAT:
+        raise ArtifactError(f"{folder / 'meta.json'}: index format {meta['format_version']} is newer than this "
+                            "twotower understands; upgrade twotower")
+    if check_model and meta.get("model_fingerprint") != fingerprint(run_dir):
+        raise ArtifactError(f"{folder}: index was built by another model (fingerprint differs from "
+                            f"{Path(run_dir) / 'model.safetensors'}); rebuild it with: twotower index CORPUS "
+                            f"--run {Path(run_dir).name} --name {name}")
+    path = folder / "embeddings.npy"
+    try:
+        emb = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; rebuild the index") from None
+    except (ValueError, OSError) as exc:
+        raise ArtifactError(f"{path}: corrupt or truncated ({exc}); rebuild the index") from None
+    if emb.ndim != 2 or emb.shape != (meta.get("count"), meta.get("dim")) or str(emb.dtype) != meta.get("dtype"):
+        raise ArtifactError(f"{path}: shape {emb.shape} {emb.dtype} does not match meta.json "
+                            f"({meta.get('count')}x{meta.get('dim')} {meta.get('dtype')}); rebuild the index")
+    if not (folder / "documents.parquet").exists():
+        raise ArtifactError(f"{folder / 'documents.parquet'}: missing; rebuild the index")
+    return Index(folder, meta, emb)

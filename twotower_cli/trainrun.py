@@ -1,0 +1,190 @@
+"""`twotower train` from end to end: data, vocabulary, run folder, the loop, the default index, `runs/latest`.
+
+The run folder is created only once the data has loaded, and `runs/latest` moves to it only when it is
+complete, so a failed or killed run never becomes "latest".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from twotower_cli.artifacts import read_config, read_tensors, write_config
+from twotower_cli.batches import TrainingSet, build
+from twotower_cli.config import Config
+from twotower_cli.data import load_pairs, require_trainable
+from twotower_cli.errors import ArtifactError, UsageError
+from twotower_cli.model import ModelConfig, TwoTower
+from twotower_cli.runs import atomic_write_json, new_run_id, read_json, resolve_run, set_latest
+from twotower_cli.tracking import MetricsLog, Tracker
+from twotower_cli.train import Hooks, fit, resolve_device
+from twotower_cli.vocab import Vocab
+
+LOSSES, ENCODERS, PRECISIONS = ("infonce", "triplet"), ("ngram", "cnn", "mean"), ("fp32", "bf16")
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    interrupted: bool
+    best_epoch: int
+    best: dict
+    history: list
+    written: dict = field(default_factory=dict)
+    messages: list = field(default_factory=list)
+
+
+def check_settings(cfg: Config) -> None:
+    t, m, d = cfg.train, cfg.model, cfg.data
+    for name, value in (("--epochs", t.epochs), ("--batch-size", t.batch_size), ("--embedding-dim", m.embedding_dim),
+                        ("--hidden-dim", m.hidden_dim), ("--max-query-length", d.max_query_length),
+                        ("--max-document-length", d.max_document_length)):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}")
+    if not t.learning_rate > 0:
+        raise UsageError(f"--learning-rate must be positive, got {t.learning_rate}")
+    if not 0 <= t.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be in [0, 1), got {t.val_fraction}")
+    if t.temperature <= 0:
+        raise UsageError(f"--temperature must be positive, got {t.temperature}")
+    for name, value, allowed in (("--loss", t.loss, LOSSES), ("--encoder", m.encoder, ENCODERS),
+                                 ("--precision", t.precision, PRECISIONS)):
+        if value not in allowed:
+            raise UsageError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+
+
+def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
+    widths = [int(w) for w in str(cfg.model.cnn_widths).split(",") if w.strip()]
+    word_chars = [i + 2 for i, c in enumerate(vocab.chars) if c.isalnum()]
+    return ModelConfig(encoder=cfg.model.encoder, vocab_size=len(vocab), embedding_dim=cfg.model.embedding_dim,
+                       hidden_dim=cfg.model.hidden_dim, ngram_buckets=cfg.model.ngram_buckets, cnn_widths=widths,
+                       max_query_length=cfg.data.max_query_length, max_document_length=cfg.data.max_document_length,
+                       word_chars=word_chars)
+
+
+def sample_val_corpus(ts: TrainingSet, size: int, seed: int):
+    """A deterministic sample of documents that always keeps the validation positives."""
+    n = ts.d_tokens.shape[0]
+    if size <= 0 or size >= n:
+        return None, None
+    positives = sorted({d for rel in ts.val_qrels for d in rel})
+    g = torch.Generator().manual_seed(seed + 1)
+    rest = torch.randperm(n, generator=g)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[positives] = False
+    others = rest[keep[rest]][: max(0, size - len(positives))]
+    docs = torch.cat([torch.tensor(positives, dtype=torch.long), others]).sort().values
+    remap = {int(d): i for i, d in enumerate(docs.tolist())}
+    return docs, [{remap[d]: g for d, g in rel.items()} for rel in ts.val_qrels]
+
+
+def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume: str | None = None,
+              eval_dir: Path | None = None, tracker_sinks=None, settings_for_log: dict | None = None) -> TrainSummary:
+    runs_dir = Path(cfg.train.runs_dir)
+    if resume:
+        run_dir = resolve_run(runs_dir, resume)
+        stored = read_config(run_dir)
+        cfg = Config({s: dict(v) for s, v in stored["settings"].items()}, cfg.sources).with_overrides(
+            {("train", "device"): cfg.train.device, ("train", "runs_dir"): str(runs_dir)}, "flag")
+        cfg.values["wandb"]["api_key"] = ""
+        data = Path(data or stored["data"]["path"])
+    check_settings(cfg)
+    device = resolve_device(cfg.train.device)
+    if data is None:
+        raise UsageError("no training data given: twotower train DATA")
+    pairs = load_pairs(data, cfg.data.query_col, cfg.data.document_col, cfg.data.label_col)
+    df = require_trainable(pairs)
+    messages = []
+    if df.height < pairs.df.height:
+        messages.append(f"dropped {pairs.df.height - df.height} rows with an empty query or document")
+    if resume:
+        vocab = Vocab.load(run_dir / "vocab.json")
+    else:
+        vocab = Vocab.build([df["query"], df["document"]], cfg.vocab.min_freq, cfg.vocab.max_size,
+                            cfg.vocab.lowercase)
+    t, d = cfg.train, cfg.data
+    ts = build(df, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed)
+    if t.batch_size > ts.n_train:
+        raise UsageError(f"--batch-size {t.batch_size} is larger than the {ts.n_train} training pairs; "
+                         "use a smaller batch")
+    extra = None
+    if eval_dir is not None:
+        from twotower_cli.evaluation import load_eval
+
+        ev = load_eval(eval_dir)
+        extra = type("Eval", (), {"q_tokens": torch.from_numpy(vocab.encode(ev.queries, d.max_query_length)),
+                                  "d_tokens": torch.from_numpy(vocab.encode(ev.documents, d.max_document_length)),
+                                  "qrels": ev.qrels})()
+    mcfg = model_config(cfg, vocab)
+    torch.manual_seed(t.seed)
+    model = TwoTower(mcfg).to(device)
+    if device.type == "cuda":
+        ts.to(device)
+
+    if not resume:
+        run_dir = runs_dir / new_run_id(t.run_name)
+        if run_dir.exists():
+            raise UsageError(f"{run_dir} already exists; choose another --run-name")
+        run_dir.mkdir(parents=True)
+        atomic_write_json(run_dir / "vocab.json", vocab.to_json())
+        settings = settings_for_log or cfg.to_dict()
+        write_config(run_dir, mcfg, settings, {"data": {"path": str(Path(data).resolve()), "rows": pairs.df.height,
+                                                        "train_pairs": ts.n_train, "val_queries": len(ts.val_q),
+                                                        "documents": len(ts.documents)}})
+        atomic_write_json(run_dir / "run.json", {"id": run_dir.name, "complete": False, "created": now()})
+        write_examples(run_dir, df)
+    ckpt_step = checkpoint_step(run_dir) if resume else None
+    tracker = Tracker(MetricsLog(run_dir / "metrics.jsonl", keep_until_step=ckpt_step if resume else None),
+                      tracker_sinks)
+    val_docs, val_qrels = sample_val_corpus(ts, t.val_corpus_size, t.seed)
+    interrupted = True
+    try:
+        out = fit(model, ts, t, run_dir, device, tracker, hooks, should_stop, resume=bool(resume),
+                  extra_eval=extra, val_docs=val_docs, val_qrels=val_qrels)
+        interrupted = out.interrupted
+    finally:
+        tracker.close(interrupted)
+    summary = TrainSummary(run_dir, out.interrupted, out.best_epoch, out.best, out.history, messages=messages)
+    if out.interrupted:
+        return summary
+    tensors, _ = read_tensors(run_dir / "model.safetensors")
+    model.load_state_dict(tensors)
+    model.eval()
+    from twotower_cli.index import build_index
+    from twotower_cli.examples import retrieval_examples
+
+    hooks.message("embedding the training documents into the default index")
+    build_index(run_dir, model, vocab, ts.documents, None, "default", device=device)
+    retrieval_examples(run_dir, model, ts, device)
+    run = read_json(run_dir / "run.json")
+    run.update(complete=True, finished=now(), best_epoch=out.best_epoch, best=out.best)
+    atomic_write_json(run_dir / "run.json", run)
+    set_latest(runs_dir, run_dir)
+    summary.written = {"run": run_dir, "model": run_dir / "model.safetensors", "metrics": run_dir / "metrics.jsonl",
+                       "index": run_dir / "index" / "default", "latest": runs_dir / "latest"}
+    return summary
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    path = run_dir / "checkpoint.safetensors"
+    if not path.exists():
+        return 0
+    _, meta = read_tensors(path)
+    try:
+        return int(json.loads(meta["state"])["global_step"])
+    except (KeyError, ValueError):
+        raise ArtifactError(f"{path}: checkpoint metadata is damaged; start a new run") from None
+
+
+def write_examples(run_dir: Path, df) -> None:
+    rows = df.head(10).to_dicts()
+    atomic_write_json(run_dir / "data_examples.json", [{k: (v[:500] if isinstance(v, str) else v)
+                                                        for k, v in r.items()} for r in rows])
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
