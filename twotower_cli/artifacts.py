@@ -52,25 +52,34 @@ def read_config(run_dir: Path) -> dict:
     return cfg
 
 
-def state_bytes(model: torch.nn.Module) -> bytes:
-    return st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                   metadata={"format": "twotower", "format_version": str(FORMAT_VERSION)})
-
-
 def save_model(run_dir: Path, model: torch.nn.Module) -> str:
-    """Write model.safetensors atomically; return its fingerprint (sha256 of the file)."""
-    data = state_bytes(model)
-    atomic_write_bytes(Path(run_dir) / "model.safetensors", data)
-    return hashlib.sha256(data).hexdigest()
+    """Write model.safetensors atomically. Its metadata carries a fingerprint: the sha256 of the weights, which
+    indexes record so that searching with another model is refused without rehashing the file each time."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(model.state_dict().items())}
+    h = hashlib.sha256()
+    for name, t in tensors.items():
+        h.update(name.encode())
+        h.update(t.numpy().tobytes())
+    digest = h.hexdigest()
+    meta = {"format": "twotower", "format_version": str(FORMAT_VERSION), "fingerprint": digest}
+    atomic_write_bytes(Path(run_dir) / "model.safetensors", st_save(tensors, metadata=meta))
+    return digest
 
 
 def fingerprint(run_dir: Path) -> str:
+    """The fingerprint stored in model.safetensors' header (reads the header only)."""
     path = Path(run_dir) / "model.safetensors"
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n < 100_000_000:
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(n))
+        return header["__metadata__"]["fingerprint"]
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; the run has no trained model yet") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ArtifactError(f"{path}: header is corrupt or not a twotower model; retrain or restore the file") from None
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from twotower_cli.errors import ArtifactError
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
 
 def new_run_id(name: str = "") -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -28,6 +31,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files; artifacts are meant to be shared
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

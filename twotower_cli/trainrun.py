@@ -138,25 +138,56 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
         atomic_write_json(run_dir / "run.json", {"id": run_dir.name, "complete": False, "created": now()})
         write_examples(run_dir, df)
     ckpt_step = checkpoint_step(run_dir) if resume else None
-    tracker = Tracker(MetricsLog(run_dir / "metrics.jsonl", keep_until_step=ckpt_step if resume else None),
-                      tracker_sinks)
+    sinks = []
+    if cfg.wandb.enabled:
+        sinks.append(wandb_sink(cfg, run_dir, messages, hooks))
+    tracker = Tracker(MetricsLog(run_dir / "metrics.jsonl", keep_until_step=ckpt_step if resume else None), sinks)
     val_docs, val_qrels = sample_val_corpus(ts, t.val_corpus_size, t.seed)
     interrupted = True
     try:
         out = fit(model, ts, t, run_dir, device, tracker, hooks, should_stop, resume=bool(resume),
                   extra_eval=extra, val_docs=val_docs, val_qrels=val_qrels)
         interrupted = out.interrupted
+        summary = TrainSummary(run_dir, out.interrupted, out.best_epoch, out.best, out.history, messages=messages)
+        if not out.interrupted:
+            finish_run(run_dir, runs_dir, model, vocab, ts, device, out, hooks)
+            tracker.log_artifacts(run_dir, {**out.best, "step": out.global_step})
+            summary.written = {"run": run_dir, "model": run_dir / "model.safetensors",
+                               "metrics": run_dir / "metrics.jsonl", "index": run_dir / "index" / "default",
+                               "latest": runs_dir / "latest"}
     finally:
         tracker.close(interrupted)
-    summary = TrainSummary(run_dir, out.interrupted, out.best_epoch, out.best, out.history, messages=messages)
-    if out.interrupted:
-        return summary
+    for sink in sinks:
+        if sink.mode == "offline":
+            messages.append(f"W&B run saved offline in {sink.offline_dir}; upload it later with: "
+                            f"{sink.sync_command()}")
+    if not out.interrupted and t.report:
+        from twotower_cli.report import write_html_report
+
+        summary.written["report"] = write_html_report(run_dir)
+    return summary
+
+
+def wandb_sink(cfg: Config, run_dir: Path, messages: list, hooks: Hooks):
+    from twotower_cli.wandb_sink import WandbSink, choose_mode
+
+    w = cfg.wandb
+    choice = choose_mode(w.api_key, w.mode)
+    if choice.mode == "offline":
+        hooks.message(f"W&B: logging offline ({choice.reason})")
+    sink = WandbSink(run_dir, cfg.to_dict(mask_secrets=True), w.project, w.entity, w.run_name, w.api_key, choice,
+                     w.init_timeout, notify=hooks.message)
+    return sink
+
+
+def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hooks: Hooks) -> None:
+    """Best weights back in, default index, examples, then mark complete and move runs/latest."""
+    from twotower_cli.examples import retrieval_examples
+    from twotower_cli.index import build_index
+
     tensors, _ = read_tensors(run_dir / "model.safetensors")
     model.load_state_dict(tensors)
     model.eval()
-    from twotower_cli.index import build_index
-    from twotower_cli.examples import retrieval_examples
-
     hooks.message("embedding the training documents into the default index")
     build_index(run_dir, model, vocab, ts.documents, None, "default", device=device)
     retrieval_examples(run_dir, model, ts, device)
@@ -164,9 +195,6 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
     run.update(complete=True, finished=now(), best_epoch=out.best_epoch, best=out.best)
     atomic_write_json(run_dir / "run.json", run)
     set_latest(runs_dir, run_dir)
-    summary.written = {"run": run_dir, "model": run_dir / "model.safetensors", "metrics": run_dir / "metrics.jsonl",
-                       "index": run_dir / "index" / "default", "latest": runs_dir / "latest"}
-    return summary
 
 
 def checkpoint_step(run_dir: Path) -> int:

@@ -1,0 +1,64 @@
+"""Shared fixtures: real files in temporary folders, the real CLI through Typer's CliRunner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "examples" / "pairs.parquet"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Every test runs in its own folder with no TWOTOWER_*/WANDB_* variables leaking in."""
+    for name in list(os.environ):
+        if name.startswith(("TWOTOWER_", "WANDB_")):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture
+def cli(runner):
+    from twotower_cli.cli.main import app
+
+    def invoke(*args, **kwargs):
+        return runner.invoke(app, [str(a) for a in args], **kwargs)
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def sample_df() -> pl.DataFrame:
+    return pl.read_parquet(SAMPLE)
+
+
+@pytest.fixture
+def tiny_pairs(tmp_path, sample_df) -> Path:
+    """600 positive pairs (plus their negatives) of real Debian text."""
+    pos = sample_df.filter(pl.col("label") == 1).head(600)
+    neg = sample_df.filter((pl.col("label") == 0) & pl.col("query").is_in(pos["query"].implode()))
+    path = tmp_path / "tiny.parquet"
+    pl.concat([pos, neg]).write_parquet(path)
+    return path
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path

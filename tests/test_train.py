@@ -1,0 +1,149 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from twotower_cli.artifacts import load_model
+from twotower_cli.config import load_config
+from twotower_cli.train import Hooks
+from twotower_cli.trainrun import run_train
+
+SMALL = ["--embedding-dim", "32", "--hidden-dim", "64", "--batch-size", "64", "--max-document-length", "128",
+         "--val-fraction", "0.1"]
+
+
+def small_cfg(tmp_path, **train):
+    cfg = load_config(env={}, overrides={("model", "embedding_dim"): 32, ("model", "hidden_dim"): 64,
+                                         ("model", "ngram_buckets"): 16384, ("train", "batch_size"): 64,
+                                         ("data", "max_document_length"): 128, ("train", "val_fraction"): 0.1,
+                                         ("train", "runs_dir"): str(tmp_path / "runs"),
+                                         **{("train", k): v for k, v in train.items()}})
+    return cfg
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_learns_and_writes_a_complete_run(cli, tiny_pairs, tmp_path):
+    res = cli("train", tiny_pairs, *SMALL, "--epochs", "4", "--runs-dir", tmp_path / "runs",
+              "--learning-rate", "0.01", "--no-report")
+    assert res.exit_code == 0, res.stderr
+    run = (tmp_path / "runs" / "latest").resolve()
+    for name in ("config.json", "vocab.json", "model.safetensors", "metrics.jsonl", "checkpoint.safetensors",
+                 "run.json", "index/default/embeddings.npy"):
+        assert (run / name).exists(), name
+    epochs = [r for r in records(run) if "epoch/loss" in r]
+    assert len(epochs) == 4
+    assert epochs[-1]["epoch/loss"] < epochs[0]["epoch/loss"]
+    n_docs = json.loads((run / "config.json").read_text())["data"]["documents"]
+    chance = sum(1 / r for r in range(1, 11)) / n_docs  # MRR@10 of a random ranking, one relevant document
+    assert max(r["val/mrr@10"] for r in epochs) > 10 * chance
+    steps = [r for r in records(run) if "train/loss" in r]
+    assert {"train/pos_sim", "train/neg_sim", "train/sim_gap", "train/grad_norm", "train/lr", "perf/data_ms",
+            "perf/forward_ms", "perf/backward_ms", "perf/optim_ms", "perf/pairs_per_s"} <= set(steps[0])
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["embedding_dim"] == 32 and cfg["versions"]["torch"] == torch.__version__
+    assert json.loads((run / "run.json").read_text())["complete"] is True
+    assert "Best epoch" in res.stdout
+
+
+def test_saved_model_reloads_to_identical_embeddings(cli, tiny_pairs, tmp_path):
+    assert cli("train", tiny_pairs, *SMALL, "--epochs", "1", "--runs-dir", tmp_path / "runs", "--no-report").exit_code == 0
+    run = (tmp_path / "runs" / "latest").resolve()
+    import polars as pl
+
+    model, vocab, _ = load_model(run)
+    docs = pl.read_parquet(run / "index/default/documents.parquet")["document"]
+    with torch.no_grad():
+        again = model.encode_documents(torch.from_numpy(vocab.encode(docs, model.cfg.max_document_length)))
+    saved = np.load(run / "index/default/embeddings.npy")
+    np.testing.assert_allclose(again.numpy(), saved, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["infonce", "triplet"])
+@pytest.mark.parametrize("encoder", ["ngram", "cnn", "mean"])
+def test_every_encoder_and_loss_trains(tiny_pairs, tmp_path, encoder, loss):
+    cfg = small_cfg(tmp_path, epochs=1, loss=loss).with_overrides({("model", "encoder"): encoder,
+                                                                    ("data", "max_document_length"): 48})
+    out = run_train(cfg, tiny_pairs, Hooks(), lambda: False)
+    assert not out.interrupted and np.isfinite(out.history[-1]["epoch/loss"])
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_pairs, tmp_path):
+    full = run_train(small_cfg(tmp_path / "a", epochs=3), tiny_pairs, Hooks(), lambda: False)
+
+    class StopAfter:
+        def __init__(self, n):
+            self.n = n
+
+        def __call__(self):
+            self.n -= 1
+            return self.n < 0
+
+    cfg = small_cfg(tmp_path / "b", epochs=3)
+    part = run_train(cfg, tiny_pairs, Hooks(), StopAfter(13))  # mid-epoch 2
+    assert part.interrupted and not (tmp_path / "b" / "runs" / "latest").exists()
+    part = run_train(cfg, None, Hooks(), StopAfter(9), resume=part.run_dir.name)  # interrupted again
+    assert part.interrupted
+    done = run_train(cfg, None, Hooks(), lambda: False, resume=part.run_dir.name)
+    assert not done.interrupted
+    for k, v in full.best.items():
+        assert abs(done.best[k] - v) < 1e-5, k
+    a, _, _ = load_model(full.run_dir)
+    b, _, _ = load_model(done.run_dir)
+    for (n1, t1), (n2, t2) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(t1, t2, atol=1e-5, rtol=0, msg=n1)
+    steps = [r["step"] for r in records(done.run_dir) if "train/loss" in r]
+    assert steps == sorted(set(steps))  # no step logged twice after the resumes
+
+
+def test_seed_spelling_aliases_and_settings(cli, tiny_pairs, tmp_path):
+    res = cli("train", tiny_pairs, "--batch_size", "32", "--learning_rate", "0.002", "--epochs", "1",
+              "--embedding_dim", "16", "--hidden_dim", "32", "--max-document-length", "64",
+              "--runs-dir", tmp_path / "runs", "--no-report")
+    assert res.exit_code == 0, res.stderr
+    cfg = json.loads(((tmp_path / "runs" / "latest").resolve() / "config.json").read_text())
+    assert cfg["settings"]["train"]["batch_size"] == 32 and cfg["settings"]["train"]["learning_rate"] == 0.002
+
+
+@pytest.mark.parametrize("args,needle,code", [
+    (["--epochs", "-1"], "--epochs must be at least 1", 2),
+    (["--device", "tpu"], "is not a device", 2),
+    (["--batch-size", "100000"], "larger than the", 2),
+    (["--loss", "hinge"], "--loss 'hinge'", 2),
+])
+def test_bad_options_are_clear_errors(cli, tiny_pairs, tmp_path, args, needle, code):
+    res = cli("train", tiny_pairs, "--runs-dir", tmp_path / "runs", *args)
+    assert res.exit_code == code and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "runs" / "latest").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_asked_but_absent(cli, tiny_pairs, tmp_path):
+    res = cli("train", tiny_pairs, "--device", "cuda", "--runs-dir", tmp_path / "runs")
+    assert res.exit_code == 2 and "CUDA is not available" in res.stderr
+
+
+def test_ctrl_c_checkpoints_and_prints_the_resume_command(tiny_pairs, tmp_path):
+    env = {**os.environ, "TWOTOWER_TRAIN_CHECKPOINT_MINUTES": "0"}
+    cmd = [sys.executable, "-m", "twotower_cli", "train", str(tiny_pairs), *SMALL, "--epochs", "200",
+           "--runs-dir", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "runs").glob("*/metrics.jsonl")):
+        time.sleep(0.2)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "twotower train --resume" in err and "Traceback" not in err
+    run = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    assert (run / "checkpoint.safetensors").exists()

@@ -1,0 +1,52 @@
+"""Reading corpora (for `index`) and query lists (for `search --queries`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from twotower_cli.data import as_text, check_file, read_table, read_text
+from twotower_cli.errors import DataError
+
+
+def lines_of(path: Path) -> list[str]:
+    return [ln for ln in read_text(path).split("\n") if ln.strip()]
+
+
+def read_corpus(path, document_col: str = "document", id_col: str | None = None) -> tuple[pl.Series, list | None]:
+    p = check_file(path)
+    if p.suffix.lower() == ".txt":
+        docs = lines_of(p)
+        if not docs:
+            raise DataError(f"{p}: no documents (one document per line expected)")
+        return pl.Series("document", docs).str.normalize("NFKC"), None
+    cols = [document_col] + ([id_col] if id_col else [])
+    if p.suffix.lower() in (".tsv", ".tab"):
+        df, _ = read_table(p, [document_col, id_col or "id", "label"])
+    else:
+        df, _ = read_table(p, cols)
+    for alt in (document_col, "document", "text"):
+        if alt in df.columns:
+            document_col = alt
+            break
+    else:
+        raise DataError(f"{p}: no column '{document_col}' (found: {', '.join(df.columns)}); pass --document-col")
+    if id_col and id_col not in df.columns:
+        raise DataError(f"{p}: no id column '{id_col}' (found: {', '.join(df.columns)})")
+    docs = as_text(df, document_col, p).fill_null("").str.normalize("NFKC")
+    ids = df[id_col].cast(pl.String).to_list() if id_col else None
+    if len(docs) == 0:
+        raise DataError(f"{p}: no documents")
+    return docs, ids
+
+
+def read_queries(path) -> list[str]:
+    p = check_file(path)
+    if p.suffix.lower() == ".txt":
+        return lines_of(p)
+    df, _ = read_table(p, ["query", "text"])
+    for col in ("query", "text"):
+        if col in df.columns:
+            return as_text(df, col, p).fill_null("").to_list()
+    raise DataError(f"{p}: no 'query' or 'text' column (found: {', '.join(df.columns)})")
