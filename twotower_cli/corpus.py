@@ -21,7 +21,7 @@ def read_corpus(path, document_col: str = "document", id_col: str | None = None)
         if not docs:
             raise DataError(f"{p}: no documents (one document per line expected)")
         return pl.Series("document", docs).str.normalize("NFKC"), None
-    cols = [document_col] + ([id_col] if id_col else [])
+    cols = [document_col, "document", "text"] + ([id_col] if id_col else [])
     if p.suffix.lower() in (".tsv", ".tab"):
         df, _ = read_table(p, [document_col, id_col or "id", "label"])
     else:

@@ -9,6 +9,8 @@ Never holds a queries x corpus score matrix.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -16,7 +18,9 @@ import torch
 def as_tensor(x) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
-    return torch.from_numpy(np.asarray(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only memmaps: we only ever read them
+        return torch.from_numpy(np.asarray(x))
 
 
 def merge(best_s, best_i, s, i, k):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -35,12 +34,20 @@ def netrc_has_key(host: str) -> bool:
 
 
 def server_reachable(base_url: str, timeout: float = PROBE_TIMEOUT) -> bool:
+    """True when the server answers an HTTP request within ``timeout`` (any status counts as an answer).
+
+    A bare TCP connect is not enough: a server that accepts but never answers would make wandb.init hang."""
+    import http.client
+
     u = urlparse(base_url)
-    port = u.port or (443 if u.scheme == "https" else 80)
+    conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
     try:
-        with socket.create_connection((u.hostname, port), timeout=timeout):
-            return True
-    except OSError:
+        conn = conn_cls(u.hostname, u.port, timeout=timeout)
+        conn.request("GET", "/healthz")
+        conn.getresponse().read(0)
+        conn.close()
+        return True
+    except (OSError, http.client.HTTPException):
         return False
 
 

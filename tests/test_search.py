@@ -1,0 +1,164 @@
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from twotower_cli.metrics import retrieval_metrics
+from twotower_cli.topk import exact_topk
+from tests.conftest import write
+
+SMALL = ["--embedding-dim", "32", "--hidden-dim", "64", "--batch-size", "64", "--max-document-length", "128",
+         "--epochs", "1", "--no-report"]
+
+
+@pytest.fixture
+def trained(cli, tiny_pairs, tmp_path):
+    res = cli("train", tiny_pairs, *SMALL, "--runs-dir", tmp_path / "runs")
+    assert res.exit_code == 0, res.stderr
+    return tmp_path / "runs"
+
+
+@pytest.mark.parametrize("n,q,k,chunk,block", [(1000, 7, 10, 128, 16), (1000, 3, 10, 1000, 64), (37, 2, 50, 8, 4),
+                                               (5000, 1, 100, 999, 64), (10, 4, 3, 3, 1)])
+def test_topk_equals_brute_force(n, q, k, chunk, block):
+    g = torch.Generator().manual_seed(n + q)
+    corpus = torch.randn(n, 16, generator=g)
+    queries = torch.randn(q, 16, generator=g)
+    s, i = exact_topk(queries, corpus, k, chunk=chunk, block=block)
+    full = queries @ corpus.T
+    ref = torch.topk(full, min(k, n), dim=1)
+    torch.testing.assert_close(s, ref.values)
+    torch.testing.assert_close(torch.gather(full, 1, i), ref.values)  # indices point at those scores
+    assert s.shape == (q, min(k, n))
+
+
+def test_topk_ties_and_float16_memmap(tmp_path):
+    corpus = np.zeros((300, 8), dtype=np.float16)
+    corpus[:, 0] = 1.0  # every document ties
+    np.save(tmp_path / "e.npy", corpus)
+    mm = np.load(tmp_path / "e.npy", mmap_mode="r")
+    s, i = exact_topk(torch.ones(2, 8), mm, 5, chunk=64, block=8)
+    assert torch.all(s == 1.0) and len(set(i[0].tolist())) == 5
+
+
+def test_metrics_hand_computed():
+    ranked = [[3, 1, 2], [5, 6, 7], [9, 8, 4]]
+    qrels = [{1: 1.0}, {0: 1.0}, {9: 1.0, 4: 1.0}]
+    m = retrieval_metrics(ranked, qrels)
+    assert m["mrr@10"] == pytest.approx((1 / 2 + 0 + 1) / 3)
+    assert m["recall@1"] == pytest.approx((0 + 0 + 0.5) / 3)
+    assert m["recall@10"] == pytest.approx((1 + 0 + 1) / 3)
+    ndcg_q3 = (1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    assert m["ndcg@10"] == pytest.approx((1 / math.log2(3) + 0 + ndcg_q3) / 3)
+    assert m["map@100"] == pytest.approx((1 / 2 + 0 + (1 + 2 / 3) / 2) / 3)
+    graded = retrieval_metrics([[1, 2]], [{1: 1.0, 2: 3.0}])
+    assert graded["ndcg@10"] == pytest.approx((1 + 3 / math.log2(3)) / (3 + 1 / math.log2(3)))
+
+
+def test_metrics_match_pytrec_eval():
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    rng = np.random.default_rng(0)
+    ranked = [rng.permutation(50)[:20].tolist() for _ in range(30)]
+    qrels = [{int(d): float(rng.integers(1, 3)) for d in rng.permutation(50)[:3]} for _ in range(30)]
+    ours = retrieval_metrics(ranked, qrels)
+    run = {str(i): {str(d): float(100 - r) for r, d in enumerate(row)} for i, row in enumerate(ranked)}
+    rel = {str(i): {str(d): int(g) for d, g in q.items()} for i, q in enumerate(qrels)}
+    ev = pytrec_eval.RelevanceEvaluator(rel, {"ndcg_cut.10", "recip_rank", "recall.10", "map_cut.100"})
+    res = ev.evaluate(run)
+    assert ours["ndcg@10"] == pytest.approx(np.mean([r["ndcg_cut_10"] for r in res.values()]), abs=1e-6)
+    assert ours["recall@10"] == pytest.approx(np.mean([r["recall_10"] for r in res.values()]), abs=1e-6)
+    assert ours["map@100"] == pytest.approx(np.mean([r["map_cut_100"] for r in res.values()]), abs=1e-6)
+
+
+def test_search_json_schema_and_table(cli, trained):
+    res = cli("search", "GNU C compiler", "--runs-dir", trained, "--json", "-k", "3")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)  # nothing but JSON on stdout
+    assert doc["top_k"] == 3 and doc["index"] == "default"
+    hits = doc["results"][0]["hits"]
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert all(set(h) == {"rank", "score", "id", "document"} for h in hits)
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    table = cli("search", "bibliothèque für 日本語 ✓", "--runs-dir", trained)
+    assert table.exit_code == 0 and "score" in table.stdout
+
+
+def test_search_many_queries_from_file(cli, trained, tmp_path):
+    write(tmp_path / "q.txt", "python library\n\nweb server\n")
+    res = cli("search", "--queries", tmp_path / "q.txt", "--runs-dir", trained, "--json")
+    assert [r["query"] for r in json.loads(res.stdout)["results"]] == ["python library", "web server"]
+    pl.DataFrame({"query": ["editor"]}).write_parquet(tmp_path / "q.parquet")
+    res = cli("search", "--queries", tmp_path / "q.parquet", "--runs-dir", trained, "--json")
+    assert json.loads(res.stdout)["results"][0]["query"] == "editor"
+
+
+def test_empty_query_is_a_clear_error(cli, trained):
+    for q in ("", "   \t"):
+        res = cli("search", q, "--runs-dir", trained)
+        assert res.exit_code == 2 and "empty" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_no_run_yet(cli, tmp_path):
+    res = cli("search", "x", "--runs-dir", tmp_path / "none")
+    assert res.exit_code == 1 and "train one first" in res.stderr
+
+
+def test_index_command_and_stale_index(cli, trained, tmp_path, tiny_pairs):
+    corpus = write(tmp_path / "corpus.jsonl", "\n".join(json.dumps({"id": f"d{i}", "text": t}) for i, t in
+                                                      enumerate(["apt package manager", "the vim editor",
+                                                                 "the vim editor", "web server nginx"])))
+    res = cli("index", corpus, "--name", "mine", "--id-col", "id", "--runs-dir", trained, "--dtype", "float16")
+    assert res.exit_code == 0, res.stderr
+    meta = json.loads(((trained / "latest").resolve() / "index/mine/meta.json").read_text())
+    assert meta["count"] == 3 and meta["dtype"] == "float16"  # the duplicate stored once
+    res = cli("search", "vim", "--index", "mine", "--runs-dir", trained, "--json")
+    assert {h["id"] for h in json.loads(res.stdout)["results"][0]["hits"]} == {"d0", "d1", "d3"}
+    # retrain into the same folder: the old run's index now belongs to another model
+    old = (trained / "latest").resolve()
+    new_model = cli("train", tiny_pairs, *SMALL, "--runs-dir", trained, "--seed", "99")
+    assert new_model.exit_code == 0
+    new = (trained / "latest").resolve()
+    (old / "model.safetensors").write_bytes((new / "model.safetensors").read_bytes())
+    res = cli("search", "vim", "--index", "mine", "--run", old.name, "--runs-dir", trained)
+    assert res.exit_code == 1 and "another model" in res.stderr
+
+
+def test_corrupt_index_names_the_file(cli, trained):
+    emb = (trained / "latest").resolve() / "index/default/embeddings.npy"
+    emb.write_bytes(emb.read_bytes()[: 200])
+    res = cli("search", "vim", "--runs-dir", trained)
+    assert res.exit_code == 1 and "embeddings.npy" in res.stderr
+
+
+def make_eval(tmp_path, sample_df, layout):
+    pos = sample_df.filter(pl.col("label") == 1).head(40)
+    docs = pos["document"].to_list()
+    folder = tmp_path / layout
+    folder.mkdir()
+    if layout == "parquet":
+        pl.DataFrame({"query_id": [f"q{i}" for i in range(40)], "query": pos["query"]}).write_parquet(folder / "queries.parquet")
+        pl.DataFrame({"doc_id": [f"d{i}" for i in range(40)], "document": docs}).write_parquet(folder / "corpus.parquet")
+        pl.DataFrame({"query_id": [f"q{i}" for i in range(40)], "doc_id": [f"d{i}" for i in range(40)]}).write_parquet(folder / "qrels.parquet")
+    else:
+        write(folder / "corpus.jsonl", "\n".join(json.dumps({"_id": f"d{i}", "title": "", "text": d}) for i, d in enumerate(docs)))
+        write(folder / "queries.jsonl", "\n".join(json.dumps({"_id": f"q{i}", "text": q}) for i, q in enumerate(pos["query"])))
+        write(folder / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(40)))
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["parquet", "beir"])
+def test_evaluate_both_layouts_with_bm25(cli, trained, tmp_path, sample_df, layout):
+    folder = make_eval(tmp_path, sample_df, layout)
+    res = cli("evaluate", folder, "--runs-dir", trained, "--json", "--baseline", "bm25", "--hybrid")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    systems = {s["system"].split(" ")[0]: s for s in doc["systems"]}
+    assert set(systems) == {"two-tower", "bm25", "hybrid"}
+    for s in systems.values():
+        assert s["queries"] == 40 and s["documents"] == 40
+        assert set(s["metrics"]) == {"mrr@10", "ndcg@10", "recall@1", "recall@10", "recall@100", "map@100"}
+        assert s["metrics"]["recall@100"] == pytest.approx(1.0) or s["system"] == "bm25"
+    assert systems["bm25"]["metrics"]["mrr@10"] > 0.5  # summaries share words with their descriptions
