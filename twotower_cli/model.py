@@ -139,6 +139,10 @@ class TwoTower(nn.Module):
         self.cfg = cfg
         self.query_tower = ENCODERS[cfg.encoder](cfg)
         self.document_tower = ENCODERS[cfg.encoder](cfg)
+        # Same initial weights, separate thereafter: at step 0 a text and its copy embed identically, so the
+        # model starts as a (random-projection) lexical matcher instead of from nothing. Measured: far better
+        # on small data, and a better start on large data.
+        self.document_tower.load_state_dict(self.query_tower.state_dict())
 
     def encode_queries(self, ids: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.query_tower(ids).float(), dim=-1)

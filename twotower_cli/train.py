@@ -132,6 +132,7 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
         order = epoch_order(ts.n_train, tcfg.seed, epoch)
         negs = sample_negatives(ts, tcfg.seed, epoch).to(device)
         hooks.epoch_start(epoch, tcfg.epochs, spe, st["step"])
+        epoch_t0, epoch_pairs = time.perf_counter(), 0
         for i in range(st["step"], spe):
             timing = {}
             t0 = time.perf_counter()
@@ -173,6 +174,7 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
                 sync()
             t4 = time.perf_counter()
             st["step"], st["global_step"] = i + 1, st["global_step"] + 1
+            epoch_pairs += idx.shape[0]
             if log_now:
                 flush()
                 timing = {"perf/data_ms": 1e3 * (t1 - t0), "perf/forward_ms": 1e3 * (t2 - t1),
@@ -196,9 +198,11 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
                 last_ckpt = time.monotonic()
 
         # -- epoch end: validation, best model, checkpoint --------------------------------------------------
-        flush()
+        flush()  # (this syncs the device, so the epoch's time below is honest)
+        train_s = time.perf_counter() - epoch_t0
         record = {"step": st["global_step"], "epoch": epoch + 1,
-                  "epoch/loss": st["loss_sum"] / max(st["loss_n"], 1)}
+                  "epoch/loss": st["loss_sum"] / max(st["loss_n"], 1),
+                  "perf/epoch_train_s": train_s, "perf/epoch_pairs_per_s": epoch_pairs / max(train_s, 1e-9)}
         if len(ts.val_q):
             corpus = ts.d_tokens if val_docs is None else ts.d_tokens[val_docs]
             qrels = ts.val_qrels if val_docs is None else val_qrels

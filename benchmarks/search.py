@@ -1,0 +1,139 @@
+"""Search speed and memory: twotower's exact top-k against FAISS IndexFlatIP on the same data and threads.
+
+1. 256 queries over N x 128 float32 (default 1,000,000), top-10: twotower exact_topk vs faiss IndexFlatIP.
+2. One query over the same matrix.
+3. `twotower search "query"` as a whole process against a trained run, vs `python -c "import torch"`.
+4. Peak RSS of a process searching a memory-mapped N x 128 index, against the matrix's size.
+5. FAISS HNSW (`index --backend faiss`) recall@10 against exact search on a 200k subset.
+
+    python benchmarks/search.py [--n 1000000] [--runs-dir runs]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# benchmarks/tokenize.py shares its name with a standard-library module: keep this folder off sys.path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse
+import platform
+import resource
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from twotower_cli.topk import exact_topk  # noqa: E402
+
+
+def best_of(fn, repeat=3) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def process_time(cmd: list[str], repeat: int = 3, cwd=None) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, cwd=cwd)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+RSS_CHILD = """
+import resource, sys, numpy as np, torch
+sys.path.insert(0, {root!r})
+from twotower_cli.topk import exact_topk
+emb = np.load({path!r}, mmap_mode="r")
+q = torch.nn.functional.normalize(torch.randn(256, emb.shape[1]), dim=1)
+exact_topk(q, emb, 10)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--runs-dir", default=None, help="a runs folder with a trained run for the process timing")
+    args = ap.parse_args()
+    import faiss
+
+    threads = torch.get_num_threads()
+    faiss.omp_set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.n, args.dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = rng.standard_normal((256, args.dim), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    flat = faiss.IndexFlatIP(args.dim)
+    flat.add(x)
+    xt, qt = torch.from_numpy(x), torch.from_numpy(q)
+    rows = []
+    f256 = best_of(lambda: flat.search(q, 10))
+    o256 = best_of(lambda: exact_topk(qt, xt, 10))
+    _, fi = flat.search(q, 10)
+    _, oi = exact_topk(qt, xt, 10)
+    agree = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(fi, oi.numpy())])
+    rows.append((f"256 queries, {args.n:,} x {args.dim}, top-10", f256, o256, f"results agree {agree:.3f}"))
+    f1 = best_of(lambda: flat.search(q[:1], 10), 7)
+    o1 = best_of(lambda: exact_topk(qt[:1], xt, 10), 7)
+    rows.append(("1 query, same index", f1, o1, ""))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "emb.npy"
+        np.save(path, x)
+        out = subprocess.run([sys.executable, "-c", RSS_CHILD.format(root=str(ROOT), path=str(path))],
+                             check=True, capture_output=True, text=True).stdout
+        rss = int(out.strip().splitlines()[-1])
+    base_rss = int(subprocess.run([sys.executable, "-c", "import resource, numpy, torch; print(resource.getrusage("
+                                   "resource.RUSAGE_SELF).ru_maxrss * 1024)"], check=True, capture_output=True,
+                                  text=True).stdout.strip())
+    print(f"\nSearch ({platform.machine()}, {os.cpu_count()} cores, {threads} torch/faiss threads)")
+    print("| case | faiss IndexFlatIP (s) | twotower exact (s) | ratio (twotower/faiss) | note |\n|---|---|---|---|---|")
+    for name, f, o, note in rows:
+        print(f"| {name} | {f:.4f} | {o:.4f} | {o / f:.2f} | {note} |")
+    mat = x.nbytes
+    print(f"\nPeak RSS searching a memory-mapped {args.n:,} x {args.dim} index: {rss / 2**20:,.0f} MiB; "
+          f"matrix {mat / 2**20:,.0f} MiB; python+torch alone {base_rss / 2**20:,.0f} MiB; "
+          f"(RSS - baseline) / matrix = {(rss - base_rss) / mat:.2f}")
+
+    sub = min(args.n, 200_000)
+    hnsw = faiss.IndexHNSWFlat(args.dim, 32, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = 80
+    t = time.perf_counter()
+    hnsw.add(x[:sub])
+    build_s = time.perf_counter() - t
+    hnsw.hnsw.efSearch = 128
+    _, hi = hnsw.search(q, 10)
+    _, ei = exact_topk(qt, xt[:sub], 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(hi, ei.numpy())])
+    th = best_of(lambda: hnsw.search(q, 10))
+    te = best_of(lambda: exact_topk(qt, xt[:sub], 10))
+    print(f"\nFAISS HNSW32 (efSearch 128) on {sub:,} x {args.dim}: recall@10 vs exact {recall:.3f}; build "
+          f"{build_s:.1f} s; 256 queries {th:.4f} s vs exact {te:.4f} s")
+
+    if args.runs_dir:
+        torch_s = process_time([sys.executable, "-c", "import torch"])
+        search_s = process_time([sys.executable, "-m", "twotower_cli", "search", "GNU C compiler", "--runs-dir",
+                                 args.runs_dir, "--json"])
+        print(f"\n| process | seconds | ratio |\n|---|---|---|\n| python -c 'import torch' | {torch_s:.2f} | 1.00 |\n"
+              f"| twotower search \"GNU C compiler\" | {search_s:.2f} | {search_s / torch_s:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Training throughput: `twotower train`'s pairs/s against the model-only step rate, measured in one run.
+
+Model-only: the same model, batch size and optimizer, stepping on batches drawn at random from the same data
+already tokenised in memory (so both sides see the same text lengths); no data pipeline, no logging.
+Pipeline: `twotower train DATA --epochs E` as a subprocess; its rate is the last epoch's pairs over that epoch's
+wall time (validation excluded), from metrics.jsonl (`perf/epoch_pairs_per_s`).
+
+    python benchmarks/train_throughput.py [--data ../shared/data/debian-packages/train.parquet] [--device cuda]
+        [--batch-size 1024] [--encoder ngram]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# benchmarks/tokenize.py shares its name with a standard-library module: keep this folder off sys.path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from twotower_cli.batches import build  # noqa: E402
+from twotower_cli.config import load_config  # noqa: E402
+from twotower_cli.data import load_pairs, require_trainable  # noqa: E402
+from twotower_cli.model import TwoTower  # noqa: E402
+from twotower_cli.train import batch_loss, make_optimizers, resolve_device, sample_negatives  # noqa: E402
+from twotower_cli.trainrun import model_config  # noqa: E402
+from twotower_cli.vocab import Vocab  # noqa: E402
+
+
+def model_only(cfg, data: Path, device: torch.device, steps: int) -> float:
+    df = require_trainable(load_pairs(data))
+    vocab = Vocab.build([df["query"], df["document"]], cfg.vocab.min_freq, cfg.vocab.max_size, cfg.vocab.lowercase)
+    ts = build(df, vocab, cfg.data.max_query_length, cfg.data.max_document_length, 0.0, cfg.train.seed)
+    torch.manual_seed(0)
+    model = TwoTower(model_config(cfg, vocab)).to(device)
+    ts.to(device)
+    opts = make_optimizers(model, cfg.train.learning_rate, 0.0)
+    negs = sample_negatives(ts, 0, 0).to(device)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, ts.n_train, (cfg.train.batch_size,), generator=g).to(device) for _ in range(steps + 5)]
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.train.precision == "bf16" and device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i, idx in enumerate(batches):
+        if i == 5:  # warm-up steps excluded
+            sync()
+            t0 = time.perf_counter()
+        with autocast:
+            loss, _ = batch_loss(model, ts, idx, negs, cfg.train)
+        for o in opts.values():
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts.values():
+            o.step()
+    sync()
+    return steps * cfg.train.batch_size / (time.perf_counter() - t0)
+
+
+def pipeline(data: Path, args, extra: list[str]) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "twotower_cli", "train", str(Path(data).resolve()), "--epochs", str(args.epochs), "--runs-dir", tmp,
+               "--device", args.device, "--batch-size", str(args.batch_size), "--encoder", args.encoder,
+               "--precision", args.precision, "--no-report", "--log-level", "warning", *extra]
+        path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+        subprocess.run(cmd, check=True, cwd=tmp, env={**os.environ, "PYTHONPATH": path})
+        run = next(p for p in Path(tmp).iterdir() if p.is_dir() and not p.is_symlink())
+        rec = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        epochs = [r["perf/epoch_pairs_per_s"] for r in rec if "perf/epoch_pairs_per_s" in r]
+        return epochs[-1]  # the last epoch: the first includes one-off warm-up (allocator, kernels)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/debian-packages/train.parquet"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--encoder", default="ngram")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=1, help="epochs of the pipeline run; the last one is measured")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    cfg = load_config(env={}, overrides={("train", "batch_size"): args.batch_size, ("model", "encoder"): args.encoder,
+                                         ("train", "precision"): args.precision})
+    ref = model_only(cfg, Path(args.data), device, args.steps)
+    full = pipeline(Path(args.data), args, [])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    print(f"\nTraining throughput ({args.encoder}, batch {args.batch_size}, {args.precision}, {device.type}: {name})")
+    print(f"| measure | pairs/s | ratio |\n|---|---|---|")
+    print(f"| model-only step loop (tokens in memory) | {ref:,.0f} | 1.00 |")
+    print(f"| `twotower train` (epoch, validation excluded) | {full:,.0f} | {full / ref:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
