@@ -61,7 +61,7 @@ def test_saved_model_reloads_to_identical_embeddings(cli, tiny_pairs, tmp_path):
     import polars as pl
 
     model, vocab, _ = load_model(run)
-    docs = pl.read_parquet(run / "index/default/documents.parquet")["document"]
+    docs = pl.read_parquet(run / "index/default/documents/*.parquet")["document"]
     with torch.no_grad():
         again = model.encode_documents(torch.from_numpy(vocab.encode(docs, model.cfg.max_document_length)))
     saved = np.load(run / "index/default/embeddings.npy")

@@ -52,15 +52,19 @@ def read_config(run_dir: Path) -> dict:
     return cfg
 
 
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_model(run_dir: Path, model: torch.nn.Module) -> str:
     """Write model.safetensors atomically. Its metadata carries a fingerprint: the sha256 of the weights, which
-    indexes record so that searching with another model is refused without rehashing the file each time."""
+    indexes record (searching with another model is refused) and loading checks (altered weights are refused)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(model.state_dict().items())}
-    h = hashlib.sha256()
-    for name, t in tensors.items():
-        h.update(name.encode())
-        h.update(t.numpy().tobytes())
-    digest = h.hexdigest()
+    digest = weights_digest(tensors)
     meta = {"format": "twotower", "format_version": str(FORMAT_VERSION), "fingerprint": digest}
     atomic_write_bytes(Path(run_dir) / "model.safetensors", st_save(tensors, metadata=meta))
     return digest
@@ -120,8 +124,12 @@ def load_model(run_dir: Path, device="cpu") -> tuple[TwoTower, Vocab, dict]:
         raise ArtifactError(f"{run_dir / 'vocab.json'}: {len(vocab)} entries but config.json says vocab_size "
                             f"{mcfg.vocab_size}; the files come from different runs")
     model = TwoTower(mcfg)
-    tensors, _ = read_tensors(run_dir / "model.safetensors")
-    load_weights(model, tensors, run_dir / "model.safetensors")
+    path = run_dir / "model.safetensors"
+    tensors, meta = read_tensors(path)
+    if meta.get("fingerprint") and weights_digest(tensors) != meta["fingerprint"]:
+        raise ArtifactError(f"{path}: weights do not match their recorded fingerprint; the file was altered or "
+                            "damaged. Retrain, or restore the file from a copy")
+    load_weights(model, tensors, path)
     return model.to(device).eval(), vocab, cfg
 
 

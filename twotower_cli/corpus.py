@@ -41,6 +41,39 @@ def read_corpus(path, document_col: str = "document", id_col: str | None = None)
     return docs, ids
 
 
+def corpus_chunks(path, document_col: str = "document", id_col: str | None = None, rows: int = 65536):
+    """(total rows, iterator of (documents, ids)). Parquet is read a slice at a time, so indexing a corpus
+    larger than memory holds one chunk of text; other formats are read whole, then cut into chunks."""
+    p = check_file(path)
+    if p.suffix.lower() in (".parquet", ".pq"):
+        read_table(p, [document_col])  # validates the file with a clear message
+        lazy = pl.scan_parquet(p)
+        names = lazy.collect_schema().names()
+        col = next((c for c in (document_col, "document", "text") if c in names), None)
+        if col is None:
+            raise DataError(f"{p}: no column '{document_col}' (found: {', '.join(names)}); pass --document-col")
+        if id_col and id_col not in names:
+            raise DataError(f"{p}: no id column '{id_col}' (found: {', '.join(names)})")
+        total = lazy.select(pl.len()).collect().item()
+        if total == 0:
+            raise DataError(f"{p}: no documents")
+
+        def parquet_chunks():
+            for start in range(0, total, rows):
+                part = lazy.slice(start, rows).select([col] + ([id_col] if id_col else [])).collect()
+                docs = as_text(part, col, p).fill_null("").str.normalize("NFKC")
+                yield docs, (part[id_col].cast(pl.String).to_list() if id_col else None)
+
+        return total, parquet_chunks()
+    docs, ids = read_corpus(p, document_col, id_col)
+
+    def memory_chunks():
+        for start in range(0, len(docs), rows):
+            yield docs.slice(start, rows), (ids[start:start + rows] if ids is not None else None)
+
+    return len(docs), memory_chunks()
+
+
 def read_queries(path) -> list[str]:
     p = check_file(path)
     if p.suffix.lower() == ".txt":

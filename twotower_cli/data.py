@@ -103,9 +103,7 @@ def read_delimited(p: Path, sep: str, wanted: list[str]) -> tuple[pl.DataFrame, 
             df = df.rename({"query": wanted[0], "document": wanted[1]} |
                            ({"label": wanted[2]} if width == 3 else {}))
         return df, (2 if has_header else 1)
-    if not has_header:
-        raise DataError(f"{p}: CSV files need a header row naming the columns ({', '.join(wanted[:2])}, ...)")
-    if len(lines) < 2:
+    if len(lines) < 2:  # CSV always starts with a header; missing columns are reported by the caller
         raise DataError(f"{p}: has a header but no rows")
     try:
         df = pl.read_csv(text.encode(), infer_schema=False, raise_if_empty=True)

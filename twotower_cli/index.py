@@ -1,6 +1,6 @@
-"""Embedding indexes: `runs/<id>/index/<name>/` = embeddings.npy (memory-mappable) + documents.parquet + meta.json.
+"""Embedding indexes: `runs/<id>/index/<name>/` = embeddings.npy (memory-mappable) + documents/*.parquet + meta.json.
 
-An index is written into a temporary folder and renamed into place, so a killed `index` never leaves a half
+`documents/` holds Parquet parts (one per chunk written). An index is written into a temporary folder and renamed into place, so a killed `index` never leaves a half
 index that `search` would use. `meta.json` records the fingerprint of the model that made it; searching with
 another model is refused.
 """
@@ -33,33 +33,49 @@ def index_dir(run_dir: Path, name: str) -> Path:
 
 
 @torch.no_grad()
-def build_index(run_dir: Path, model, vocab, documents: pl.Series, ids: list | None, name: str = "default",
-                device="cpu", dtype: str = "float32", backend: str = "exact", batch_size: int = 2048,
-                progress=None) -> Path:
+def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", device="cpu", dtype: str = "float32",
+                backend: str = "exact", batch_size: int = 2048, progress=None, total: int | None = None) -> Path:
+    """Embed ``chunks`` (an iterable of (documents Series, ids list or None)) into ``index/<name>/``.
+
+    Only one chunk of text is in memory at a time: embeddings are appended to a raw file and documents to one
+    Parquet part per chunk. Identical documents (by 64-bit hash) are stored once. The folder is assembled under
+    a temporary name and renamed into place at the end."""
     if dtype not in ("float32", "float16"):
         raise UsageError(f"--dtype {dtype!r}: use float32 or float16")
-    frame = pl.DataFrame({"id": ids if ids is not None else [str(i) for i in range(len(documents))],
-                          "document": documents}, schema={"id": pl.String, "document": pl.String})
-    frame = frame.unique("document", keep="first", maintain_order=True)  # identical documents stored once
     final = index_dir(run_dir, name)
     tmp = final.parent / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    n, dim = frame.height, model.cfg.embedding_dim
-    emb = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np.dtype(dtype), shape=(n, dim))
-    max_len = model.cfg.max_document_length
+    (tmp / "documents").mkdir(parents=True)
+    dim, max_len = model.cfg.embedding_dim, model.cfg.max_document_length
+    seen = np.zeros(0, dtype=np.uint64)
+    n = offset = 0
     was = model.training
     model.eval()
-    for s in range(0, n, batch_size):
-        chunk = frame["document"].slice(s, batch_size)
-        tokens = torch.from_numpy(vocab.encode(chunk, max_len)).to(device)
-        emb[s:s + len(chunk)] = model.encode_documents(tokens).float().cpu().numpy().astype(dtype)
-        if progress:
-            progress(min(s + batch_size, n), n)
+    with open(tmp / "embeddings.raw", "wb") as raw:
+        for part, (docs, ids) in enumerate(chunks):
+            docs = docs.fill_null("").cast(pl.String)
+            ids = ids if ids is not None else [str(offset + i) for i in range(len(docs))]
+            offset += len(docs)
+            h = docs.hash(seed=0).to_numpy()
+            _, first = np.unique(h, return_index=True)
+            keep = np.zeros(len(docs), dtype=bool)
+            keep[first] = True
+            keep &= ~np.isin(h, seen)
+            seen = np.concatenate([seen, h[keep]])
+            frame = pl.DataFrame({"id": pl.Series(ids, dtype=pl.String), "document": docs}).filter(pl.Series(keep))
+            for s in range(0, frame.height, batch_size):
+                chunk = frame["document"].slice(s, batch_size)
+                tokens = torch.from_numpy(vocab.encode(chunk, max_len)).to(device)
+                raw.write(model.encode_documents(tokens).float().cpu().numpy().astype(dtype).tobytes())
+            frame.write_parquet(tmp / "documents" / f"part-{part:05d}.parquet")
+            n += frame.height
+            if progress:
+                progress(offset, total)
     model.train(was)
-    emb.flush()
-    del emb
-    frame.write_parquet(tmp / "documents.parquet")
+    if n == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError("the corpus has no documents to index")
+    write_npy(tmp / "embeddings.npy", tmp / "embeddings.raw", (n, dim), dtype)
     meta = {"format_version": INDEX_FORMAT, "model_fingerprint": fingerprint(run_dir), "dim": dim, "count": n,
             "dtype": dtype, "backend": backend, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if backend == "faiss":
@@ -71,6 +87,18 @@ def build_index(run_dir: Path, model, vocab, documents: pl.Series, ids: list | N
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_npy(path: Path, raw: Path, shape: tuple[int, int], dtype: str) -> None:
+    """Turn the raw embeddings into a standard (memory-mappable) .npy file, streaming, then drop the raw file."""
+    with open(path, "wb") as out:
+        np.lib.format.write_array_header_1_0(out, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                                   "shape": shape})
+        with open(raw, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 24)
+        out.flush()
+        os.fsync(out.fileno())
+    raw.unlink()
 
 
 def build_faiss(folder: Path, n: int, dim: int) -> dict:
@@ -94,9 +122,10 @@ class Index:
 
     def documents(self, rows: list[int]) -> list[dict]:
         """Id and text of the given rows, read from Parquet without loading the rest."""
-        p = self.path / "documents.parquet"
+        p = self.path / "documents"
         try:
-            frame = (pl.scan_parquet(p).with_row_index("row").filter(pl.col("row").is_in(rows)).collect())
+            frame = (pl.scan_parquet(p / "*.parquet").with_row_index("row").filter(pl.col("row").is_in(rows))
+                     .collect())
         except Exception as exc:
             raise ArtifactError(f"{p}: cannot read ({str(exc).splitlines()[0]}); rebuild with twotower index") from None
         by_row = {r["row"]: r for r in frame.to_dicts()}
@@ -139,6 +168,6 @@ def load_index(run_dir: Path, name: str = "default", check_model: bool = True) -
     if emb.ndim != 2 or emb.shape != (meta.get("count"), meta.get("dim")) or str(emb.dtype) != meta.get("dtype"):
         raise ArtifactError(f"{path}: shape {emb.shape} {emb.dtype} does not match meta.json "
                             f"({meta.get('count')}x{meta.get('dim')} {meta.get('dtype')}); rebuild the index")
-    if not (folder / "documents.parquet").exists():
-        raise ArtifactError(f"{folder / 'documents.parquet'}: missing; rebuild the index")
+    if not list((folder / "documents").glob("part-*.parquet")):
+        raise ArtifactError(f"{folder / 'documents'}: no document files; rebuild the index")
     return Index(folder, meta, emb)

@@ -69,7 +69,7 @@ def load_bm25(index: Index):
     folder = index.path / "bm25"
     if folder.is_dir():
         return BM25.load(folder)
-    return save_bm25(index.path, pl.read_parquet(index.path / "documents.parquet")["document"].to_list())
+    return save_bm25(index.path, pl.read_parquet(index.path / "documents" / "*.parquet")["document"].to_list())
 
 
 def save_bm25(index_path: Path, documents: list[str]):

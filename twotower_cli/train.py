@@ -104,7 +104,7 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
     total = spe * tcfg.epochs
     opts = make_optimizers(model, tcfg.learning_rate, tcfg.weight_decay)
     ckpt = run_dir / "checkpoint.safetensors"
-    st = {"epoch": 0, "step": 0, "global_step": 0, "loss_sum": 0.0, "loss_n": 0, "best_mrr": -1.0,
+    st = {"epoch": 0, "step": 0, "global_step": 0, "loss_sum": 0.0, "loss_n": 0, "best_mrr": None,
           "best_epoch": -1, "best": {}, "history": []}
     if resume and ckpt.exists():
         st = load_checkpoint(ckpt, model, opts)
@@ -215,7 +215,7 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
                            evaluate_model(model, extra_eval.q_tokens, extra_eval.d_tokens, extra_eval.qrels,
                                           device).items()})
         mrr = record.get("val/mrr@10", -record["epoch/loss"])  # no validation split: lowest loss wins
-        if mrr > st["best_mrr"]:
+        if st["best_mrr"] is None or mrr > st["best_mrr"]:
             st["best_mrr"], st["best_epoch"] = mrr, epoch + 1
             st["best"] = {k: v for k, v in record.items() if k.startswith(("val/", "eval/"))}
             save_model(run_dir, model)

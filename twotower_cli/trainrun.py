@@ -17,7 +17,7 @@ from twotower_cli.artifacts import read_config, read_tensors, write_config
 from twotower_cli.batches import TrainingSet, build
 from twotower_cli.config import Config
 from twotower_cli.data import load_pairs, require_trainable
-from twotower_cli.errors import ArtifactError, UsageError
+from twotower_cli.errors import ArtifactError, TrainingError, UsageError
 from twotower_cli.model import ModelConfig, TwoTower
 from twotower_cli.runs import atomic_write_json, new_run_id, read_json, resolve_run, set_latest
 from twotower_cli.tracking import MetricsLog, Tracker
@@ -145,8 +145,13 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
     val_docs, val_qrels = sample_val_corpus(ts, t.val_corpus_size, t.seed)
     interrupted = True
     try:
-        out = fit(model, ts, t, run_dir, device, tracker, hooks, should_stop, resume=bool(resume),
-                  extra_eval=extra, val_docs=val_docs, val_qrels=val_qrels)
+        try:
+            out = fit(model, ts, t, run_dir, device, tracker, hooks, should_stop, resume=bool(resume),
+                      extra_eval=extra, val_docs=val_docs, val_qrels=val_qrels)
+        except torch.cuda.OutOfMemoryError:
+            raise TrainingError(f"the GPU ran out of memory at --batch-size {t.batch_size}; try --batch-size "
+                                f"{max(1, t.batch_size // 2)} (or a smaller --max-document-length); the last "
+                                f"checkpoint in {run_dir} is kept") from None
         interrupted = out.interrupted
         summary = TrainSummary(run_dir, out.interrupted, out.best_epoch, out.best, out.history, messages=messages)
         if not out.interrupted:
@@ -189,7 +194,7 @@ def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hoo
     model.load_state_dict(tensors)
     model.eval()
     hooks.message("embedding the training documents into the default index")
-    build_index(run_dir, model, vocab, ts.documents, None, "default", device=device)
+    build_index(run_dir, model, vocab, [(ts.documents, None)], "default", device=device)
     retrieval_examples(run_dir, model, ts, device)
     run = read_json(run_dir / "run.json")
     run.update(complete=True, finished=now(), best_epoch=out.best_epoch, best=out.best)

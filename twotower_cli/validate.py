@@ -100,8 +100,13 @@ def validate(pairs: Pairs, max_query_length: int, max_document_length: int) -> R
     rep.labels = {"positive": pos, "negative": neg, "invalid": pairs.n_bad_labels}
     if not pairs.has_label:
         add(Finding("info", "label: absent", "no label column: every row is taken as a relevant pair"))
+    usable = df.filter((pl.col("label") == 1) & (pl.col("query").str.strip_chars().str.len_chars() > 0)
+                       & (pl.col("document").str.strip_chars().str.len_chars() > 0)).height
     if pos == 0:
         add(Finding("error", "label: no positives", "no row has label 1; training needs relevant pairs"))
+    elif usable == 0:
+        add(Finding("error", "label: no usable positives",
+                    "no positive pair has both a non-empty query and document; training needs relevant pairs"))
     elif neg and (neg / (pos + neg) > 0.9):
         add(Finding("warning", "label: balance", f"only {pct(pos, pos + neg)} of rows are positive"))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
-GOOD = "a package manager\tThe apt package manager installs software.\t1\n"
+GOOD = "".join(f"package manager {i}\tThe apt package manager number {i} installs software.\t1\n" for i in range(4))
 
 
 def cases() -> list[tuple[str, object, str, str]]:
@@ -30,14 +30,14 @@ def cases() -> list[tuple[str, object, str, str]]:
         ("missing_document.jsonl", b'{"query": "a", "label": 1}\n', "error", "missing column 'document'"),
         ("one_field.tsv", b"just one field\nanother\n", "error", "tab-separated fields"),
         ("four_fields.tsv", b"a\tb\t1\textra\n", "error", "tab-separated fields"),
-        ("ragged.tsv", (GOOD + "q\td\n" + GOOD).encode(), "error", "line 2 has 2"),
-        ("too_many_fields.tsv", (GOOD * 3 + "q\td\t1\tx\n").encode(), "error", "line 4 has 4"),
+        ("ragged.tsv", (GOOD + "q\td\n" + GOOD).encode(), "error", "line 5 has 2"),
+        ("too_many_fields.tsv", (GOOD + "q\td\t1\tx\n").encode(), "error", "line 5 has 4"),
         ("latin1.tsv", "café\tdocument écrit\t1\n".encode("latin-1"), "error", "not valid UTF-8"),
-        ("invalid_utf8_line3.tsv", (GOOD * 2).encode() + b"bad \xff\xfe\tdoc\t1\n", "error", "line 3 is not valid UTF-8"),
+        ("invalid_utf8_line3.tsv", (GOOD).encode() + b"bad \xff\xfe\tdoc\t1\n", "error", "line 5 is not valid UTF-8"),
         ("nul_bytes.tsv", (GOOD + "nul\x00here\tdoc\x00x\t1\n").encode(), "ok", ""),
-        ("huge_field.tsv", ("q\t" + big + "\t1\n" + GOOD * 3).encode(), "ok", ""),
-        ("crlf.tsv", (GOOD * 4).replace("\n", "\r\n").encode(), "ok", ""),
-        ("bom.tsv", b"\xef\xbb\xbf" + (GOOD * 4).encode(), "ok", ""),
+        ("huge_field.tsv", ("q\t" + big + "\t1\n" + GOOD).encode(), "ok", ""),
+        ("crlf.tsv", (GOOD).replace("\n", "\r\n").encode(), "ok", ""),
+        ("bom.tsv", b"\xef\xbb\xbf" + (GOOD).encode(), "ok", ""),
         ("bom_header.csv", b"\xef\xbb\xbfquery,document,label\na,b,1\nc,d,1\ne,f,0\n", "ok", ""),
         ("label_yes.tsv", (GOOD + "q\td\tyes\n").encode(), "error", "'yes'"),
         ("label_2.tsv", (GOOD + "q\td\t2\n").encode(), "error", "'2'"),
@@ -45,8 +45,8 @@ def cases() -> list[tuple[str, object, str, str]]:
         ("label_nan.tsv", (GOOD + "q\td\tNaN\n").encode(), "error", "'NaN'"),
         ("label_empty.tsv", (GOOD + "q\td\t\n").encode(), "error", "'empty'"),
         ("label_float.csv", b"query,document,label\na,b,0.5\n", "error", "not 0/1"),
-        ("all_negative.tsv", b"a\tb\t0\nc\td\t0\n", "error", "no positive pairs"),
-        ("empty_texts.tsv", b"\t\t1\n \t \t1\n", "error", "no positive pairs"),
+        ("all_negative.tsv", b"a\tb\t0\nc\td\t0\n", "error", "positive"),
+        ("empty_texts.tsv", b"\t\t1\n \t \t1\n", "error", "positive"),
         ("parquet_int_query.parquet", pl.DataFrame({"query": [1, 2], "document": ["a", "b"], "label": [1, 1]}), "ok", ""),
         ("parquet_nested_query.parquet", pl.DataFrame({"query": [["a"], ["b"]], "document": ["a", "b"], "label": [1, 1]}), "error", "expected text"),
         ("parquet_struct_label.parquet", pl.DataFrame({"query": ["a"], "document": ["b"], "label": [{"x": 1}]}), "error", "expected 0/1"),

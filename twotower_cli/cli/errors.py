@@ -46,6 +46,10 @@ def guarded(fn):
         except Exception as exc:  # anything else is our bug: say so, without a traceback
             if debug():
                 raise
+            if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+                error_line("the GPU ran out of memory; use a smaller --batch-size (or --max-document-length), "
+                           "or --device cpu")
+                raise typer.Exit(1) from None
             first = (str(exc).strip().splitlines() or [""])[0]
             error_line(f"internal error ({type(exc).__name__}: {first}); rerun with TWOTOWER_DEBUG=1 "
                        "for the traceback and report it")

@@ -49,18 +49,19 @@ def index_command(
     config: ConfigOpt = None,
 ) -> None:
     from twotower_cli.artifacts import load_model
-    from twotower_cli.corpus import read_corpus
+    from twotower_cli.corpus import corpus_chunks
     from twotower_cli.errors import UsageError
     from twotower_cli.index import build_index
 
     if backend not in ("exact", "faiss"):
         raise UsageError(f"--backend {backend!r}: use exact or faiss")
     cfg, run_dir = run_of(runs_dir, run, config)
-    docs, ids = read_corpus(corpus, document_col or cfg.data.document_col, id_col)
+    total, chunks = corpus_chunks(corpus, document_col or cfg.data.document_col, id_col)
     model, vocab, _ = load_model(run_dir)
-    progress, update = bar(f"indexing {corpus.name}", len(docs))
+    progress, update = bar(f"indexing {corpus.name}", total)
     with progress:
-        path = build_index(run_dir, model, vocab, docs, ids, name, dtype=dtype, backend=backend, progress=update)
+        path = build_index(run_dir, model, vocab, chunks, name, dtype=dtype, backend=backend, progress=update,
+                           total=total)
     meta = json.loads((path / "meta.json").read_text())
     note(f"indexed {meta['count']:,} documents ({meta['dim']}-d {meta['dtype']}, {backend}) into {path}")
 
