@@ -54,6 +54,7 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "run_name": ("", "name of the run folder (default: a timestamp)"),
         "log_every": (10, "steps between train/* records in metrics.jsonl"),
         "checkpoint_minutes": (10.0, "also checkpoint mid-epoch at this interval (0: epoch ends only)"),
+        "gather_negatives": (True, "under torchrun, score queries against every process's documents (InfoNCE)"),
         "hard_negatives": ("none", "none, bm25 or model: mined negatives added to each batch"),
         "report": (True, "write the HTML report at the end of training"),
         "log_level": ("info", "debug, info, warning or error"),

@@ -10,21 +10,27 @@ import torch
 import torch.nn.functional as F
 
 
-def infonce(q, d, d_ids, q_ids, neg=None, neg_ids=None, temperature: float = 0.05):
-    """Softmax over the batch's documents (positives of other pairs and extra negatives). Returns (loss, stats)."""
+def infonce(q, d, d_ids, q_ids, neg=None, neg_ids=None, temperature: float = 0.05, offset: int = 0):
+    """Softmax over the batch's documents: the positives of all pairs, then the extra negatives.
+
+    ``q`` holds this process's queries; row j's positive is column ``offset + j`` of ``d`` (offset > 0 when ``d``
+    was gathered from several processes). ``d_ids``/``q_ids`` name each positive column's document and query, so
+    another copy of a row's positive, or another positive of the same query, is masked, not counted as a negative.
+    Returns (loss, stats)."""
     docs = d if neg is None or neg.shape[0] == 0 else torch.cat([d, neg])
     ids = d_ids if neg is None or neg.shape[0] == 0 else torch.cat([d_ids, neg_ids])
-    sims = q @ docs.T  # [B, B + M] cosine similarities
-    b = q.shape[0]
-    eye = torch.zeros_like(sims, dtype=torch.bool)
-    eye[:, :b] = torch.eye(b, dtype=torch.bool, device=q.device)
-    same_doc = ids.unsqueeze(0) == d_ids.unsqueeze(1)  # another copy of my positive
-    same_query = torch.zeros_like(eye)
-    same_query[:, :b] = q_ids.unsqueeze(0) == q_ids.unsqueeze(1)  # another positive of my query
-    masked = (same_doc | same_query) & ~eye
+    sims = q @ docs.T  # [b, B + M] cosine similarities
+    b, n_pos = q.shape[0], d.shape[0]
+    cols = torch.arange(b, device=q.device) + offset
+    own = torch.zeros_like(sims, dtype=torch.bool)
+    own[torch.arange(b, device=q.device), cols] = True
+    same_doc = ids.unsqueeze(0) == d_ids[cols].unsqueeze(1)  # another copy of my positive
+    same_query = torch.zeros_like(own)
+    same_query[:, :n_pos] = q_ids.unsqueeze(0) == q_ids[cols].unsqueeze(1)  # another positive of my query
+    masked = (same_doc | same_query) & ~own
     logits = (sims / temperature).masked_fill(masked, float("-inf"))
-    loss = F.cross_entropy(logits, torch.arange(b, device=q.device))
-    return loss, similarity_stats(sims, eye, masked)
+    loss = F.cross_entropy(logits, cols)
+    return loss, similarity_stats(sims, own, masked)
 
 
 def triplet(q, d_pos, d_neg, margin: float = 0.2):

@@ -144,6 +144,10 @@ class TwoTower(nn.Module):
         # on small data, and a better start on large data.
         self.document_tower.load_state_dict(self.query_tower.state_dict())
 
+    def forward(self, query_ids: torch.Tensor, document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers in one call: what DistributedDataParallel wraps."""
+        return self.encode_queries(query_ids), self.encode_documents(document_ids)
+
     def encode_queries(self, ids: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.query_tower(ids).float(), dim=-1)
 

@@ -82,3 +82,11 @@ class Tracker:
         self.log_file.close()
         for sink in self.sinks:
             sink.finish(interrupted)
+
+
+class NullTracker:
+    """What processes other than rank 0 log to: nothing."""
+
+    def log(self, record: dict) -> None: ...
+    def log_artifacts(self, run_dir, summary: dict) -> None: ...
+    def close(self, interrupted: bool = False) -> None: ...

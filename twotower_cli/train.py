@@ -82,40 +82,64 @@ def grad_norm(model: TwoTower) -> float:
     return math.sqrt(sq)
 
 
-def batch_loss(model: TwoTower, ts: TrainingSet, idx: torch.Tensor, negs: torch.Tensor, cfg) -> tuple:
-    """Embed one batch and compute its loss; ``idx`` are positions in the training positives."""
+def batch_loss(net, ts: TrainingSet, idx: torch.Tensor, negs: torch.Tensor, cfg, ddp=None) -> tuple:
+    """Embed one batch and compute its loss; ``idx`` are positions in the training positives.
+
+    ``net`` is the model or its DistributedDataParallel wrapper; under DDP with gather_negatives the InfoNCE
+    loss sees the documents of every process's batch."""
     qi, di, ni = ts.pos_q[idx], ts.pos_d[idx], negs[idx]
-    q = model.encode_queries(ts.q_tokens[qi])
     b = qi.shape[0]
     if cfg.loss == "triplet":
         ni = torch.where(ni >= 0, ni, di.roll(1))  # no negative in the file: a document of another pair
-        docs = model.encode_documents(ts.d_tokens[torch.cat([di, ni])])  # one pass: one sparse gradient
+        q, docs = net(ts.q_tokens[qi], ts.d_tokens[torch.cat([di, ni])])  # one pass: one sparse gradient
         return losses.triplet(q, docs[:b], docs[b:], cfg.margin)
     ni = ni[ni >= 0]
-    docs = model.encode_documents(ts.d_tokens[torch.cat([di, ni])])
-    return losses.infonce(q, docs[:b], di, qi, docs[b:], ni, cfg.temperature)
+    q, docs = net(ts.q_tokens[qi], ts.d_tokens[torch.cat([di, ni])])
+    d, n = docs[:b], docs[b:]
+    if ddp is not None and cfg.gather_negatives:
+        from twotower_cli.distributed import gather, gather_ids, gather_ragged
+
+        return losses.infonce(q, gather(d), gather_ids(di), gather_ids(qi), gather_ragged(n), gather_ids(ni),
+                              cfg.temperature, offset=ddp.rank * b)
+    return losses.infonce(q, d, di, qi, n, ni, cfg.temperature)
 
 
 def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.device, tracker,
         hooks: Hooks, should_stop: Callable[[], bool], resume: bool = False, extra_eval=None,
-        val_docs: torch.Tensor | None = None, val_qrels: list | None = None) -> Outcome:
-    """Train ``model`` on ``ts``; validation searches ``val_docs`` (default: every document)."""
-    spe = steps_per_epoch(ts.n_train, tcfg.batch_size)
+        val_docs: torch.Tensor | None = None, val_qrels: list | None = None, ddp=None) -> Outcome:
+    """Train ``model`` on ``ts``; validation searches ``val_docs`` (default: every document).
+
+    Under DDP (``ddp`` set) a global batch is ``batch_size`` x processes positives of one shared permutation;
+    process r trains on its r-th slice, and only rank 0 validates and writes."""
+    world, rank = (ddp.world, ddp.rank) if ddp else (1, 0)
+    main = rank == 0
+    global_batch = tcfg.batch_size * world
+    # under DDP every process must take the same number of equal steps: the ragged last batch is dropped
+    spe = ts.n_train // global_batch if ddp else steps_per_epoch(ts.n_train, tcfg.batch_size)
     total = spe * tcfg.epochs
     opts = make_optimizers(model, tcfg.learning_rate, tcfg.weight_decay)
     ckpt = run_dir / "checkpoint.safetensors"
     st = {"epoch": 0, "step": 0, "global_step": 0, "loss_sum": 0.0, "loss_n": 0, "best_mrr": None,
-          "best_epoch": -1, "best": {}, "history": []}
+          "best_epoch": -1, "best": {}, "history": [], "world_size": world}
     if resume and ckpt.exists():
         st = load_checkpoint(ckpt, model, opts)
         model.to(device)
+        if st.get("world_size", 1) != world:
+            raise UsageError(f"{ckpt} was written by {st.get('world_size', 1)} processes; resume it with the same "
+                             f"number (torchrun --nproc_per_node {st.get('world_size', 1)}), not {world}")
+    net = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if tcfg.precision == "bf16" and device.type == "cuda"
                 else nullcontext())  # never on CPU: bf16 matmuls there are hundreds of times slower
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     last_ckpt = time.monotonic()
 
     def checkpoint():
-        save_checkpoint(ckpt, model, opts, st)
+        if main:
+            save_checkpoint(ckpt, model, opts, st)
 
     acc = torch.zeros((), device=device)  # running loss sum on the device: no sync per step
     acc_n = 0
@@ -136,7 +160,8 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
         for i in range(st["step"], spe):
             timing = {}
             t0 = time.perf_counter()
-            idx = order[i * tcfg.batch_size:(i + 1) * tcfg.batch_size].to(device, non_blocking=True)
+            start = i * global_batch + rank * tcfg.batch_size
+            idx = order[start:start + tcfg.batch_size].to(device, non_blocking=True)
             if idx.shape[0] < 2:
                 continue
             lr = lr_at(st["global_step"], total, tcfg.learning_rate, tcfg.warmup_fraction)
@@ -148,7 +173,7 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
                 sync()
             t1 = time.perf_counter()
             with autocast:
-                loss, stats = batch_loss(model, ts, idx, negs, tcfg)
+                loss, stats = batch_loss(net, ts, idx, negs, tcfg, ddp)
             if log_now:
                 sync()
             t2 = time.perf_counter()
@@ -188,7 +213,10 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
                 hooks.step(record)
             else:
                 hooks.step({"step": st["global_step"]})
-            if should_stop():
+            stop = should_stop()
+            if ddp:
+                stop = ddp.any(stop)  # every process stops at the same step
+            if stop:
                 flush()
                 checkpoint()
                 return Outcome(True, st["best_epoch"], st["best"], st["history"], st["global_step"])
@@ -202,7 +230,11 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
         train_s = time.perf_counter() - epoch_t0
         record = {"step": st["global_step"], "epoch": epoch + 1,
                   "epoch/loss": st["loss_sum"] / max(st["loss_n"], 1),
-                  "perf/epoch_train_s": train_s, "perf/epoch_pairs_per_s": epoch_pairs / max(train_s, 1e-9)}
+                  "perf/epoch_train_s": train_s, "perf/epoch_pairs_per_s": world * epoch_pairs / max(train_s, 1e-9)}
+        if not main:  # rank 0 validates, saves and logs; the others wait for it
+            st.update(epoch=epoch + 1, step=0, loss_sum=0.0, loss_n=0)
+            ddp.barrier()
+            continue
         if len(ts.val_q):
             corpus = ts.d_tokens if val_docs is None else ts.d_tokens[val_docs]
             qrels = ts.val_qrels if val_docs is None else val_qrels
@@ -226,6 +258,8 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
         st.update(epoch=epoch + 1, step=0, loss_sum=0.0, loss_n=0)
         checkpoint()
         last_ckpt = time.monotonic()
-        if should_stop() and epoch + 1 < tcfg.epochs:
+        if ddp:
+            ddp.barrier()
+        if should_stop() and epoch + 1 < tcfg.epochs and not ddp:
             return Outcome(True, st["best_epoch"], st["best"], st["history"], st["global_step"])
     return Outcome(False, st["best_epoch"], st["best"], st["history"], st["global_step"])

@@ -20,7 +20,7 @@ from twotower_cli.data import load_pairs, require_trainable
 from twotower_cli.errors import ArtifactError, TrainingError, UsageError
 from twotower_cli.model import ModelConfig, TwoTower
 from twotower_cli.runs import atomic_write_json, new_run_id, read_json, resolve_run, set_latest
-from twotower_cli.tracking import MetricsLog, Tracker
+from twotower_cli.tracking import MetricsLog, NullTracker, Tracker
 from twotower_cli.train import Hooks, fit, resolve_device
 from twotower_cli.vocab import Vocab
 
@@ -93,7 +93,21 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
         cfg.values["wandb"]["api_key"] = ""
         data = Path(data or stored["data"]["path"])
     check_settings(cfg)
-    device = resolve_device(cfg.train.device)
+    from twotower_cli import distributed
+
+    ddp = distributed.setup(cfg.train.device)
+    try:
+        return train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_dir, run_dir if resume else None, settings_for_log)
+    finally:
+        if ddp:
+            ddp.close()
+
+
+def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_dir, run_dir, settings_for_log):
+    main = ddp is None or ddp.main
+    if not main:
+        hooks = Hooks()  # progress and messages come from rank 0 only
+    device = ddp.device if ddp else resolve_device(cfg.train.device)
     if data is None:
         raise UsageError("no training data given: twotower train DATA")
     pairs = load_pairs(data, cfg.data.query_col, cfg.data.document_col, cfg.data.label_col)
@@ -108,9 +122,10 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
                             cfg.vocab.lowercase)
     t, d = cfg.train, cfg.data
     ts = build(df, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed)
-    if t.batch_size > ts.n_train:
-        raise UsageError(f"--batch-size {t.batch_size} is larger than the {ts.n_train} training pairs; "
-                         "use a smaller batch")
+    world = ddp.world if ddp else 1
+    if t.batch_size * world > ts.n_train:
+        raise UsageError(f"--batch-size {t.batch_size}{f' x {world} processes' if ddp else ''} is larger than the "
+                         f"{ts.n_train} training pairs; use a smaller batch")
     extra = None
     if eval_dir is not None:
         from twotower_cli.evaluation import load_eval
@@ -127,6 +142,9 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
 
     if not resume:
         run_dir = runs_dir / new_run_id(t.run_name)
+        if ddp:
+            run_dir = Path(ddp.broadcast(str(run_dir)))  # one run folder, named by rank 0
+    if not resume and main:
         if run_dir.exists():
             raise UsageError(f"{run_dir} already exists; choose another --run-name")
         run_dir.mkdir(parents=True)
@@ -137,24 +155,27 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
                                                         "documents": len(ts.documents)}})
         atomic_write_json(run_dir / "run.json", {"id": run_dir.name, "complete": False, "created": now()})
         write_examples(run_dir, df)
+    if ddp:
+        ddp.barrier()  # rank 0 has created the run folder
     ckpt_step = checkpoint_step(run_dir) if resume else None
     sinks = []
-    if cfg.wandb.enabled:
+    if cfg.wandb.enabled and main:
         sinks.append(wandb_sink(cfg, run_dir, messages, hooks))
-    tracker = Tracker(MetricsLog(run_dir / "metrics.jsonl", keep_until_step=ckpt_step if resume else None), sinks)
+    tracker = (Tracker(MetricsLog(run_dir / "metrics.jsonl", keep_until_step=ckpt_step if resume else None), sinks)
+               if main else NullTracker())
     val_docs, val_qrels = sample_val_corpus(ts, t.val_corpus_size, t.seed)
     interrupted = True
     try:
         try:
             out = fit(model, ts, t, run_dir, device, tracker, hooks, should_stop, resume=bool(resume),
-                      extra_eval=extra, val_docs=val_docs, val_qrels=val_qrels)
+                      extra_eval=extra, val_docs=val_docs, val_qrels=val_qrels, ddp=ddp)
         except torch.cuda.OutOfMemoryError:
             raise TrainingError(f"the GPU ran out of memory at --batch-size {t.batch_size}; try --batch-size "
                                 f"{max(1, t.batch_size // 2)} (or a smaller --max-document-length); the last "
                                 f"checkpoint in {run_dir} is kept") from None
         interrupted = out.interrupted
         summary = TrainSummary(run_dir, out.interrupted, out.best_epoch, out.best, out.history, messages=messages)
-        if not out.interrupted:
+        if not out.interrupted and main:
             finish_run(run_dir, runs_dir, model, vocab, ts, device, out, hooks)
             tracker.log_artifacts(run_dir, {**out.best, "step": out.global_step})
             summary.written = {"run": run_dir, "model": run_dir / "model.safetensors",
@@ -166,7 +187,9 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
         if sink.mode == "offline":
             messages.append(f"W&B run saved offline in {sink.offline_dir}; upload it later with: "
                             f"{sink.sync_command()}")
-    if not out.interrupted and t.report:
+    if ddp:
+        ddp.barrier()  # the others wait until rank 0 has finished the run folder
+    if not out.interrupted and t.report and main:
         from twotower_cli.report import write_html_report
 
         summary.written["report"] = write_html_report(run_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
@@ -101,6 +102,7 @@ def train(
     wandb_project: Annotated[Optional[str], Opt("--wandb-project", "--wandb_project", show_default=False)] = None,
     wandb_entity: Annotated[Optional[str], Opt("--wandb-entity", "--wandb_entity", show_default=False)] = None,
     wandb_run_name: Annotated[Optional[str], Opt("--wandb-run-name", "--wandb_run_name", show_default=False)] = None,
+    gather_negatives: Annotated[Optional[bool], Opt("--gather-negatives/--no-gather-negatives", help="Under torchrun: InfoNCE over every process's documents (default on).", show_default=False)] = None,
     report: Annotated[Optional[bool], Opt("--report/--no-report", help="Write the HTML report at the end.", show_default=False)] = None,
     log_level: Annotated[Optional[str], Opt("--log-level", "--log_level", help="debug, info, warning, error.", show_default=False)] = None,
     query_col: QueryColOpt = None,
@@ -121,11 +123,13 @@ def train(
         ("train", "val_fraction"): val_fraction, ("train", "val_corpus_size"): val_corpus_size,
         ("train", "runs_dir"): str(runs_dir) if runs_dir else None, ("train", "run_name"): run_name,
         ("wandb", "enabled"): wandb, ("wandb", "project"): wandb_project, ("wandb", "entity"): wandb_entity,
-        ("wandb", "run_name"): wandb_run_name, ("train", "report"): report, ("train", "log_level"): log_level,
+        ("wandb", "run_name"): wandb_run_name, ("train", "report"): report,
+        ("train", "gather_negatives"): gather_negatives, ("train", "log_level"): log_level,
         ("data", "query_col"): query_col, ("data", "document_col"): document_col, ("data", "label_col"): label_col,
     }
     cfg = settings(config, overrides)
-    quiet = cfg.train.log_level in ("warning", "error")
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 talks
+    quiet = cfg.train.log_level in ("warning", "error") or rank != 0
     hooks = progress_hooks(err) if not quiet else None
     stop = StopFlag()
     stop.install()
@@ -134,6 +138,10 @@ def train(
 
         hooks = Hooks()
     summary = run_train(cfg, data, hooks, stop, resume=resume, eval_dir=eval_dir)
+    if rank != 0:
+        if summary.interrupted:
+            raise typer.Exit(143 if stop.signum == signal.SIGTERM else 130)
+        return
     for m in summary.messages:
         note(f"[yellow]note:[/] {m}")
     if summary.interrupted:

@@ -1,0 +1,109 @@
+"""DDP on CPU with gloo and 2 processes: gathered negatives carry the right gradients, and a torchrun run
+trains the same model as one process with the combined batch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+B = 24  # per process
+
+
+def setup_training(tiny_pairs):
+    from twotower_cli.batches import build
+    from twotower_cli.config import load_config
+    from twotower_cli.data import load_pairs, require_trainable
+    from twotower_cli.model import TwoTower
+    from twotower_cli.train import sample_negatives
+    from twotower_cli.trainrun import model_config
+    from twotower_cli.vocab import Vocab
+
+    cfg = load_config(env={}, overrides={("model", "embedding_dim"): 16, ("model", "hidden_dim"): 32,
+                                         ("model", "ngram_buckets"): 2048, ("data", "max_document_length"): 64})
+    df = require_trainable(load_pairs(tiny_pairs))
+    vocab = Vocab.build([df["query"], df["document"]], 1, 2000, True)
+    ts = build(df, vocab, 64, 64, 0.0, 13)
+    torch.manual_seed(0)
+    model = TwoTower(model_config(cfg, vocab))
+    return cfg, ts, model, sample_negatives(ts, 13, 0)
+
+
+def grads_of(model) -> dict[str, torch.Tensor]:
+    return {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone() for n, p in model.named_parameters()}
+
+
+def worker(rank, world, init_file, tiny_pairs, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from twotower_cli.distributed import Dist
+    from twotower_cli.train import batch_loss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cfg, ts, model, negs = setup_training(tiny_pairs)
+    net = DistributedDataParallel(model)
+    idx = torch.arange(rank * B, (rank + 1) * B)
+    loss, _ = batch_loss(net, ts, idx, negs, cfg.train, Dist(rank, world, 0, torch.device("cpu"), "gloo"))
+    loss.backward()
+    torch.save(grads_of(model), Path(out_dir) / f"grads{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gathered_negatives_give_the_combined_batch_gradients(tiny_pairs, tmp_path):
+    from twotower_cli.train import batch_loss
+
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tiny_pairs), str(tmp_path)), nprocs=2, join=True)
+    cfg, ts, model, negs = setup_training(tiny_pairs)
+    loss, _ = batch_loss(model, ts, torch.arange(2 * B), negs, cfg.train)
+    loss.backward()
+    single = grads_of(model)
+    for rank in range(2):
+        ddp = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)  # our own test file
+        for name, g in single.items():
+            torch.testing.assert_close(ddp[name], g, atol=1e-5, rtol=1e-4, msg=f"rank {rank}: {name}")
+
+
+def test_without_gathering_each_process_sees_only_its_own_batch(tiny_pairs):
+    from twotower_cli.train import batch_loss
+
+    cfg, ts, model, negs = setup_training(tiny_pairs)
+    small, _ = batch_loss(model, ts, torch.arange(B), negs, cfg.train)
+    big, _ = batch_loss(model, ts, torch.arange(2 * B), negs, cfg.train)
+    assert float(small) != pytest.approx(float(big))  # the combined batch is a different (harder) problem
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun is not installed")
+def test_torchrun_trains_one_run_matching_a_single_process(tiny_pairs, tmp_path):
+    B = 27  # 540 training pairs = 10 global batches of 2 x 27
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    common = ["--epochs", "1", "--val-fraction", "0.1", "--embedding-dim", "16", "--hidden-dim", "32",
+              "--max-document-length", "64", "--no-report", "--device", "cpu"]
+    env = {**os.environ, "TWOTOWER_MODEL_NGRAM_BUCKETS": "4096", "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "twotower_cli", "train", str(tiny_pairs), *common,
+                             "--batch-size", str(2 * B), "--runs-dir", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr
+    one = (tmp_path / "one" / "latest").resolve()
+    n = json.loads((one / "config.json").read_text())["data"]["train_pairs"]
+    assert n % (2 * B) == 0, "the comparison needs whole global batches (DDP drops a ragged last batch)"
+    multi = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "twotower_cli", "train", str(tiny_pairs),
+                            *common, "--batch-size", str(B), "--runs-dir", str(tmp_path / "two")],
+                           capture_output=True, text=True, env=env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    runs = [p for p in (tmp_path / "two").iterdir() if not p.is_symlink()]
+    assert len(runs) == 1  # one run folder, written by rank 0
+    two = runs[0]
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=2e-4, rtol=1e-3, msg=name)
+    assert (two / "metrics.jsonl").read_text().count("epoch/loss") == 1
