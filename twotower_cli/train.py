@@ -104,6 +104,21 @@ def batch_loss(net, ts: TrainingSet, idx: torch.Tensor, negs: torch.Tensor, cfg,
     return losses.infonce(q, d, di, qi, n, ni, cfg.temperature)
 
 
+def use_hard_negatives(model, ts, kind: str, epoch: int, run_dir: Path, device, file_negatives, main: bool):
+    """Each query's negatives = the file's label-0 documents + mined ones (bm25: once; model: from epoch 2)."""
+    from twotower_cli import mining
+    from twotower_cli.batches import add_negatives
+
+    ts.neg_ptr, ts.neg_doc = file_negatives
+    if kind == "model" and epoch == 0:
+        return  # the first epoch is the first pass
+    key = 0 if kind == "bm25" else epoch
+    mine = (lambda: mining.mine_with_bm25(ts)) if kind == "bm25" else (lambda: mining.mine_with_model(model, ts, device))
+    q, d = mining.cached(run_dir, key, mine, write=main)
+    add_negatives(ts, q, d)
+    ts.neg_ptr, ts.neg_doc = ts.neg_ptr.to(device), ts.neg_doc.to(device)
+
+
 def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.device, tracker,
         hooks: Hooks, should_stop: Callable[[], bool], resume: bool = False, extra_eval=None,
         val_docs: torch.Tensor | None = None, val_qrels: list | None = None, ddp=None) -> Outcome:
@@ -152,7 +167,10 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
             acc, acc_n = torch.zeros((), device=device), 0
 
     model.train()
+    file_negatives = (ts.neg_ptr, ts.neg_doc)
     for epoch in range(st["epoch"], tcfg.epochs):
+        if tcfg.hard_negatives != "none":
+            use_hard_negatives(model, ts, tcfg.hard_negatives, epoch, run_dir, device, file_negatives, main)
         order = epoch_order(ts.n_train, tcfg.seed, epoch)
         negs = sample_negatives(ts, tcfg.seed, epoch).to(device)
         hooks.epoch_start(epoch, tcfg.epochs, spe, st["step"])

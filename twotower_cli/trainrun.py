@@ -52,6 +52,7 @@ def check_settings(cfg: Config) -> None:
     if t.temperature <= 0:
         raise UsageError(f"--temperature must be positive, got {t.temperature}")
     for name, value, allowed in (("--loss", t.loss, LOSSES), ("--encoder", m.encoder, ENCODERS),
+                                 ("--hard-negatives", t.hard_negatives, ("none", "bm25", "model")),
                                  ("--precision", t.precision, PRECISIONS)):
         if value not in allowed:
             raise UsageError(f"{name} {value!r} is not one of {', '.join(allowed)}")

@@ -102,6 +102,7 @@ def train(
     wandb_project: Annotated[Optional[str], Opt("--wandb-project", "--wandb_project", show_default=False)] = None,
     wandb_entity: Annotated[Optional[str], Opt("--wandb-entity", "--wandb_entity", show_default=False)] = None,
     wandb_run_name: Annotated[Optional[str], Opt("--wandb-run-name", "--wandb_run_name", show_default=False)] = None,
+    hard_negatives: Annotated[Optional[str], Opt("--hard-negatives", help="none, bm25 or model: mined negatives added to each query's.", show_default=False)] = None,
     gather_negatives: Annotated[Optional[bool], Opt("--gather-negatives/--no-gather-negatives", help="Under torchrun: InfoNCE over every process's documents (default on).", show_default=False)] = None,
     report: Annotated[Optional[bool], Opt("--report/--no-report", help="Write the HTML report at the end.", show_default=False)] = None,
     log_level: Annotated[Optional[str], Opt("--log-level", "--log_level", help="debug, info, warning, error.", show_default=False)] = None,
@@ -124,7 +125,7 @@ def train(
         ("train", "runs_dir"): str(runs_dir) if runs_dir else None, ("train", "run_name"): run_name,
         ("wandb", "enabled"): wandb, ("wandb", "project"): wandb_project, ("wandb", "entity"): wandb_entity,
         ("wandb", "run_name"): wandb_run_name, ("train", "report"): report,
-        ("train", "gather_negatives"): gather_negatives, ("train", "log_level"): log_level,
+        ("train", "gather_negatives"): gather_negatives, ("train", "hard_negatives"): hard_negatives, ("train", "log_level"): log_level,
         ("data", "query_col"): query_col, ("data", "document_col"): document_col, ("data", "label_col"): label_col,
     }
     cfg = settings(config, overrides)

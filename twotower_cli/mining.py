@@ -1,0 +1,90 @@
+"""Hard negatives: for each training query, documents ranked high by BM25 or by the model itself, minus the known
+positives and their near-duplicates (which would be false negatives).
+
+`bm25` mines once, before training; `model` mines at the start of every epoch after the first with the model as
+it stands (a first pass, then the model's own mistakes). Mined lists are saved in the run folder so a resumed run
+uses exactly the same negatives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+
+from twotower_cli.evaluation import embed_tokens
+from twotower_cli.runs import atomic_write_bytes
+from twotower_cli.topk import exact_topk
+
+PER_QUERY = 3  # negatives kept per query
+DEPTH = 20  # ranks searched
+NEAR_DUPLICATE = 0.95  # cosine to the positive above which a document counts as a copy of it
+
+
+def known_positives(ts) -> dict[int, set[int]]:
+    pos: dict[int, set[int]] = {}
+    for q, d in zip(ts.pos_q.tolist(), ts.pos_d.tolist()):
+        pos.setdefault(q, set()).add(d)
+    return pos
+
+
+def select(queries: np.ndarray, ranked: np.ndarray, positives: dict[int, set[int]], duplicate) -> tuple:
+    """Keep the first PER_QUERY ranked documents that are neither positives nor near-duplicates of one."""
+    out_q, out_d = [], []
+    for q, row in zip(queries.tolist(), ranked.tolist()):
+        kept = 0
+        for d in row:
+            if d < 0 or d in positives[q] or duplicate(q, d):
+                continue
+            out_q.append(q)
+            out_d.append(d)
+            kept += 1
+            if kept == PER_QUERY:
+                break
+    return np.asarray(out_q, dtype=np.int64), np.asarray(out_d, dtype=np.int64)
+
+
+@torch.no_grad()
+def mine_with_model(model, ts, device) -> tuple[np.ndarray, np.ndarray]:
+    was = model.training
+    model.eval()
+    queries = torch.unique(ts.pos_q.cpu())
+    de = embed_tokens(model.encode_documents, ts.d_tokens, device)
+    qe = embed_tokens(model.encode_queries, ts.q_tokens[queries.to(ts.q_tokens.device)], device)
+    _, ranked = exact_topk(qe, de, DEPTH)
+    model.train(was)
+    positives = known_positives(ts)
+    first_pos = {q: next(iter(p)) for q, p in positives.items()}
+    q_np, r_np = queries.numpy(), ranked.cpu().numpy()
+    # near-duplicates: cosine to the query's (first) positive, computed for the candidates only
+    cand_pos = torch.tensor([first_pos[q] for q in q_np.tolist()], device=de.device)
+    sims = torch.einsum("qd,qkd->qk", de[cand_pos], de[ranked.to(de.device)]).cpu().numpy()
+    row_of = {q: i for i, q in enumerate(q_np.tolist())}
+    col = {(i, d): j for i, row in enumerate(r_np.tolist()) for j, d in enumerate(row)}
+    return select(q_np, r_np, positives, lambda q, d: sims[row_of[q], col[(row_of[q], d)]] >= NEAR_DUPLICATE)
+
+
+def mine_with_bm25(ts) -> tuple[np.ndarray, np.ndarray]:
+    from twotower_cli.bm25 import BM25
+
+    bm = BM25.build(ts.documents.to_list())
+    queries = np.unique(ts.pos_q.cpu().numpy())
+    scores, ranked = bm.search([ts.queries[int(q)] for q in queries], DEPTH)
+    positives = known_positives(ts)
+    docs = ts.documents
+    pos_text = {q: docs[next(iter(p))] for q, p in positives.items()}
+    return select(queries, ranked, positives, lambda q, d: docs[int(d)] == pos_text[q])
+
+
+def cached(run_dir: Path, epoch: int, mine, write: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The negatives mined for ``epoch``, from the run folder if an earlier (interrupted) process mined them."""
+    path = Path(run_dir) / f"hard_negatives_epoch{epoch}.safetensors"
+    if path.exists():
+        t = load_file(path)
+        return t["query"].numpy(), t["document"].numpy()
+    q, d = mine()
+    if write:
+        atomic_write_bytes(path, save({"query": torch.from_numpy(q), "document": torch.from_numpy(d)}))
+    return q, d
