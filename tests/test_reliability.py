@@ -241,3 +241,44 @@ def test_killed_index_leaves_no_half_index(run_dir, tmp_path, cli):
         assert meta == before or meta["count"] == 200_000  # the old index, or the whole new one: never half
         res = search(cli, run_dir)
         assert res.exit_code == 0, res.stderr
+
+
+def test_gpu_out_of_memory_gives_advice(cli, tiny_pairs, tmp_path, monkeypatch):
+    import torch
+
+    from twotower_cli import train
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(train, "batch_loss", oom)
+    res = cli("train", tiny_pairs, *SMALL, "--runs-dir", tmp_path / "runs")
+    assert res.exit_code == 1 and "--batch-size 16" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_resume_with_another_number_of_processes_is_refused(tiny_pairs, tmp_path):
+    from twotower_cli.artifacts import load_checkpoint, save_checkpoint
+    from twotower_cli.config import load_config
+    from twotower_cli.errors import UsageError
+    from twotower_cli.train import Hooks
+    from twotower_cli.trainrun import run_train
+
+    cfg = load_config(env={}, overrides={("train", "runs_dir"): str(tmp_path / "runs"), ("train", "epochs"): 2,
+                                         ("model", "ngram_buckets"): 4096, ("train", "report"): False})
+    out = run_train(cfg, tiny_pairs, Hooks(), lambda: True)  # stops after the first step
+    assert out.interrupted
+    ckpt = out.run_dir / "checkpoint.safetensors"
+    import json as _json
+
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    data = ckpt.read_bytes()
+    header = _json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    state = _json.loads(header["state"])
+    state["world_size"] = 4
+    header["state"] = _json.dumps(state)
+    ckpt.write_bytes(st_save(st_load(data), metadata=header))
+    with pytest.raises(UsageError, match="written by 4 processes"):
+        run_train(cfg, None, Hooks(), lambda: False, resume=out.run_dir.name)
+    del load_checkpoint, save_checkpoint

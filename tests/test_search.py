@@ -162,3 +162,15 @@ def test_evaluate_both_layouts_with_bm25(cli, trained, tmp_path, sample_df, layo
         assert set(s["metrics"]) == {"mrr@10", "ndcg@10", "recall@1", "recall@10", "recall@100", "map@100"}
         assert s["metrics"]["recall@100"] == pytest.approx(1.0) or s["system"] == "bm25"
     assert systems["bm25"]["metrics"]["mrr@10"] > 0.5  # summaries share words with their descriptions
+
+
+def test_faiss_backend_index_and_search(cli, trained, tmp_path):
+    pytest.importorskip("faiss")
+    docs = [f"package number {i} provides the {w} tool" for i, w in enumerate(["vim", "emacs", "nano", "ed"] * 30)]
+    corpus = write(tmp_path / "c.txt", "\n".join(docs))
+    res = cli("index", corpus, "--name", "ann", "--backend", "faiss", "--runs-dir", trained)
+    assert res.exit_code == 0, res.stderr
+    meta = json.loads(((trained / "latest").resolve() / "index/ann/meta.json").read_text())
+    assert meta["backend"] == "faiss" and meta["faiss"]["type"] == "HNSW32"
+    approx = json.loads(cli("search", "emacs tool", "--index", "ann", "--runs-dir", trained, "--json", "-k", "5").stdout)
+    assert len(approx["results"][0]["hits"]) == 5

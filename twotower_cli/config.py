@@ -35,6 +35,7 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "hidden_dim": (128, "size of the character/n-gram embeddings and hidden layers"),
         "ngram_buckets": (131072, "hash buckets of the ngram encoder"),
         "cnn_widths": ("3,5", "convolution widths of the cnn encoder"),
+        "word_bigrams": (False, "ngram encoder: also hash pairs of consecutive words"),
     },
     "train": {
         "epochs": (3, "passes over the training pairs"),

@@ -31,6 +31,7 @@ class ModelConfig:
     max_query_length: int = 64
     max_document_length: int = 512
     word_chars: list[int] = field(default_factory=list)  # vocabulary ids of characters that form words
+    word_bigrams: bool = False  # ngram encoder: also hash pairs of consecutive words
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +75,7 @@ class NgramEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.buckets = cfg.ngram_buckets
+        self.word_bigrams = cfg.word_bigrams
         self.bag = nn.EmbeddingBag(cfg.ngram_buckets, cfg.hidden_dim, mode="sum", sparse=True)
         nn.init.normal_(self.bag.weight, std=0.1)
         self.norm = nn.LayerNorm(cfg.hidden_dim)
@@ -111,8 +113,15 @@ class NgramEncoder(nn.Module):
         start_pos = torch.where(starts, pos, torch.zeros_like(pos)).cummax(1).values
         before = torch.gather(F.pad(prefix, (1, 0)), 1, start_pos)  # prefix sum before the word starts
         wh = (prefix - before) % MOD * self.inv_pow[start_pos] % MOD + 7919  # salt keeps words off trigrams
-        ok = torch.cat([tri_ok, ends], 1)
-        hashes = torch.where(ok, torch.cat([tri % MOD, wh], 1) * MIX % (1 << 32) % self.buckets, 0)
+        feats, oks = [tri % MOD, wh], [tri_ok, ends]
+        if self.word_bigrams:  # the previous word's hash, read at the end of the previous word
+            last_end = torch.where(ends, pos, torch.full_like(pos, -1)).cummax(1).values
+            prev_end = torch.gather(F.pad(last_end, (1, 0), value=-1), 1, start_pos)  # last end before my start
+            prev_wh = torch.gather(wh, 1, prev_end.clamp(min=0))
+            feats.append((prev_wh * 1000033 + wh) % MOD + 104729)
+            oks.append(ends & (prev_end >= 0))
+        ok = torch.cat(oks, 1)
+        hashes = torch.where(ok, torch.cat(feats, 1) * MIX % (1 << 32) % self.buckets, 0)
         weights = ok.to(torch.float32)
         return hashes, weights / weights.sum(1, keepdim=True).clamp(min=1.0).sqrt()
 

@@ -64,7 +64,7 @@ def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
     return ModelConfig(encoder=cfg.model.encoder, vocab_size=len(vocab), embedding_dim=cfg.model.embedding_dim,
                        hidden_dim=cfg.model.hidden_dim, ngram_buckets=cfg.model.ngram_buckets, cnn_widths=widths,
                        max_query_length=cfg.data.max_query_length, max_document_length=cfg.data.max_document_length,
-                       word_chars=word_chars)
+                       word_chars=word_chars, word_bigrams=cfg.model.word_bigrams)
 
 
 def sample_val_corpus(ts: TrainingSet, size: int, seed: int):
@@ -194,7 +194,26 @@ def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_
         from twotower_cli.report import write_html_report
 
         summary.written["report"] = write_html_report(run_dir)
+        for sink in sinks:
+            if sink.mode == "online":  # the seed published a W&B report after every run
+                messages.append(publish_wandb_report(cfg, run_dir, sink))
     return summary
+
+
+def publish_wandb_report(cfg: Config, run_dir: Path, sink) -> str:
+    if not cfg.wandb.entity:
+        return ("W&B report not published: no W&B entity is set (wandb.entity / WANDB_ENTITY); publish it later "
+                f"with: twotower report --run-id {run_dir.name} --entity ENTITY")
+    from twotower_cli.wandb_report import build_report
+
+    try:
+        report = build_report(sink.run.id, sink.run.project, cfg.wandb.entity, f"twotower run {run_dir.name}",
+                              "Two-tower retrieval model: training curves, similarities, timing and retrieval results.")
+        report.save()
+        return f"W&B report: {report.url}"
+    except Exception as exc:  # the run itself is safe; only the report failed
+        return (f"W&B report not published ({type(exc).__name__}); retry with: twotower report --run-id "
+                f"{run_dir.name}")
 
 
 def wandb_sink(cfg: Config, run_dir: Path, messages: list, hooks: Hooks):
