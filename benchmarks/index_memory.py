@@ -28,14 +28,32 @@ import polars as pl  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def peak_rss_of(cmd: list[str], env) -> tuple[float, int]:
-    """Wall seconds and the peak RSS (bytes) of one child process."""
+# ru_maxrss survives exec on Linux (a child would report this script's peak): the child reports its own VmHWM
+WRAP = """
+import runpy, sys
+sys.argv = {argv!r}
+try:
+    runpy.run_module({module!r}, run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        sys.stderr.write("HWM " + line.split()[1] + "\\n")
+sys.exit(code)
+"""
+
+
+def peak_rss_of(module: str, argv: list[str], env) -> tuple[float, int]:
+    """Wall seconds and the peak RSS (bytes) of ``python -m module argv``."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, _, usage = os.wait4(proc.pid, 0)
-    if proc.returncode not in (None, 0):
-        raise SystemExit(proc.stderr.read().decode())
-    return time.perf_counter() - t, usage.ru_maxrss * 1024
+    code = WRAP.format(argv=[module] + argv, module=module)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(res.stderr[-2000:])
+    hwm = [int(x.split()[1]) for x in res.stderr.splitlines() if x.startswith("HWM ")][-1]
+    return time.perf_counter() - t, hwm * 1024
 
 
 def main() -> None:
@@ -59,15 +77,15 @@ def main() -> None:
         text_bytes = int(docs.str.len_bytes().sum())
         pl.DataFrame({"doc_id": [f"d{i}" for i in range(args.docs)], "document": docs}).write_parquet(corpus)
         del docs
-        cmd = [sys.executable, "-m", "twotower_cli", "index", str(corpus), "--runs-dir", runs, "--name", "big",
-               "--id-col", "doc_id"] + (["--run", args.run] if args.run else [])
-        seconds, rss = peak_rss_of(cmd, env)
-        _, base_rss = peak_rss_of([sys.executable, "-c", "import torch, polars, numpy"], env)
+        argv = ["index", str(corpus), "--runs-dir", runs, "--name", "big", "--id-col", "doc_id"] + \
+            (["--run", args.run] if args.run else [])
+        seconds, rss = peak_rss_of("twotower_cli", argv, env)
+        _, base_rss = peak_rss_of("twotower_cli", ["--version"], env)
     print(f"\n`twotower index` of {args.docs:,} documents ({text_bytes / 2**20:,.0f} MiB of text) on "
           f"{platform.machine()}, {os.cpu_count()} cores: {seconds:.0f} s, {args.docs / seconds:,.0f} documents/s")
     print("| measure | MiB |\n|---|---|")
     print(f"| peak RSS of `twotower index` | {rss / 2**20:,.0f} |")
-    print(f"| peak RSS of `python -c 'import torch, polars, numpy'` | {base_rss / 2**20:,.0f} |")
+    print(f"| peak RSS of `twotower --version` (the interpreter alone) | {base_rss / 2**20:,.0f} |")
     print(f"| corpus text (UTF-8) | {text_bytes / 2**20:,.0f} |")
     print(f"| embeddings written ({args.docs:,} x 128 float32) | {args.docs * 128 * 4 / 2**20:,.0f} |")
 

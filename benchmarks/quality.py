@@ -36,9 +36,13 @@ def main() -> None:
     ap.add_argument("--train", default=str(ROOT.parent / "shared/data/debian-packages/train.parquet"))
     ap.add_argument("--eval", default=str(ROOT.parent / "shared/data/debian-packages/eval"))
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--runs-dir", default=None, help="keep the trained run here (default: a temporary folder)")
     ap.add_argument("extra", nargs="*", help="extra `twotower train` options (default: none)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.runs_dir:
+            tmp = str(Path(args.runs_dir).resolve())
+            Path(tmp).mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         subprocess.run([sys.executable, "-m", "twotower_cli", "train", str(Path(args.train).resolve()), "--runs-dir",

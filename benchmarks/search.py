@@ -61,7 +61,15 @@ from twotower_cli.topk import exact_topk
 emb = np.load({path!r}, mmap_mode="r")
 q = torch.nn.functional.normalize(torch.randn(256, emb.shape[1]), dim=1)
 exact_topk(q, emb, 10)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(hwm())
+"""
+
+# ru_maxrss survives exec on Linux (a child would report its parent's peak): read this process's own high-water mark
+HWM = """
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
 """
 
 
@@ -97,12 +105,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "emb.npy"
         np.save(path, x)
-        out = subprocess.run([sys.executable, "-c", RSS_CHILD.format(root=str(ROOT), path=str(path))],
+        out = subprocess.run([sys.executable, "-c", HWM + RSS_CHILD.format(root=str(ROOT), path=str(path))],
                              check=True, capture_output=True, text=True).stdout
         rss = int(out.strip().splitlines()[-1])
-    base_rss = int(subprocess.run([sys.executable, "-c", "import resource, numpy, torch; print(resource.getrusage("
-                                   "resource.RUSAGE_SELF).ru_maxrss * 1024)"], check=True, capture_output=True,
-                                  text=True).stdout.strip())
+    base_rss = int(subprocess.run([sys.executable, "-c", HWM + "import numpy, torch\nprint(hwm())"], check=True,
+                                  capture_output=True, text=True).stdout.strip())
     print(f"\nSearch ({platform.machine()}, {os.cpu_count()} cores, {threads} torch/faiss threads)")
     print("| case | faiss IndexFlatIP (s) | twotower exact (s) | ratio (twotower/faiss) | note |\n|---|---|---|---|---|")
     for name, f, o, note in rows:

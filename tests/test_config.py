@@ -9,7 +9,7 @@ from tests.conftest import write
 
 def test_defaults_are_the_documented_ones():
     cfg = load_config(env={}, env_origin={})
-    assert cfg.train.batch_size == 256 and cfg.train.epochs == 3 and cfg.train.learning_rate == 1e-2
+    assert cfg.train.batch_size == 256 and cfg.train.epochs == 5 and cfg.train.learning_rate == 1e-2
     assert cfg.sources["train"]["batch_size"] == "default"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +115,3 @@ def evaluate_model(model, q_tokens: torch.Tensor, d_tokens: torch.Tensor, qrels:
     finally:
         model.train(was_training)
 
-
-def to_json(metrics: dict) -> str:
-    return json.dumps(metrics)

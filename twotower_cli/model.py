@@ -170,20 +170,3 @@ class TwoTower(nn.Module):
         sparse = {id(p) for p in self.sparse_parameters()}
         return [p for p in self.parameters() if id(p) not in sparse]
 
-
-@torch.no_grad()
-def embed(encode, tokens: torch.Tensor, device, batch_size: int = 1024, out: torch.Tensor | None = None,
-          progress=None) -> torch.Tensor:
-    """Embed a token matrix in batches (eval mode is the caller's business). Returns float32 on CPU."""
-    n = tokens.shape[0]
-    result = out if out is not None else None
-    chunks = []
-    for s in range(0, n, batch_size):
-        e = encode(tokens[s:s + batch_size].to(device, non_blocking=True)).float().cpu()
-        if result is not None:
-            result[s:s + e.shape[0]] = e
-        else:
-            chunks.append(e)
-        if progress:
-            progress(min(s + batch_size, n))
-    return result if result is not None else (torch.cat(chunks) if chunks else torch.zeros(0, 0))

@@ -72,12 +72,15 @@ def lr_at(step: int, total: int, peak: float, warmup_fraction: float) -> float:
     return peak * max(0.0, (total - step) / max(1, total - warm))
 
 
-def grad_norm(model: TwoTower) -> float:
+def grad_norm(model: TwoTower, coalesce: bool = False) -> float:
+    """L2 norm of all gradients. ``coalesce`` for sparse gradients summed from several processes (DDP)."""
     sq = 0.0
     for p in model.parameters():
         if p.grad is None:
             continue
-        g = p.grad.coalesce()._values() if p.grad.is_sparse else p.grad
+        # Each tower looks every distinct bucket up once per step, so a sparse gradient's indices are already
+        # unique: the norm of its values is exact without the cost of coalescing.
+        g = (p.grad.coalesce()._values() if coalesce else p.grad._values()) if p.grad.is_sparse else p.grad
         sq += float(g.detach().float().pow(2).sum())
     return math.sqrt(sq)
 
@@ -205,7 +208,7 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
             if log_now:
                 sync()
             t3 = time.perf_counter()
-            gnorm = grad_norm(model) if log_now else None  # coalescing sparse gradients is not free
+            gnorm = grad_norm(model, coalesce=ddp is not None) if log_now else None  # coalescing sparse gradients is not free
             if check_now and not (math.isfinite(value) and (gnorm is None or math.isfinite(gnorm))):
                 raise TrainingError(f"training diverged at step {st['global_step'] + 1} (epoch {epoch + 1}): "
                                     f"loss {value}, gradient norm {gnorm}; lower --learning-rate (now "
