@@ -30,6 +30,7 @@ class Vocab:
         cps = np.array([ord(c) for c in self.chars], dtype=np.int64)
         self._table = np.full(int(cps.max()) + 2 if len(cps) else 2, UNK, dtype=np.int32)
         self._table[cps] = np.arange(2, len(cps) + 2, dtype=np.int32)
+        self._table[0] = PAD  # NUL is the padding character; real NULs in text are replaced before lookup
 
     def __len__(self) -> int:
         return len(self.chars) + 2
@@ -50,11 +51,12 @@ class Vocab:
     # -- encoding ---------------------------------------------------------------------------------------------
     def encode(self, series, max_len: int) -> np.ndarray:
         """Encode a Polars string Series into an int32 array [rows, max_len], padded with 0."""
-        cps, lengths = codepoints_padded(prepare(series, self.lowercase), max_len)
-        ids = self._table[np.minimum(cps, len(self._table) - 1)]
-        ids[cps >= len(self._table) - 1] = UNK
-        ids[np.arange(max_len)[None, :] >= lengths[:, None]] = PAD
-        return ids
+        s = series.fill_null("").str.slice(0, max_len)  # cut first: lowercasing the whole text is wasted work
+        if self.lowercase:
+            s = s.str.to_lowercase().str.slice(0, max_len)
+        s = s.str.replace_all("\x00", "\ufffd", literal=True)  # NUL pads below, so a real one becomes U+FFFD
+        cps = codepoints_padded(s, max_len)
+        return self._table[np.minimum(cps, np.uint32(len(self._table) - 1))]
 
     def encode_text(self, text: str, max_len: int) -> np.ndarray:
         import polars as pl
@@ -126,16 +128,14 @@ def codepoints_flat(series) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
 
 
-def codepoints_padded(series, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def codepoints_padded(series, max_len: int) -> np.ndarray:
+    """Code points [rows, max_len] (uint32) of strings already cut to max_len, padded with NUL."""
     import polars as pl
 
-    cut = series.str.slice(0, max_len)
-    lengths = cut.str.len_chars().to_numpy().astype(np.int64)
-    if len(cut) == 0:
-        return np.zeros((0, max_len), dtype=np.int64), lengths
-    joined = pl.select(cut.str.pad_end(max_len, "\0").str.join("")).item()
-    cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).reshape(len(cut), max_len)
-    return cps.astype(np.int64), lengths
+    if len(series) == 0:
+        return np.zeros((0, max_len), dtype=np.uint32)
+    joined = pl.select(series.str.pad_end(max_len, "\0").str.join("")).item()
+    return np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).reshape(len(series), max_len)
 
 
 def visible(char: str) -> str:
