@@ -28,7 +28,8 @@ class Vocab:
 
     def __post_init__(self):
         cps = np.array([ord(c) for c in self.chars], dtype=np.int64)
-        self._table = np.full(int(cps.max()) + 2 if len(cps) else 2, UNK, dtype=np.int32)
+        # one entry per possible code point (4.4 MB): encoding is then a single lookup, no bounds pass
+        self._table = np.full(MAX_CODEPOINT + 1, UNK, dtype=np.int32)
         self._table[cps] = np.arange(2, len(cps) + 2, dtype=np.int32)
         self._table[0] = PAD  # NUL is the padding character; real NULs in text are replaced before lookup
 
@@ -56,7 +57,7 @@ class Vocab:
             s = s.str.to_lowercase().str.slice(0, max_len)
         s = s.str.replace_all("\x00", "\ufffd", literal=True)  # NUL pads below, so a real one becomes U+FFFD
         cps = codepoints_padded(s, max_len)
-        return self._table[np.minimum(cps, np.uint32(len(self._table) - 1))]
+        return self._table[cps]
 
     def encode_text(self, text: str, max_len: int) -> np.ndarray:
         import polars as pl
