@@ -282,3 +282,12 @@ def test_resume_with_another_number_of_processes_is_refused(tiny_pairs, tmp_path
     with pytest.raises(UsageError, match="written by 4 processes"):
         run_train(cfg, None, Hooks(), lambda: False, resume=out.run_dir.name)
     del load_checkpoint, save_checkpoint
+
+
+def test_committed_corpus_is_what_the_script_writes(bad_files):
+    committed = Path(__file__).parent / "data" / "bad"
+    names = {p.name for p in committed.iterdir() if p.suffix != ".parquet" and not p.name.startswith(".")}
+    assert len(names) >= 25
+    made = {p.name: p for p, _, _ in bad_files}
+    for name in names - {"EXPECTED.json"}:
+        assert (committed / name).read_bytes() == made[name].read_bytes(), name
