@@ -59,11 +59,10 @@ def corpus_chunks(path, document_col: str = "document", id_col: str | None = Non
             raise DataError(f"{p}: no documents")
 
         def parquet_chunks():
-            # Polars' streaming engine hands over batches as it decodes, rather than a whole row group each
-            # (a row group can hold a million rows)
-            stream = lazy.select([col] + ([id_col] if id_col else [])).collect_batches(chunk_size=rows,
-                                                                                      maintain_order=True)
-            for part in stream:
+            # A slice at a time (Polars still decodes whole row groups: measured below the streaming engine,
+            # which read ahead; see benchmarks/RESULTS.md)
+            for start in range(0, total, rows):
+                part = lazy.slice(start, rows).select([col] + ([id_col] if id_col else [])).collect()
                 docs = as_text(part, col, p).fill_null("").str.normalize("NFKC")
                 yield docs, (part[id_col].cast(pl.String).to_list() if id_col else None)
 
