@@ -22,7 +22,7 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "document_col": ("document", "column holding the document text"),
         "label_col": ("label", "column holding the label (1 relevant, 0 negative); optional in the file"),
         "max_query_length": (64, "characters of a query the model reads"),
-        "max_document_length": (512, "characters of a document the model reads (Debian p95 is ~800)"),
+        "max_document_length": (1024, "characters of a document the model reads (Debian p95 is ~800; 1024 measured better than 512)"),
     },
     "vocab": {
         "min_freq": (2, "characters seen fewer times become the unknown id"),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
-from twotower_cli.data import as_text, check_file, read_table, read_text
+from twotower_cli.data import as_text, check_file, first_line, read_table, read_text
 from twotower_cli.errors import DataError
 
 
@@ -46,7 +46,10 @@ def corpus_chunks(path, document_col: str = "document", id_col: str | None = Non
     larger than memory holds one chunk of text; other formats are read whole, then cut into chunks."""
     p = check_file(path)
     if p.suffix.lower() in (".parquet", ".pq"):
-        read_table(p, [document_col])  # validates the file with a clear message
+        try:
+            pl.read_parquet_schema(p)  # the footer only: a clear message for a broken file, no data read
+        except Exception as exc:
+            raise DataError(f"{p}: not a readable Parquet file ({first_line(exc)}); it may be truncated") from None
         lazy = pl.scan_parquet(p)
         names = lazy.collect_schema().names()
         col = next((c for c in (document_col, "document", "text") if c in names), None)
@@ -59,8 +62,6 @@ def corpus_chunks(path, document_col: str = "document", id_col: str | None = Non
             raise DataError(f"{p}: no documents")
 
         def parquet_chunks():
-            # A slice at a time (Polars still decodes whole row groups: measured below the streaming engine,
-            # which read ahead; see benchmarks/RESULTS.md)
             for start in range(0, total, rows):
                 part = lazy.slice(start, rows).select([col] + ([id_col] if id_col else [])).collect()
                 docs = as_text(part, col, p).fill_null("").str.normalize("NFKC")
