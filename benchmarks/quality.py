@@ -31,6 +31,14 @@ NAMES = ["mrr@10", "ndcg@10", "recall@1", "recall@10", "recall@100"]
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 
+def display(path: str) -> str:
+    """A path relative to the checkout's parent folder reads the same on every machine."""
+    try:
+        return "../" + str(Path(path).resolve().relative_to(ROOT.parent))
+    except ValueError:
+        return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--train", default=str(ROOT.parent / "shared/data/debian-packages/train.parquet"))
@@ -52,7 +60,7 @@ def main() -> None:
         rows = evaluate_run(run, Path(args.eval), baseline="bm25", hybrid=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     lines = [f"Train `{Path(args.train).name}` with `twotower train` defaults{' ' + ' '.join(args.extra) if args.extra else ''}"
-             f" ({minutes:.1f} min wall, whole process, on {machine}); evaluate on `{args.eval}`.", "",
+             f" ({minutes:.1f} min wall, whole process, on {machine}); evaluate on `{display(args.eval)}`.", "",
              "| system | " + " | ".join(NAMES) + " | queries/s | training minutes |",
              "|---|" + "---|" * (len(NAMES) + 2)]
     for r in rows:

@@ -21,7 +21,7 @@ def trained(cli, tiny_pairs, tmp_path):
     return tmp_path / "runs"
 
 
-@pytest.mark.parametrize("n,q,k,chunk,block", [(1000, 7, 10, 128, 16), (1000, 3, 10, 1000, 64), (37, 2, 50, 8, 4),
+@pytest.mark.parametrize("n,q,k,chunk,block", [(1000, 7, 10, 128, 16), (1000, 3, 10, 1000, 64), (37, 2, 50, 8, 4), (3000, 300, 10, 512, 16),
                                                (5000, 1, 100, 999, 64), (10, 4, 3, 3, 1)])
 def test_topk_equals_brute_force(n, q, k, chunk, block):
     g = torch.Generator().manual_seed(n + q)

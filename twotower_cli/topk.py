@@ -119,8 +119,9 @@ def exact_topk(queries, corpus, k: int, chunk: int = 65536, block: int = 64,
     k = min(k, n)
     if q.shape[0] == 0 or k == 0:
         return torch.zeros(q.shape[0], 0), torch.zeros(q.shape[0], 0, dtype=torch.long)
-    chunk = max(min(chunk, n), 1)
-    if q.device.type == "cpu" and not (isinstance(corpus, torch.Tensor) and corpus.device.type != "cpu"):
+    chunk = max(min(chunk, n, max(4096, (1 << 24) // q.shape[0])), 1)  # score buffer <= ~64 MB
+    on_cpu = q.device.type == "cpu" and not (isinstance(corpus, torch.Tensor) and corpus.device.type != "cpu")
+    if on_cpu and q.shape[0] <= 256:  # beyond that torch's blocked top-k is the faster half
         if 1 < q.shape[0] <= 4:  # BLAS' 2-4 column products are slower than that many matrix-vector ones
             parts = [cpu_topk(q[j:j + 1].contiguous(), corpus, k, chunk, block) for j in range(q.shape[0])]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
