@@ -81,3 +81,21 @@ def test_config_command_json_shows_sources_and_masks_secrets(tmp_path, monkeypat
     assert "abcdef0123456789" not in res.stdout + res.stderr
     table = cli("config")
     assert "abcdef0123456789" not in table.stdout and "config.toml" in table.stdout
+
+
+def test_shipped_config_toml_lists_every_setting_with_its_default():
+    import tomllib
+
+    from tests.conftest import ROOT
+    from twotower_cli.config import FIELDS
+    from twotower_cli.config_template import render
+
+    text = (ROOT / "config.toml").read_text()
+    assert text == render(), "regenerate it: python -m twotower_cli.config_template > config.toml"
+    uncommented = "\n".join(line[2:].split("    #")[0] if line.startswith("# ") and " = " in line else line
+                            for line in text.splitlines())
+    parsed = tomllib.loads(uncommented)
+    for section, kv in FIELDS.items():
+        for key, (default, _) in kv.items():
+            if key != "api_key":
+                assert parsed[section][key] == default, f"{section}.{key}"
