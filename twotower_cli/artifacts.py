@@ -70,20 +70,33 @@ def save_model(run_dir: Path, model: torch.nn.Module) -> str:
     return digest
 
 
-def fingerprint(run_dir: Path) -> str:
-    """The fingerprint stored in model.safetensors' header (reads the header only)."""
-    path = Path(run_dir) / "model.safetensors"
+def header_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, reading its header only (not the tensors)."""
     try:
         with open(path, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             if not 0 < n < 100_000_000:
                 raise ValueError("bad header length")
             header = json.loads(fh.read(n))
-        return header["__metadata__"]["fingerprint"]
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("bad metadata")
+        return meta
     except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing; the run has no trained model yet") from None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise ArtifactError(f"{path}: header is corrupt or not a twotower model; retrain or restore the file") from None
+        raise ArtifactError(f"{path}: missing; the run folder is incomplete (was training interrupted?)") from None
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise ArtifactError(f"{path}: header is corrupt or not a twotower file; retrain or restore it") from None
+
+
+def fingerprint(run_dir: Path) -> str:
+    """The fingerprint stored in model.safetensors' header (reads the header only)."""
+    path = Path(run_dir) / "model.safetensors"
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing; the run has no trained model yet")
+    digest = header_metadata(path).get("fingerprint")
+    if not digest:
+        raise ArtifactError(f"{path}: header is corrupt or not a twotower model; retrain or restore the file")
+    return digest
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -93,11 +106,9 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ArtifactError(f"{path}: missing; the run folder is incomplete (was training interrupted?)") from None
     try:
         tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
     except (SafetensorError, ValueError, OSError) as exc:
         raise ArtifactError(f"{path}: not a valid safetensors file ({exc}); it is truncated or corrupt") from None
-    return tensors, meta
+    return tensors, header_metadata(path)
 
 
 def load_weights(model: TwoTower, tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -79,28 +79,29 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dnn.all_gather(x), 0)
 
 
-def gather_ragged(x: torch.Tensor) -> torch.Tensor:
-    """Like ``gather`` for row counts that differ between processes: padded with constants (no gradient path,
-    so the padding touches no parameter), gathered, then the real rows kept."""
+def row_counts(x: torch.Tensor) -> list[int]:
+    """Every process's number of rows of ``x``."""
     n = torch.tensor([x.shape[0]], device=x.device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
+    return [int(s) for s in sizes]
+
+
+def gather_ragged(x: torch.Tensor) -> torch.Tensor:
+    """Like ``gather`` for row counts that differ between processes: padded with constants (no gradient path,
+    so the padding touches no parameter), gathered, then the real rows kept."""
+    sizes = row_counts(x)
     most = max(sizes)
     if most == 0:
         return x
     pad = torch.zeros((most - x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    full = gather(torch.cat([x, pad]) if x.is_floating_point() else torch.cat([x, pad]))
-    parts = [full[r * most: r * most + s] for r, s in enumerate(sizes)]
-    return torch.cat(parts, 0)
+    full = gather(torch.cat([x, pad]))
+    return torch.cat([full[r * most: r * most + s] for r, s in enumerate(sizes)], 0)
 
 
 def gather_ids(x: torch.Tensor) -> torch.Tensor:
     """All processes' integer ids (no gradient), ragged sizes allowed."""
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
+    sizes = row_counts(x)
     most = max(sizes)
     padded = torch.cat([x, torch.full((most - x.shape[0],), -1, dtype=x.dtype, device=x.device)])
     out = [torch.empty_like(padded) for _ in sizes]

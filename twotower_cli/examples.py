@@ -12,14 +12,20 @@ from twotower_cli.topk import exact_topk
 
 
 @torch.no_grad()
-def retrieval_examples(run_dir: Path, model, ts, device, n_queries: int = 20, k: int = 5) -> None:
+def retrieval_examples(run_dir: Path, model, ts, device, doc_embeddings: torch.Tensor | None = None,
+                       n_queries: int = 20, k: int = 5) -> None:
+    """``doc_embeddings``: the documents' embeddings if already computed (the default index), else embedded here."""
     if len(ts.val_q) == 0:
         atomic_write_json(run_dir / "retrieval_examples.json", [])
         atomic_write_json(run_dir / "similarities.json", {"positive": [], "negative": []})
         return
-    de = embed_tokens(model.encode_documents, ts.d_tokens, device)
-    qsel = ts.val_q[:n_queries]
-    qe = embed_tokens(model.encode_queries, ts.q_tokens[qsel.to(ts.q_tokens.device)], device)
+    if doc_embeddings is None:
+        de = embed_tokens(model.encode_documents, ts.d_tokens, device)
+    else:
+        de = doc_embeddings.to(device).float()
+    allq = ts.val_q[:2000]
+    all_qe = embed_tokens(model.encode_queries, ts.q_tokens[allq.to(ts.q_tokens.device)], device)
+    qsel, qe = allq[:n_queries], all_qe[:n_queries]
     scores, idx = exact_topk(qe, de, k)
     rows = []
     for r, q in enumerate(qsel.tolist()):
@@ -31,12 +37,10 @@ def retrieval_examples(run_dir: Path, model, ts, device, n_queries: int = 20, k:
                                   "relevant": int(d) in rel} for j, (s, d) in enumerate(zip(scores[r], idx[r]))]})
     atomic_write_json(run_dir / "retrieval_examples.json", rows)
     # cosine of each validation query to its relevant document and to a random document
-    allq = ts.val_q[:2000]
-    qe = embed_tokens(model.encode_queries, ts.q_tokens[allq.to(ts.q_tokens.device)], device)
     pos_docs = torch.tensor([next(iter(rel)) for rel in ts.val_qrels[:2000]], device=de.device)
     g = torch.Generator().manual_seed(0)
     rnd = torch.randint(0, de.shape[0], (len(allq),), generator=g).to(de.device)
-    pos = (qe * de[pos_docs]).sum(-1).cpu().tolist()
-    neg = (qe * de[rnd]).sum(-1).cpu().tolist()
+    pos = (all_qe * de[pos_docs]).sum(-1).cpu().tolist()
+    neg = (all_qe * de[rnd]).sum(-1).cpu().tolist()
     atomic_write_json(run_dir / "similarities.json", {"positive": [round(x, 4) for x in pos],
                                                       "negative": [round(x, 4) for x in neg]})

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import html
 import io
-import json
 from pathlib import Path
 
-from twotower_cli.runs import atomic_write_bytes, read_json
+from twotower_cli.runs import atomic_write_bytes, read_json, read_json_or
 from twotower_cli.tracking import read_metrics
 
 CSS = """
@@ -132,8 +131,9 @@ def build_html(run_dir: Path, title: str | None = None, description: str | None 
     records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if "train/loss" in r]
     epochs = [r for r in records if "epoch/loss" in r]
-    load = lambda name, default: json.loads((run_dir / name).read_text()) if (run_dir / name).exists() else default
-    examples, results, sims = load("data_examples.json", []), load("retrieval_examples.json", []), load("similarities.json", {})
+    examples = read_json_or(run_dir / "data_examples.json", [])
+    results = read_json_or(run_dir / "retrieval_examples.json", [])
+    sims = read_json_or(run_dir / "similarities.json", {})
     best = run.get("best") or (epochs[-1] if epochs else {})
     title = title or f"twotower run {run_dir.name}"
     description = description or (f"A {cfg['model']['encoder']} two-tower model trained on "

@@ -61,6 +61,14 @@ def read_json(path: Path, what: str = "file") -> dict:
     return obj
 
 
+def read_json_or(path: Path, default):
+    """An optional JSON file of a run (examples, similarities): ``default`` when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+
+
 def set_latest(runs_dir: Path, run_dir: Path) -> None:
     """Point runs/latest at ``run_dir`` with an atomic symlink swap."""
     link = Path(runs_dir) / "latest"

@@ -56,7 +56,7 @@ def chunk_topk(scores: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, 
 def np_topk(scores: np.ndarray, k: int, axis: int) -> np.ndarray:
     """Indices of the k largest along ``axis`` (unordered)."""
     if k >= scores.shape[axis]:
-        return np.indices(scores.shape)[axis] if scores.ndim == 1 else np.argsort(-scores, axis=axis)
+        return np.argsort(-scores, axis=axis)
     return np.take(np.argpartition(-scores, k - 1, axis=axis), np.arange(k), axis=axis)
 
 

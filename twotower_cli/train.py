@@ -159,6 +159,9 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
         if main:
             save_checkpoint(ckpt, model, opts, st)
 
+    def outcome(interrupted: bool) -> Outcome:
+        return Outcome(interrupted, st["best_epoch"], st["best"], st["history"], st["global_step"])
+
     acc = torch.zeros((), device=device)  # running loss sum on the device: no sync per step
     acc_n = 0
 
@@ -179,7 +182,6 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
         hooks.epoch_start(epoch, tcfg.epochs, spe, st["step"])
         epoch_t0, epoch_pairs = time.perf_counter(), 0
         for i in range(st["step"], spe):
-            timing = {}
             t0 = time.perf_counter()
             start = i * global_batch + rank * tcfg.batch_size
             idx = order[start:start + tcfg.batch_size].to(device, non_blocking=True)
@@ -208,7 +210,7 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
             if log_now:
                 sync()
             t3 = time.perf_counter()
-            gnorm = grad_norm(model, coalesce=ddp is not None) if log_now else None  # coalescing sparse gradients is not free
+            gnorm = grad_norm(model, coalesce=ddp is not None) if log_now else None
             if check_now and not (math.isfinite(value) and (gnorm is None or math.isfinite(gnorm))):
                 raise TrainingError(f"training diverged at step {st['global_step'] + 1} (epoch {epoch + 1}): "
                                     f"loss {value}, gradient norm {gnorm}; lower --learning-rate (now "
@@ -240,7 +242,7 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
             if stop:
                 flush()
                 checkpoint()
-                return Outcome(True, st["best_epoch"], st["best"], st["history"], st["global_step"])
+                return outcome(True)
             if tcfg.checkpoint_minutes > 0 and time.monotonic() - last_ckpt > 60 * tcfg.checkpoint_minutes:
                 flush()
                 checkpoint()
@@ -282,5 +284,5 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
         if ddp:
             ddp.barrier()
         if should_stop() and epoch + 1 < tcfg.epochs and not ddp:
-            return Outcome(True, st["best_epoch"], st["best"], st["history"], st["global_step"])
-    return Outcome(False, st["best_epoch"], st["best"], st["history"], st["global_step"])
+            return outcome(True)
+    return outcome(False)

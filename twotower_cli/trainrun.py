@@ -10,10 +10,12 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
-from twotower_cli.artifacts import read_config, read_tensors, write_config
+from twotower_cli.artifacts import header_metadata, read_config, read_tensors, write_config
 from twotower_cli.batches import TrainingSet, build
 from twotower_cli.config import Config
 from twotower_cli.data import load_pairs, require_trainable
@@ -84,7 +86,7 @@ def sample_val_corpus(ts: TrainingSet, size: int, seed: int):
 
 
 def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume: str | None = None,
-              eval_dir: Path | None = None, tracker_sinks=None, settings_for_log: dict | None = None) -> TrainSummary:
+              eval_dir: Path | None = None) -> TrainSummary:
     runs_dir = Path(cfg.train.runs_dir)
     if resume:
         run_dir = resolve_run(runs_dir, resume)
@@ -98,13 +100,14 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
 
     ddp = distributed.setup(cfg.train.device)
     try:
-        return train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_dir, run_dir if resume else None, settings_for_log)
+        return train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_dir,
+                                run_dir if resume else None)
     finally:
         if ddp:
             ddp.close()
 
 
-def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_dir, run_dir, settings_for_log):
+def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_dir, run_dir):
     main = ddp is None or ddp.main
     if not main:
         hooks = Hooks()  # progress and messages come from rank 0 only
@@ -132,9 +135,9 @@ def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_
         from twotower_cli.evaluation import load_eval
 
         ev = load_eval(eval_dir)
-        extra = type("Eval", (), {"q_tokens": torch.from_numpy(vocab.encode(ev.queries, d.max_query_length)),
-                                  "d_tokens": torch.from_numpy(vocab.encode(ev.documents, d.max_document_length)),
-                                  "qrels": ev.qrels})()
+        extra = SimpleNamespace(q_tokens=torch.from_numpy(vocab.encode(ev.queries, d.max_query_length)),
+                                d_tokens=torch.from_numpy(vocab.encode(ev.documents, d.max_document_length)),
+                                qrels=ev.qrels)
     mcfg = model_config(cfg, vocab)
     torch.manual_seed(t.seed)
     model = TwoTower(mcfg).to(device)
@@ -150,20 +153,18 @@ def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_
             raise UsageError(f"{run_dir} already exists; choose another --run-name")
         run_dir.mkdir(parents=True)
         atomic_write_json(run_dir / "vocab.json", vocab.to_json())
-        settings = settings_for_log or cfg.to_dict()
-        write_config(run_dir, mcfg, settings, {"data": {"path": str(Path(data).resolve()), "rows": pairs.df.height,
+        write_config(run_dir, mcfg, cfg.to_dict(), {"data": {"path": str(Path(data).resolve()), "rows": pairs.df.height,
                                                         "train_pairs": ts.n_train, "val_queries": len(ts.val_q),
                                                         "documents": len(ts.documents)}})
         atomic_write_json(run_dir / "run.json", {"id": run_dir.name, "complete": False, "created": now()})
         write_examples(run_dir, df)
     if ddp:
         ddp.barrier()  # rank 0 has created the run folder
-    ckpt_step = checkpoint_step(run_dir) if resume else None
     sinks = []
     if cfg.wandb.enabled and main:
         sinks.append(wandb_sink(cfg, run_dir, messages, hooks))
-    tracker = (Tracker(MetricsLog(run_dir / "metrics.jsonl", keep_until_step=ckpt_step if resume else None), sinks)
-               if main else NullTracker())
+    keep_until = checkpoint_step(run_dir) if resume else None  # resume: drop records past the checkpoint
+    tracker = Tracker(MetricsLog(run_dir / "metrics.jsonl", keep_until_step=keep_until), sinks) if main else NullTracker()
     val_docs, val_qrels = sample_val_corpus(ts, t.val_corpus_size, t.seed)
     interrupted = True
     try:
@@ -237,8 +238,11 @@ def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hoo
     model.load_state_dict(tensors)
     model.eval()
     hooks.message("embedding the training documents into the default index")
-    build_index(run_dir, model, vocab, [(ts.documents, None)], "default", device=device)
-    retrieval_examples(run_dir, model, ts, device)
+    index = build_index(run_dir, model, vocab, [(ts.documents, None)], "default", device=device)
+    # ts.documents are unique, so the index's rows are ts.documents' rows: reuse them, don't embed twice
+    embeddings = np.load(index / "embeddings.npy")
+    retrieval_examples(run_dir, model, ts, device,
+                       torch.from_numpy(embeddings) if len(embeddings) == len(ts.documents) else None)
     run = read_json(run_dir / "run.json")
     run.update(complete=True, finished=now(), best_epoch=out.best_epoch, best=out.best)
     atomic_write_json(run_dir / "run.json", run)
@@ -249,7 +253,7 @@ def checkpoint_step(run_dir: Path) -> int:
     path = run_dir / "checkpoint.safetensors"
     if not path.exists():
         return 0
-    _, meta = read_tensors(path)
+    meta = header_metadata(path)  # the counters only: the tensors are loaded once, by fit
     try:
         return int(json.loads(meta["state"])["global_step"])
     except (KeyError, ValueError):

@@ -78,9 +78,7 @@ class Vocab:
         cps = codepoints_flat(prepare(series, self.lowercase))
         if cps.size == 0:
             return 0.0, []
-        known = np.zeros(MAX_CODEPOINT + 1, dtype=bool)
-        known[[ord(c) for c in self.chars]] = True
-        unknown = cps[~known[cps]]
+        unknown = cps[self._table[cps] < 2]  # known = an id of its own (>= 2); NUL (padding) counts as unknown
         values, n = np.unique(unknown, return_counts=True)
         top = sorted(zip(values.tolist(), n.tolist()), key=lambda x: (-x[1], x[0]))[:20]
         return unknown.size / cps.size, [(chr(c), k) for c, k in top]

@@ -8,7 +8,6 @@ wandb is imported only here, and only when logging is on.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,17 +121,19 @@ class WandbSink:
         wandb = self.wandb
         run_dir = Path(run_dir)
         payload = {}
-        examples = load(run_dir / "data_examples.json") or []
+        from twotower_cli.runs import read_json_or
+
+        examples = read_json_or(run_dir / "data_examples.json", [])
         if examples:
             cols = list(examples[0])
             payload["data/examples"] = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in examples])
-        results = load(run_dir / "retrieval_examples.json") or []
+        results = read_json_or(run_dir / "retrieval_examples.json", [])
         if results:
             rows = [[r["query"], h["rank"], h["score"], h["document"], h["relevant"], r["found"]]
                     for r in results for h in r["results"]]
             payload["retrieval/results"] = wandb.Table(
                 columns=["query", "rank", "score", "document", "relevant", "found_in_top5"], data=rows)
-        sims = load(run_dir / "similarities.json") or {}
+        sims = read_json_or(run_dir / "similarities.json", {})
         if sims.get("positive"):
             payload["similarity/positive"] = wandb.Histogram(sims["positive"])
             payload["similarity/negative"] = wandb.Histogram(sims["negative"])
@@ -154,9 +155,3 @@ class WandbSink:
         except Exception:
             pass
 
-
-def load(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None

@@ -33,7 +33,7 @@ def bar(description: str, total: int):
 
     p = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err)
     task = p.add_task(description, total=total)
-    return p, (lambda done, total=None: p.update(task, completed=done))
+    return p, (lambda done, total=None: p.update(task, completed=done, total=total))  # total None: unchanged
 
 
 @command(app, "index", help="Embed a corpus file into a named index of a run (for `search`).")
@@ -154,8 +154,7 @@ def evaluate_command(
     progress, update = bar("embedding corpus", 1)
     with progress:
         rows = evaluate_run(run_dir, eval_dir, baseline=baseline, hybrid=hybrid, weight=cfg.search.hybrid_weight,
-                            progress=lambda done, total: progress.update(progress.task_ids[0], completed=done,
-                                                                         total=total))
+                            progress=update)
     if json_out:
         out.print_json(json.dumps({"run": run_dir.name, "eval": str(eval_dir), "systems": rows}))
         return
