@@ -35,7 +35,7 @@ from twotower_cli.batches import build  # noqa: E402
 from twotower_cli.config import load_config  # noqa: E402
 from twotower_cli.data import load_pairs, require_trainable  # noqa: E402
 from twotower_cli.model import TwoTower  # noqa: E402
-from twotower_cli.train import batch_loss, make_optimizers, resolve_device, sample_negatives  # noqa: E402
+from twotower_cli.train import batch_loss, make_batch, make_optimizers, resolve_device, sample_negatives  # noqa: E402
 from twotower_cli.trainrun import model_config  # noqa: E402
 from twotower_cli.vocab import Vocab  # noqa: E402
 
@@ -59,7 +59,7 @@ def model_only(cfg, data: Path, device: torch.device, steps: int) -> float:
             sync()
             t0 = time.perf_counter()
         with autocast:
-            loss, _ = batch_loss(model, ts, idx, negs, cfg.train)
+            loss, _ = batch_loss(model, make_batch(ts, idx, negs, cfg.train.loss), cfg.train)
         for o in opts.values():
             o.zero_grad(set_to_none=True)
         loss.backward()

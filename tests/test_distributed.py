@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 B = 24  # per process
 
 
-def setup_training(tiny_pairs):
+def setup_training(tiny_pairs, eager=True):
     from twotower_cli.batches import build
     from twotower_cli.config import load_config
     from twotower_cli.data import load_pairs, require_trainable
@@ -29,7 +29,7 @@ def setup_training(tiny_pairs):
                                          ("model", "ngram_buckets"): 2048, ("data", "max_document_length"): 64})
     df = require_trainable(load_pairs(tiny_pairs))
     vocab = Vocab.build([df["query"], df["document"]], 1, 2000, True)
-    ts = build(df, vocab, 64, 64, 0.0, 13)
+    ts = build(df, vocab, 64, 64, 0.0, 13, eager=eager)
     torch.manual_seed(0)
     model = TwoTower(model_config(cfg, vocab))
     return cfg, ts, model, sample_negatives(ts, 13, 0)
@@ -44,40 +44,47 @@ def worker(rank, world, init_file, tiny_pairs, out_dir):
     from torch.nn.parallel import DistributedDataParallel
 
     from twotower_cli.distributed import Dist
-    from twotower_cli.train import batch_loss
+    from twotower_cli.train import batch_loss, make_batch
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    cfg, ts, model, negs = setup_training(tiny_pairs)
+    cfg, ts, model, negs = setup_training(tiny_pairs, eager=False)  # as under torchrun: tokenise on demand
     net = DistributedDataParallel(model)
     idx = torch.arange(rank * B, (rank + 1) * B)
-    loss, _ = batch_loss(net, ts, idx, negs, cfg.train, Dist(rank, world, 0, torch.device("cpu"), "gloo"))
+    batch = make_batch(ts, idx, negs, cfg.train.loss)
+    loss, _ = batch_loss(net, batch, cfg.train, Dist(rank, world, 0, torch.device("cpu"), "gloo"))
     loss.backward()
     torch.save(grads_of(model), Path(out_dir) / f"grads{rank}.pt")
+    # this process tokenised its own slice of the global batch, nothing else
+    tokenised = {"queries": ts.q_tokens.rows_tokenised, "documents": ts.d_tokens.rows_tokenised,
+                 "batch_documents": int(batch.d_tokens.shape[0]), "all_documents": len(ts.d_tokens)}
+    (Path(out_dir) / f"tokenised{rank}.json").write_text(json.dumps(tokenised))
     dist.destroy_process_group()
 
 
 def test_gathered_negatives_give_the_combined_batch_gradients(tiny_pairs, tmp_path):
-    from twotower_cli.train import batch_loss
+    from twotower_cli.train import batch_loss, make_batch
 
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tiny_pairs), str(tmp_path)), nprocs=2, join=True)
-    cfg, ts, model, negs = setup_training(tiny_pairs)
-    loss, _ = batch_loss(model, ts, torch.arange(2 * B), negs, cfg.train)
+    cfg, ts, model, negs = setup_training(tiny_pairs)  # one process, tokenised up front
+    loss, _ = batch_loss(model, make_batch(ts, torch.arange(2 * B), negs, cfg.train.loss), cfg.train)
     loss.backward()
     single = grads_of(model)
     for rank in range(2):
         ddp = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)  # our own test file
         for name, g in single.items():
             torch.testing.assert_close(ddp[name], g, atol=1e-5, rtol=1e-4, msg=f"rank {rank}: {name}")
+        seen = json.loads((tmp_path / f"tokenised{rank}.json").read_text())
+        assert seen["queries"] == B and seen["documents"] == seen["batch_documents"] < seen["all_documents"]
 
 
 def test_without_gathering_each_process_sees_only_its_own_batch(tiny_pairs):
-    from twotower_cli.train import batch_loss
+    from twotower_cli.train import batch_loss, make_batch
 
     cfg, ts, model, negs = setup_training(tiny_pairs)
-    small, _ = batch_loss(model, ts, torch.arange(B), negs, cfg.train)
-    big, _ = batch_loss(model, ts, torch.arange(2 * B), negs, cfg.train)
-    assert float(small) != pytest.approx(float(big))  # the combined batch is a different (harder) problem
+    small, _ = batch_loss(model, make_batch(ts, torch.arange(B), negs, cfg.train.loss), cfg.train)
+    big, _ = batch_loss(model, make_batch(ts, torch.arange(2 * B), negs, cfg.train.loss), cfg.train)
+    assert float(small.detach()) != pytest.approx(float(big.detach()))  # the combined batch is a different (harder) problem
 
 
 @pytest.mark.slow
@@ -86,8 +93,9 @@ def test_without_gathering_each_process_sees_only_its_own_batch(tiny_pairs):
 def test_torchrun_trains_one_run_matching_a_single_process(tiny_pairs, tmp_path):
     B = 27  # 540 training pairs = 10 global batches of 2 x 27
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    # bm25 hard negatives: rank 0 mines and sends the lists; the ragged negatives are gathered too
     common = ["--epochs", "1", "--val-fraction", "0.1", "--embedding-dim", "16", "--hidden-dim", "32",
-              "--max-document-length", "64", "--no-report", "--device", "cpu"]
+              "--max-document-length", "64", "--no-report", "--device", "cpu", "--hard-negatives", "bm25"]
     env = {**os.environ, "TWOTOWER_MODEL_NGRAM_BUCKETS": "4096", "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "twotower_cli", "train", str(tiny_pairs), *common,
                              "--batch-size", str(2 * B), "--runs-dir", str(tmp_path / "one")],
@@ -107,3 +115,4 @@ def test_torchrun_trains_one_run_matching_a_single_process(tiny_pairs, tmp_path)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=2e-4, rtol=1e-3, msg=name)
     assert (two / "metrics.jsonl").read_text().count("epoch/loss") == 1
+    assert (two / "hard_negatives_epoch0.safetensors").exists()

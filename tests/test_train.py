@@ -77,6 +77,22 @@ def test_every_encoder_and_loss_trains(tiny_pairs, tmp_path, encoder, loss):
     assert not out.interrupted and np.isfinite(out.history[-1]["epoch/loss"])
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_table_is_stored_once_and_reloads_shared(tiny_pairs, tmp_path, shared):
+    from twotower_cli.artifacts import read_tensors
+
+    cfg = small_cfg(tmp_path, epochs=1).with_overrides({("model", "shared_embeddings"): shared})
+    out = run_train(cfg, tiny_pairs, Hooks(), lambda: False)
+    for name in ("model.safetensors", "checkpoint.safetensors"):
+        tensors, _ = read_tensors(out.run_dir / name)
+        assert len([k for k in tensors if k.endswith("bag.weight")]) == (1 if shared else 2), name
+    model, _, cfg_json = load_model(out.run_dir)
+    assert cfg_json["model"]["shared_embeddings"] is shared
+    q, d = model.query_tower, model.document_tower
+    assert (q.bag.weight.data_ptr() == d.bag.weight.data_ptr()) is shared
+    assert not torch.equal(q.proj.weight, d.proj.weight)  # the towers' own layers trained apart
+
+
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_pairs, tmp_path):
     full = run_train(small_cfg(tmp_path / "a", epochs=3), tiny_pairs, Hooks(), lambda: False)
 

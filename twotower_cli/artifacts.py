@@ -63,7 +63,7 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
 def save_model(run_dir: Path, model: torch.nn.Module) -> str:
     """Write model.safetensors atomically. Its metadata carries a fingerprint: the sha256 of the weights, which
     indexes record (searching with another model is refused) and loading checks (altered weights are refused)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(model.state_dict().items())}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(model.weights().items())}
     digest = weights_digest(tensors)
     meta = {"format": "twotower", "format_version": str(FORMAT_VERSION), "fingerprint": digest}
     atomic_write_bytes(Path(run_dir) / "model.safetensors", st_save(tensors, metadata=meta))
@@ -112,7 +112,7 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def load_weights(model: TwoTower, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    expected = model.state_dict()
+    expected = model.weights()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -122,7 +122,7 @@ def load_weights(model: TwoTower, tensors: dict[str, torch.Tensor], path: Path) 
         if tuple(t.shape) != tuple(expected[name].shape):
             raise ArtifactError(f"{path}: weight '{name}' has shape {tuple(t.shape)} but config.json implies "
                                 f"{tuple(expected[name].shape)}; the files come from different models")
-    model.load_state_dict(tensors)
+    model.load_weights(tensors)
 
 
 def load_model(run_dir: Path, device="cpu") -> tuple[TwoTower, Vocab, dict]:
@@ -171,7 +171,7 @@ def restore_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, in
 
 
 def save_checkpoint(path: Path, model, optimizers: dict[str, torch.optim.Optimizer], state: dict) -> None:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.weights().items()}
     info = {}
     for name, opt in optimizers.items():
         t, i = optimizer_tensors(f"optim_{name}", opt)

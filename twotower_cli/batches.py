@@ -16,14 +16,15 @@ import polars as pl
 import torch
 
 from twotower_cli.errors import DataError
+from twotower_cli.tokens import TokenTable
 
 
 @dataclass
 class TrainingSet:
     queries: pl.Series  # unique query texts; row i has token row i
     documents: pl.Series  # unique document texts
-    q_tokens: torch.Tensor  # [n_queries, Lq] int32
-    d_tokens: torch.Tensor  # [n_documents, Ld] int32
+    q_tokens: TokenTable  # [n_queries, Lq] int32 token rows, indexed like a tensor
+    d_tokens: TokenTable  # [n_documents, Ld]
     pos_q: torch.Tensor  # [P] training positives: query index
     pos_d: torch.Tensor  # [P] training positives: document index
     neg_ptr: torch.Tensor  # [n_queries + 1] CSR offsets into neg_doc
@@ -42,7 +43,8 @@ class TrainingSet:
 
 
 def build(df: pl.DataFrame, vocab, max_query_length: int, max_document_length: int, val_fraction: float,
-          seed: int) -> TrainingSet:
+          seed: int, eager: bool = True) -> TrainingSet:
+    """``eager``: tokenise every text now (one process); else only the rows a step uses, when it uses them."""
     queries = df["query"].unique().sort()
     documents = df["document"].unique().sort()
     qidx = pl.DataFrame({"query": queries, "qid": np.arange(len(queries), dtype=np.int64)})
@@ -71,8 +73,8 @@ def build(df: pl.DataFrame, vocab, max_query_length: int, max_document_length: i
 
     return TrainingSet(
         queries=queries, documents=documents,
-        q_tokens=torch.from_numpy(vocab.encode(queries, max_query_length)),
-        d_tokens=torch.from_numpy(vocab.encode(documents, max_document_length)),
+        q_tokens=TokenTable(queries, vocab, max_query_length, eager),
+        d_tokens=TokenTable(documents, vocab, max_document_length, eager),
         pos_q=torch.from_numpy(train_pos["qid"].to_numpy().copy()),
         pos_d=torch.from_numpy(train_pos["did"].to_numpy().copy()),
         neg_ptr=neg_ptr, neg_doc=neg_doc,

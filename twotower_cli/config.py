@@ -36,6 +36,7 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "ngram_buckets": (131072, "hash buckets of the ngram encoder"),
         "cnn_widths": ("3,5", "convolution widths of the cnn encoder"),
         "word_bigrams": (False, "ngram encoder: also hash pairs of consecutive words"),
+        "shared_embeddings": (True, "one embedding table for both towers (0.637 vs 0.589 val MRR@10 on Debian)"),
     },
     "train": {
         "epochs": (5, "passes over the training pairs (the seed used 3; 5 measured better, see benchmarks/RESULTS.md)"),

@@ -52,7 +52,7 @@ def mine_with_model(model, ts, device) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     queries = torch.unique(ts.pos_q.cpu())
     de = embed_tokens(model.encode_documents, ts.d_tokens, device)
-    qe = embed_tokens(model.encode_queries, ts.q_tokens[queries.to(ts.q_tokens.device)], device)
+    qe = embed_tokens(model.encode_queries, ts.q_tokens.subset(queries), device)
     _, ranked = exact_topk(qe, de, DEPTH)
     model.train(was)
     positives = known_positives(ts)
@@ -78,13 +78,12 @@ def mine_with_bm25(ts) -> tuple[np.ndarray, np.ndarray]:
     return select(queries, ranked, positives, lambda q, d: docs[int(d)] == pos_text[q])
 
 
-def cached(run_dir: Path, epoch: int, mine, write: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def cached(run_dir: Path, epoch: int, mine) -> tuple[np.ndarray, np.ndarray]:
     """The negatives mined for ``epoch``, from the run folder if an earlier (interrupted) process mined them."""
     path = Path(run_dir) / f"hard_negatives_epoch{epoch}.safetensors"
     if path.exists():
         t = load_file(path)
         return t["query"].numpy(), t["document"].numpy()
     q, d = mine()
-    if write:
-        atomic_write_bytes(path, save({"query": torch.from_numpy(q), "document": torch.from_numpy(d)}))
+    atomic_write_bytes(path, save({"query": torch.from_numpy(q), "document": torch.from_numpy(d)}))
     return q, d

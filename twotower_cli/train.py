@@ -73,7 +73,8 @@ def lr_at(step: int, total: int, peak: float, warmup_fraction: float) -> float:
 
 
 def grad_norm(model: TwoTower, coalesce: bool = False) -> float:
-    """L2 norm of all gradients. ``coalesce`` for sparse gradients summed from several processes (DDP)."""
+    """L2 norm of all gradients. ``coalesce`` for sparse gradients summed from several lookups (a table shared by
+    both towers, or DDP's sum over processes)."""
     sq = 0.0
     for p in model.parameters():
         if p.grad is None:
@@ -85,30 +86,69 @@ def grad_norm(model: TwoTower, coalesce: bool = False) -> float:
     return math.sqrt(sq)
 
 
-def batch_loss(net, ts: TrainingSet, idx: torch.Tensor, negs: torch.Tensor, cfg, ddp=None) -> tuple:
-    """Embed one batch and compute its loss; ``idx`` are positions in the training positives.
+@dataclass
+class Batch:
+    """One step's data: ids of its positives (and extra negatives) and their token rows."""
+    qi: torch.Tensor  # [b] query index of each positive pair
+    di: torch.Tensor  # [b] document index of each positive pair
+    ni: torch.Tensor  # infonce: [m] extra negatives (m <= b); triplet: [b] one negative per pair
+    q_tokens: torch.Tensor  # [b, Lq]
+    d_tokens: torch.Tensor  # [b + m, Ld]: the positives, then the negatives
 
-    ``net`` is the model or its DistributedDataParallel wrapper; under DDP with gather_negatives the InfoNCE
-    loss sees the documents of every process's batch."""
+
+def make_batch(ts: TrainingSet, idx: torch.Tensor, negs: torch.Tensor, loss: str) -> Batch:
+    """The batch of training positives ``idx`` (positions in ``ts.pos_q``) with this epoch's negatives."""
     qi, di, ni = ts.pos_q[idx], ts.pos_d[idx], negs[idx]
-    b = qi.shape[0]
-    if cfg.loss == "triplet":
+    if loss == "triplet":
         ni = torch.where(ni >= 0, ni, di.roll(1))  # no negative in the file: a document of another pair
-        q, docs = net(ts.q_tokens[qi], ts.d_tokens[torch.cat([di, ni])])  # one pass: one sparse gradient
+    else:
+        ni = ni[ni >= 0]
+    return Batch(qi, di, ni, ts.q_tokens[qi], ts.d_tokens[torch.cat([di, ni])])  # one document pass
+
+
+def epoch_batches(ts: TrainingSet, order: torch.Tensor, negs: torch.Tensor, first: int, steps: int,
+                  global_batch: int, rank: int, batch_size: int, loss: str, device, prefetch: bool):
+    """Yield (idx, batch) for steps first..steps-1: process ``rank``'s slice of each global batch of ``order``.
+    With ``prefetch`` the next step's batch is made in a background thread (tokenising on demand overlaps the
+    current step)."""
+    def fetch(i: int):
+        start = i * global_batch + rank * batch_size
+        idx = order[start:start + batch_size].to(device, non_blocking=True)
+        return idx, make_batch(ts, idx, negs, loss)
+
+    if not prefetch:
+        for i in range(first, steps):
+            yield fetch(i)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="twotower-batches") as pool:
+        pending = pool.submit(fetch, first) if first < steps else None
+        for i in range(first, steps):
+            current = pending.result()
+            pending = pool.submit(fetch, i + 1) if i + 1 < steps else None
+            yield current
+
+
+def batch_loss(net, batch: Batch, cfg, ddp=None) -> tuple:
+    """Embed one batch and compute its loss. ``net`` is the model or its DistributedDataParallel wrapper; under
+    DDP with gather_negatives the InfoNCE loss sees the documents of every process's batch."""
+    b = batch.qi.shape[0]
+    q, docs = net(batch.q_tokens, batch.d_tokens)
+    if cfg.loss == "triplet":
         return losses.triplet(q, docs[:b], docs[b:], cfg.margin)
-    ni = ni[ni >= 0]
-    q, docs = net(ts.q_tokens[qi], ts.d_tokens[torch.cat([di, ni])])
     d, n = docs[:b], docs[b:]
     if ddp is not None and cfg.gather_negatives:
         from twotower_cli.distributed import gather, gather_ids, gather_ragged
 
-        return losses.infonce(q, gather(d), gather_ids(di), gather_ids(qi), gather_ragged(n), gather_ids(ni),
-                              cfg.temperature, offset=ddp.rank * b)
-    return losses.infonce(q, d, di, qi, n, ni, cfg.temperature)
+        return losses.infonce(q, gather(d), gather_ids(batch.di), gather_ids(batch.qi), gather_ragged(n),
+                              gather_ids(batch.ni), cfg.temperature, offset=ddp.rank * b)
+    return losses.infonce(q, d, batch.di, batch.qi, n, batch.ni, cfg.temperature)
 
 
-def use_hard_negatives(model, ts, kind: str, epoch: int, run_dir: Path, device, file_negatives, main: bool):
-    """Each query's negatives = the file's label-0 documents + mined ones (bm25: once; model: from epoch 2)."""
+def use_hard_negatives(model, ts, kind: str, epoch: int, run_dir: Path, device, file_negatives, ddp=None):
+    """Each query's negatives = the file's label-0 documents + mined ones (bm25: once; model: from epoch 2).
+    Under DDP rank 0 mines (or reads the run folder's cache) and sends the lists to the others."""
     from twotower_cli import mining
     from twotower_cli.batches import add_negatives
 
@@ -117,7 +157,10 @@ def use_hard_negatives(model, ts, kind: str, epoch: int, run_dir: Path, device, 
         return  # the first epoch is the first pass
     key = 0 if kind == "bm25" else epoch
     mine = (lambda: mining.mine_with_bm25(ts)) if kind == "bm25" else (lambda: mining.mine_with_model(model, ts, device))
-    q, d = mining.cached(run_dir, key, mine, write=main)
+    if ddp is None or ddp.main:
+        q, d = mining.cached(run_dir, key, mine)
+    if ddp is not None:
+        q, d = ddp.broadcast((q, d) if ddp.main else None)
     add_negatives(ts, q, d)
     ts.neg_ptr, ts.neg_doc = ts.neg_ptr.to(device), ts.neg_doc.to(device)
 
@@ -176,15 +219,16 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
     file_negatives = (ts.neg_ptr, ts.neg_doc)
     for epoch in range(st["epoch"], tcfg.epochs):
         if tcfg.hard_negatives != "none":
-            use_hard_negatives(model, ts, tcfg.hard_negatives, epoch, run_dir, device, file_negatives, main)
+            use_hard_negatives(model, ts, tcfg.hard_negatives, epoch, run_dir, device, file_negatives, ddp)
         order = epoch_order(ts.n_train, tcfg.seed, epoch)
         negs = sample_negatives(ts, tcfg.seed, epoch).to(device)
         hooks.epoch_start(epoch, tcfg.epochs, spe, st["step"])
         epoch_t0, epoch_pairs = time.perf_counter(), 0
+        batches = epoch_batches(ts, order, negs, st["step"], spe, global_batch, rank, tcfg.batch_size, tcfg.loss,
+                                device, prefetch=not ts.d_tokens.eager)
         for i in range(st["step"], spe):
             t0 = time.perf_counter()
-            start = i * global_batch + rank * tcfg.batch_size
-            idx = order[start:start + tcfg.batch_size].to(device, non_blocking=True)
+            idx, batch = next(batches)
             if idx.shape[0] < 2:
                 continue
             lr = lr_at(st["global_step"], total, tcfg.learning_rate, tcfg.warmup_fraction)
@@ -196,7 +240,7 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
                 sync()
             t1 = time.perf_counter()
             with autocast:
-                loss, stats = batch_loss(net, ts, idx, negs, tcfg, ddp)
+                loss, stats = batch_loss(net, batch, tcfg, ddp)
             if log_now:
                 sync()
             t2 = time.perf_counter()
@@ -210,7 +254,7 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
             if log_now:
                 sync()
             t3 = time.perf_counter()
-            gnorm = grad_norm(model, coalesce=ddp is not None) if log_now else None
+            gnorm = grad_norm(model, coalesce=ddp is not None or model.cfg.shared_embeddings) if log_now else None
             if check_now and not (math.isfinite(value) and (gnorm is None or math.isfinite(gnorm))):
                 raise TrainingError(f"training diverged at step {st['global_step'] + 1} (epoch {epoch + 1}): "
                                     f"loss {value}, gradient norm {gnorm}; lower --learning-rate (now "
@@ -240,6 +284,7 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
             if ddp:
                 stop = ddp.any(stop)  # every process stops at the same step
             if stop:
+                batches.close()
                 flush()
                 checkpoint()
                 return outcome(True)
@@ -259,7 +304,7 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
             ddp.barrier()
             continue
         if len(ts.val_q):
-            corpus = ts.d_tokens if val_docs is None else ts.d_tokens[val_docs]
+            corpus = ts.d_tokens if val_docs is None else ts.d_tokens.subset(val_docs)
             qrels = ts.val_qrels if val_docs is None else val_qrels
             t = time.perf_counter()
             record.update({f"val/{k}": v for k, v in

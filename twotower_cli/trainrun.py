@@ -66,7 +66,8 @@ def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
     return ModelConfig(encoder=cfg.model.encoder, vocab_size=len(vocab), embedding_dim=cfg.model.embedding_dim,
                        hidden_dim=cfg.model.hidden_dim, ngram_buckets=cfg.model.ngram_buckets, cnn_widths=widths,
                        max_query_length=cfg.data.max_query_length, max_document_length=cfg.data.max_document_length,
-                       word_chars=word_chars, word_bigrams=cfg.model.word_bigrams)
+                       word_chars=word_chars, word_bigrams=cfg.model.word_bigrams,
+                       shared_embeddings=cfg.model.shared_embeddings)
 
 
 def sample_val_corpus(ts: TrainingSet, size: int, seed: int):
@@ -125,7 +126,8 @@ def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_
         vocab = Vocab.build([df["query"], df["document"]], cfg.vocab.min_freq, cfg.vocab.max_size,
                             cfg.vocab.lowercase)
     t, d = cfg.train, cfg.data
-    ts = build(df, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed)
+    # one process tokenises everything up front; under torchrun each tokenises only its slices of the batches
+    ts = build(df, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed, eager=ddp is None)
     world = ddp.world if ddp else 1
     if t.batch_size * world > ts.n_train:
         raise UsageError(f"--batch-size {t.batch_size}{f' x {world} processes' if ddp else ''} is larger than the "
@@ -235,7 +237,7 @@ def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hoo
     from twotower_cli.index import build_index
 
     tensors, _ = read_tensors(run_dir / "model.safetensors")
-    model.load_state_dict(tensors)
+    model.load_weights(tensors)
     model.eval()
     hooks.message("embedding the training documents into the default index")
     index = build_index(run_dir, model, vocab, [(ts.documents, None)], "default", device=device)
