@@ -35,7 +35,8 @@ from twotower_cli.batches import build  # noqa: E402
 from twotower_cli.config import load_config  # noqa: E402
 from twotower_cli.data import load_pairs, require_trainable  # noqa: E402
 from twotower_cli.model import TwoTower  # noqa: E402
-from twotower_cli.train import batch_loss, make_batch, make_optimizers, resolve_device, sample_negatives  # noqa: E402
+from twotower_cli.batches import make_batch  # noqa: E402
+from twotower_cli.train import batch_loss, make_optimizers, resolve_device, sample_negatives  # noqa: E402
 from twotower_cli.trainrun import model_config  # noqa: E402
 from twotower_cli.vocab import Vocab  # noqa: E402
 
@@ -97,11 +98,13 @@ def main() -> None:
                                          ("train", "precision"): args.precision})
     ref = model_only(cfg, Path(args.data), device, args.steps)
     full = pipeline(Path(args.data), args, [])
+    lazy = pipeline(Path(args.data), args, ["--tokenize", "on-demand"])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"\nTraining throughput ({args.encoder}, batch {args.batch_size}, {args.precision}, {device.type}: {name})")
     print(f"| measure | pairs/s | ratio |\n|---|---|---|")
     print(f"| model-only step loop (tokens in memory) | {ref:,.0f} | 1.00 |")
     print(f"| `twotower train` (epoch, validation excluded) | {full:,.0f} | {full / ref:.2f} |")
+    print(f"| `twotower train --tokenize on-demand` (as each torchrun process) | {lazy:,.0f} | {lazy / ref:.2f} |")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,44 @@ def test_shared_table_is_stored_once_and_reloads_shared(tiny_pairs, tmp_path, sh
     assert not torch.equal(q.proj.weight, d.proj.weight)  # the towers' own layers trained apart
 
 
+def test_shared_table_is_looked_up_once_for_both_towers():
+    from twotower_cli.model import ModelConfig, TwoTower
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, embedding_dim=8, hidden_dim=16, ngram_buckets=512, max_query_length=12,
+                      max_document_length=30, word_chars=list(range(2, 30)), shared_embeddings=True)
+    model = TwoTower(cfg)
+    q_ids = torch.randint(2, 40, (6, 12)) * (torch.rand(6, 12) > 0.2)
+    d_ids = torch.randint(2, 40, (6, 30)) * (torch.rand(6, 30) > 0.2)
+
+    def grads(embed):
+        model.zero_grad(set_to_none=True)
+        q, d = embed()
+        ((q @ d.T) ** 2).sum().backward()
+        return {n: p.grad.coalesce() if p.grad.is_sparse else p.grad for n, p in model.named_parameters()}
+
+    joint = model.query_tower.bag.weight
+    once = grads(lambda: model(q_ids, d_ids))
+    n_rows = joint.grad._indices().shape[1]  # the training path's gradient, before coalescing
+    twice = grads(lambda: (model.encode_queries(q_ids), model.encode_documents(d_ids)))
+    assert n_rows == once["query_tower.bag.weight"]._indices().shape[1]  # no duplicate rows to coalesce
+    for name, g in once.items():
+        torch.testing.assert_close(g.to_dense(), twice[name].to_dense(), atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_tokenising_on_demand_trains_the_same_model(tiny_pairs, tmp_path):
+    """On demand (what each torchrun process does, with its prefetch thread) gives the same batches as up front."""
+    runs = {}
+    for mode in ("upfront", "on-demand"):
+        cfg = small_cfg(tmp_path / mode, epochs=2).with_overrides({("data", "tokenize"): mode})
+        runs[mode] = run_train(cfg, tiny_pairs, Hooks(), lambda: False)
+    a, _, _ = load_model(runs["upfront"].run_dir)
+    b, _, _ = load_model(runs["on-demand"].run_dir)
+    for name, t in a.weights().items():
+        torch.testing.assert_close(t, b.weights()[name], atol=1e-6, rtol=0, msg=name)
+    assert runs["upfront"].best["val/mrr@10"] == pytest.approx(runs["on-demand"].best["val/mrr@10"], abs=1e-6)
+
+
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_pairs, tmp_path):
     full = run_train(small_cfg(tmp_path / "a", epochs=3), tiny_pairs, Hooks(), lambda: False)
 
@@ -135,6 +173,7 @@ def test_seed_spelling_aliases_and_settings(cli, tiny_pairs, tmp_path):
     (["--device", "tpu"], "is not a device", 2),
     (["--batch-size", "100000"], "larger than the", 2),
     (["--loss", "hinge"], "--loss 'hinge'", 2),
+    (["--tokenize", "later"], "--tokenize 'later'", 2),
 ])
 def test_bad_options_are_clear_errors(cli, tiny_pairs, tmp_path, args, needle, code):
     res = cli("train", tiny_pairs, "--runs-dir", tmp_path / "runs", *args)

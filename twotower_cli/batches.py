@@ -123,3 +123,47 @@ def sample_negatives(ts: TrainingSet, seed: int, epoch: int) -> torch.Tensor:
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return math.ceil(n_train / batch_size)
+
+
+@dataclass
+class Batch:
+    """One step's data: ids of its positives (and extra negatives) and their token rows."""
+    qi: torch.Tensor  # [b] query index of each positive pair
+    di: torch.Tensor  # [b] document index of each positive pair
+    ni: torch.Tensor  # infonce: [m] extra negatives (m <= b); triplet: [b] one negative per pair
+    q_tokens: torch.Tensor  # [b, Lq]
+    d_tokens: torch.Tensor  # [b + m, Ld]: the positives, then the negatives
+
+
+def make_batch(ts: TrainingSet, idx: torch.Tensor, negs: torch.Tensor, loss: str) -> Batch:
+    """The batch of training positives ``idx`` (positions in ``ts.pos_q``) with this epoch's negatives."""
+    qi, di, ni = ts.pos_q[idx], ts.pos_d[idx], negs[idx]
+    if loss == "triplet":
+        ni = torch.where(ni >= 0, ni, di.roll(1))  # no negative in the file: a document of another pair
+    else:
+        ni = ni[ni >= 0]
+    return Batch(qi, di, ni, ts.q_tokens[qi], ts.d_tokens[torch.cat([di, ni])])  # one document pass
+
+
+def epoch_batches(ts: TrainingSet, order: torch.Tensor, negs: torch.Tensor, first: int, steps: int,
+                  global_batch: int, rank: int, batch_size: int, loss: str, device, prefetch: bool):
+    """Yield (idx, batch) for steps first..steps-1: process ``rank``'s slice of each global batch of ``order``.
+    With ``prefetch`` the next step's batch is made in a background thread (tokenising on demand overlaps the
+    current step)."""
+    def fetch(i: int):
+        start = i * global_batch + rank * batch_size
+        idx = order[start:start + batch_size].to(device, non_blocking=True)
+        return idx, make_batch(ts, idx, negs, loss)
+
+    if not prefetch:
+        for i in range(first, steps):
+            yield fetch(i)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="twotower-batches") as pool:
+        pending = pool.submit(fetch, first) if first < steps else None
+        for i in range(first, steps):
+            current = pending.result()
+            pending = pool.submit(fetch, i + 1) if i + 1 < steps else None
+            yield current

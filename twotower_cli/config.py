@@ -23,6 +23,7 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "label_col": ("label", "column holding the label (1 relevant, 0 negative); optional in the file"),
         "max_query_length": (64, "characters of a query the model reads"),
         "max_document_length": (1024, "characters of a document the model reads (Debian p95 is ~800; 1024 measured better than 512)"),
+        "tokenize": ("auto", "upfront (all texts before training), on-demand (each step its rows) or auto (upfront for one process, on-demand under torchrun)"),
     },
     "vocab": {
         "min_freq": (2, "characters seen fewer times become the unknown id"),
@@ -36,10 +37,10 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "ngram_buckets": (131072, "hash buckets of the ngram encoder"),
         "cnn_widths": ("3,5", "convolution widths of the cnn encoder"),
         "word_bigrams": (False, "ngram encoder: also hash pairs of consecutive words"),
-        "shared_embeddings": (True, "one embedding table for both towers (0.637 vs 0.589 val MRR@10 on Debian)"),
+        "shared_embeddings": (True, "one embedding table for both towers (0.637 vs 0.589 val MRR@10 on Debian, 5 epochs)"),
     },
     "train": {
-        "epochs": (5, "passes over the training pairs (the seed used 3; 5 measured better, see benchmarks/RESULTS.md)"),
+        "epochs": (8, "passes over the training pairs; the best epoch on validation is kept (the seed used 3; see benchmarks/RESULTS.md)"),
         "batch_size": (256, "positive pairs per step (more in-batch negatives with infonce)"),
         "learning_rate": (1e-2, "peak learning rate (the seed used 1e-3; 1e-2 measured far better for hashed n-gram tables)"),
         "warmup_fraction": (0.05, "share of steps that warm the learning rate up; then linear decay"),

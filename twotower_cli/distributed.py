@@ -74,9 +74,13 @@ def setup(device_name: str) -> Dist | None:
 def gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every process's ``x`` (same shape on all) keeping the autograd graph: gradients flow back to
     the process that owns each row (torch.distributed.nn's all_gather reduces them on the way back)."""
+    import warnings
+
     import torch.distributed.nn.functional as dnn
 
-    return torch.cat(dnn.all_gather(x), 0)
+    with warnings.catch_warnings():  # torch 2.13 marks it deprecated; its named successor has no autograd path
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(dnn.all_gather(x), 0)
 
 
 def row_counts(x: torch.Tensor) -> list[int]:

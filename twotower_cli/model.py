@@ -135,13 +135,24 @@ class NgramEncoder(nn.Module):
         return hashes, weights / weights.sum(1, keepdim=True).clamp(min=1.0).sqrt()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        hashes, weights = self.features(ids)
-        # Look each distinct bucket up once: the sparse gradient then has one row per distinct n-gram in the
-        # batch instead of one per occurrence (10-50x fewer rows for SparseAdam to coalesce).
-        uniq, inverse = torch.unique(hashes, return_inverse=True)
-        rows = F.embedding(uniq, self.bag.weight, sparse=self.bag.sparse)
-        bag = F.embedding_bag(inverse, rows, mode="sum", per_sample_weights=weights.to(rows.dtype))
+        return self.head(*pooled_lookup(self.bag.weight, [self.features(ids)]))
+
+    def head(self, bag: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(bag))
+
+
+def pooled_lookup(table: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Weighted sums of ``table`` rows for each (hashes, weights) part, looking each distinct bucket up once:
+    the sparse gradient then has one row per distinct n-gram in the batch instead of one per occurrence (10-50x
+    fewer rows for SparseAdam), and both towers of a shared table yield one gradient with no duplicate rows."""
+    uniq, inverse = torch.unique(torch.cat([h.reshape(-1) for h, _ in parts]), return_inverse=True)
+    rows = F.embedding(uniq, table, sparse=True)
+    out, start = [], 0
+    for h, w in parts:
+        inv = inverse[start:start + h.numel()].view_as(h)
+        out.append(F.embedding_bag(inv, rows, mode="sum", per_sample_weights=w.to(rows.dtype)))
+        start += h.numel()
+    return out
 
 
 ENCODERS = {"mean": MeanEncoder, "cnn": CNNEncoder, "ngram": NgramEncoder}
@@ -189,7 +200,12 @@ class TwoTower(nn.Module):
         self.load_state_dict(full)
 
     def forward(self, query_ids: torch.Tensor, document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both towers in one call: what DistributedDataParallel wraps."""
+        """Both towers in one call: what DistributedDataParallel wraps. A shared n-gram table is looked up once
+        for the two (one sparse gradient with unique rows, as with separate tables)."""
+        if self.cfg.shared_embeddings and isinstance(self.query_tower, NgramEncoder):
+            qt, dt = self.query_tower, self.document_tower
+            q, d = pooled_lookup(qt.bag.weight, [qt.features(query_ids), dt.features(document_ids)])
+            return F.normalize(qt.head(q).float(), dim=-1), F.normalize(dt.head(d).float(), dim=-1)
         return self.encode_queries(query_ids), self.encode_documents(document_ids)
 
     def encode_queries(self, ids: torch.Tensor) -> torch.Tensor:

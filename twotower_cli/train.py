@@ -18,7 +18,7 @@ import torch
 
 from twotower_cli import losses
 from twotower_cli.artifacts import load_checkpoint, save_checkpoint, save_model
-from twotower_cli.batches import TrainingSet, epoch_order, sample_negatives, steps_per_epoch
+from twotower_cli.batches import Batch, TrainingSet, epoch_batches, epoch_order, sample_negatives, steps_per_epoch
 from twotower_cli.errors import TrainingError, UsageError
 from twotower_cli.evaluation import evaluate_model
 from twotower_cli.model import TwoTower
@@ -73,8 +73,7 @@ def lr_at(step: int, total: int, peak: float, warmup_fraction: float) -> float:
 
 
 def grad_norm(model: TwoTower, coalesce: bool = False) -> float:
-    """L2 norm of all gradients. ``coalesce`` for sparse gradients summed from several lookups (a table shared by
-    both towers, or DDP's sum over processes)."""
+    """L2 norm of all gradients. ``coalesce`` for sparse gradients summed from several processes (DDP)."""
     sq = 0.0
     for p in model.parameters():
         if p.grad is None:
@@ -84,50 +83,6 @@ def grad_norm(model: TwoTower, coalesce: bool = False) -> float:
         g = (p.grad.coalesce()._values() if coalesce else p.grad._values()) if p.grad.is_sparse else p.grad
         sq += float(g.detach().float().pow(2).sum())
     return math.sqrt(sq)
-
-
-@dataclass
-class Batch:
-    """One step's data: ids of its positives (and extra negatives) and their token rows."""
-    qi: torch.Tensor  # [b] query index of each positive pair
-    di: torch.Tensor  # [b] document index of each positive pair
-    ni: torch.Tensor  # infonce: [m] extra negatives (m <= b); triplet: [b] one negative per pair
-    q_tokens: torch.Tensor  # [b, Lq]
-    d_tokens: torch.Tensor  # [b + m, Ld]: the positives, then the negatives
-
-
-def make_batch(ts: TrainingSet, idx: torch.Tensor, negs: torch.Tensor, loss: str) -> Batch:
-    """The batch of training positives ``idx`` (positions in ``ts.pos_q``) with this epoch's negatives."""
-    qi, di, ni = ts.pos_q[idx], ts.pos_d[idx], negs[idx]
-    if loss == "triplet":
-        ni = torch.where(ni >= 0, ni, di.roll(1))  # no negative in the file: a document of another pair
-    else:
-        ni = ni[ni >= 0]
-    return Batch(qi, di, ni, ts.q_tokens[qi], ts.d_tokens[torch.cat([di, ni])])  # one document pass
-
-
-def epoch_batches(ts: TrainingSet, order: torch.Tensor, negs: torch.Tensor, first: int, steps: int,
-                  global_batch: int, rank: int, batch_size: int, loss: str, device, prefetch: bool):
-    """Yield (idx, batch) for steps first..steps-1: process ``rank``'s slice of each global batch of ``order``.
-    With ``prefetch`` the next step's batch is made in a background thread (tokenising on demand overlaps the
-    current step)."""
-    def fetch(i: int):
-        start = i * global_batch + rank * batch_size
-        idx = order[start:start + batch_size].to(device, non_blocking=True)
-        return idx, make_batch(ts, idx, negs, loss)
-
-    if not prefetch:
-        for i in range(first, steps):
-            yield fetch(i)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1, thread_name_prefix="twotower-batches") as pool:
-        pending = pool.submit(fetch, first) if first < steps else None
-        for i in range(first, steps):
-            current = pending.result()
-            pending = pool.submit(fetch, i + 1) if i + 1 < steps else None
-            yield current
 
 
 def batch_loss(net, batch: Batch, cfg, ddp=None) -> tuple:
@@ -254,7 +209,7 @@ def fit(model: TwoTower, ts: TrainingSet, tcfg, run_dir: Path, device: torch.dev
             if log_now:
                 sync()
             t3 = time.perf_counter()
-            gnorm = grad_norm(model, coalesce=ddp is not None or model.cfg.shared_embeddings) if log_now else None
+            gnorm = grad_norm(model, coalesce=ddp is not None) if log_now else None
             if check_now and not (math.isfinite(value) and (gnorm is None or math.isfinite(gnorm))):
                 raise TrainingError(f"training diverged at step {st['global_step'] + 1} (epoch {epoch + 1}): "
                                     f"loss {value}, gradient norm {gnorm}; lower --learning-rate (now "

@@ -55,7 +55,8 @@ def check_settings(cfg: Config) -> None:
         raise UsageError(f"--temperature must be positive, got {t.temperature}")
     for name, value, allowed in (("--loss", t.loss, LOSSES), ("--encoder", m.encoder, ENCODERS),
                                  ("--hard-negatives", t.hard_negatives, ("none", "bm25", "model")),
-                                 ("--precision", t.precision, PRECISIONS)):
+                                 ("--precision", t.precision, PRECISIONS),
+                                 ("--tokenize", d.tokenize, ("auto", "upfront", "on-demand"))):
         if value not in allowed:
             raise UsageError(f"{name} {value!r} is not one of {', '.join(allowed)}")
 
@@ -126,8 +127,9 @@ def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_
         vocab = Vocab.build([df["query"], df["document"]], cfg.vocab.min_freq, cfg.vocab.max_size,
                             cfg.vocab.lowercase)
     t, d = cfg.train, cfg.data
-    # one process tokenises everything up front; under torchrun each tokenises only its slices of the batches
-    ts = build(df, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed, eager=ddp is None)
+    # auto: one process tokenises everything up front; under torchrun each tokenises only its slices of the batches
+    eager = d.tokenize == "upfront" or (d.tokenize == "auto" and ddp is None)
+    ts = build(df, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed, eager=eager)
     world = ddp.world if ddp else 1
     if t.batch_size * world > ts.n_train:
         raise UsageError(f"--batch-size {t.batch_size}{f' x {world} processes' if ddp else ''} is larger than the "
