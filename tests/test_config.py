@@ -9,7 +9,8 @@ from tests.conftest import write
 
 def test_defaults_are_the_documented_ones():
     cfg = load_config(env={}, env_origin={})
-    assert cfg.train.batch_size == 256 and cfg.train.epochs == 5 and cfg.train.learning_rate == 1e-2
+    assert cfg.train.batch_size == 256 and cfg.train.epochs == 8 and cfg.train.learning_rate == 1e-2
+    assert cfg.model.shared_embeddings is True and cfg.data.tokenize == "auto"
     assert cfg.sources["train"]["batch_size"] == "default"
 
 
