@@ -9,17 +9,24 @@ among the processes. Both ways give the same token rows, so a run's result does 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import polars as pl
 import torch
 
+from twotower_cli.vocab import codepoints_padded
+
 
 class TokenTable:
     def __init__(self, texts: pl.Series, vocab, max_len: int, eager: bool = True):
-        self.texts, self.vocab, self.max_len = texts, vocab, max_len
+        self.vocab, self.max_len = vocab, max_len
         self.device = torch.device("cpu")
         self.tokens = torch.from_numpy(vocab.encode(texts, max_len)) if eager else None
+        # on demand: keep the texts cut and lowercased once, so that a step only maps characters to ids
+        self.texts = texts if eager else vocab.prepare_texts(texts, max_len)
         self.rows_tokenised = len(texts) if eager else 0  # what this process has tokenised (tests, benchmarks)
+        self._device_table = None
 
     @property
     def eager(self) -> bool:
@@ -38,13 +45,24 @@ class TokenTable:
             return self.tokens[idx.to(self.tokens.device) if isinstance(idx, torch.Tensor) else idx]
         rows = self.texts[idx] if isinstance(idx, slice) else self.texts.gather(as_numpy(idx))
         self.rows_tokenised += len(rows)
-        return torch.from_numpy(self.vocab.encode(rows, self.max_len)).to(self.device, non_blocking=True)
+        # The code points travel, the ids are looked up where they arrive: on a GPU that takes the lookup (the
+        # costliest part of tokenising on a CPU) off the host. Code points < 0x110000 fit in int32.
+        with warnings.catch_warnings():  # a read-only buffer; only read from
+            warnings.simplefilter("ignore", UserWarning)
+            cps = torch.from_numpy(codepoints_padded(rows, self.max_len).view(np.int32))
+        return torch.take(self._table(), cps.to(self.device, non_blocking=True).long())
+
+    def _table(self) -> torch.Tensor:
+        if self._device_table is None or self._device_table.device != self.device:
+            self._device_table = torch.from_numpy(self.vocab.table()).to(self.device)
+        return self._device_table
 
     def subset(self, idx: torch.Tensor) -> "TokenTable":
         """The rows ``idx`` as a table of their own, tokenised the same way as this one (nothing copied when
         lazy: the texts are gathered, tokenised later)."""
         out = TokenTable.__new__(TokenTable)
         out.vocab, out.max_len, out.device, out.rows_tokenised = self.vocab, self.max_len, self.device, 0
+        out._device_table = self._device_table
         out.texts = self.texts.gather(as_numpy(idx))
         out.tokens = None if self.tokens is None else self[idx]
         return out

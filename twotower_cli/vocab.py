@@ -52,12 +52,22 @@ class Vocab:
     # -- encoding ---------------------------------------------------------------------------------------------
     def encode(self, series, max_len: int) -> np.ndarray:
         """Encode a Polars string Series into an int32 array [rows, max_len], padded with 0."""
+        return self.encode_prepared(self.prepare_texts(series, max_len), max_len)
+
+    def prepare_texts(self, series, max_len: int):
+        """The text part of encoding: cut to ``max_len`` characters, lowercased. Tokenising on demand keeps texts
+        in this form so that each step does only the rest."""
         s = series.fill_null("").str.slice(0, max_len)  # cut first: lowercasing the whole text is wasted work
         if self.lowercase:
             s = s.str.to_lowercase().str.slice(0, max_len)
-        s = s.str.replace_all("\x00", "\ufffd", literal=True)  # NUL pads below, so a real one becomes U+FFFD
-        cps = codepoints_padded(s, max_len)
-        return self._table[cps]
+        return s.str.replace_all("\x00", "\ufffd", literal=True)  # NUL pads below: a real one becomes U+FFFD
+
+    def encode_prepared(self, series, max_len: int) -> np.ndarray:
+        return self._table[codepoints_padded(series, max_len)]
+
+    def table(self) -> np.ndarray:
+        """Code point -> id, for looking ids up where the code points are (on a GPU: the tokens' destination)."""
+        return self._table
 
     def encode_text(self, text: str, max_len: int) -> np.ndarray:
         import polars as pl
