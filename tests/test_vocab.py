@@ -88,3 +88,19 @@ def test_any_unicode_encodes_with_lengths_and_padding(texts, max_len):
 def test_known_characters_round_trip(text):
     v = build(["abc def字"])
     assert v.decode(v.encode(pl.Series([text]), max(len(text), 1))[0]) == text
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=40), st.none()), min_size=1, max_size=12))
+def test_tokens_on_demand_equal_tokens_up_front(texts):
+    import torch
+
+    from twotower_cli.tokens import TokenTable
+
+    series = pl.Series(texts, dtype=pl.String)
+    v = build(["Abc déf ☃ \x00 𝄞 ab", "xyz"], min_freq=1, max_size=12)
+    upfront, on_demand = TokenTable(series, v, 16, eager=True), TokenTable(series, v, 16, eager=False)
+    idx = torch.arange(len(texts)).flip(0)
+    assert torch.equal(on_demand[idx], upfront[idx]) and torch.equal(on_demand[1:], upfront[1:])
+    assert torch.equal(on_demand.subset(idx)[0:len(texts)], upfront.subset(idx)[0:len(texts)])
+    assert on_demand.rows_tokenised == 2 * len(texts) - 1 and on_demand.shape == upfront.shape

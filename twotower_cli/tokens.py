@@ -53,7 +53,7 @@ class TokenTable:
         return torch.take(self._table(), cps.to(self.device, non_blocking=True).long())
 
     def _table(self) -> torch.Tensor:
-        if self._device_table is None or self._device_table.device != self.device:
+        if self._device_table is None:  # uploaded once per device (``to`` forgets it)
             self._device_table = torch.from_numpy(self.vocab.table()).to(self.device)
         return self._device_table
 
@@ -69,6 +69,7 @@ class TokenTable:
 
     def to(self, device) -> "TokenTable":
         self.device = torch.device(device)
+        self._device_table = None
         if self.tokens is not None:
             self.tokens = self.tokens.to(self.device)
         return self
