@@ -119,3 +119,39 @@ def test_torchrun_trains_one_run_matching_a_single_process(tiny_pairs, tmp_path)
         torch.testing.assert_close(a[name], b[name], atol=2e-4, rtol=1e-3, msg=name)
     assert (two / "metrics.jsonl").read_text().count("epoch/loss") == 1
     assert (two / "hard_negatives_epoch0.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun is not installed")
+def test_sigterm_stops_every_process_with_a_checkpoint_and_torchrun_resumes(tiny_pairs, tmp_path):
+    import signal
+    import time
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    args = [torchrun, "--nproc_per_node", "2", "-m", "twotower_cli", "train", str(tiny_pairs), "--device", "cpu",
+            "--epochs", "30", "--batch-size", "32", "--embedding-dim", "16", "--hidden-dim", "32",
+            "--max-document-length", "64", "--no-report", "--runs-dir", str(tmp_path / "runs")]
+    env = {**os.environ, "TWOTOWER_MODEL_NGRAM_BUCKETS": "4096", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until training is under way (two epochs logged)
+        logs = list((tmp_path / "runs").glob("*/metrics.jsonl"))
+        if logs and logs[0].read_text().count("epoch/loss") >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler sends; torchrun passes it on to both workers
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    run = logs[0].parent
+    assert len([p for p in (tmp_path / "runs").iterdir()]) == 1  # no runs/latest: the run is not complete
+    assert (run / "checkpoint.safetensors").exists()
+    assert json.loads((run / "run.json").read_text())["complete"] is False
+    assert f"torchrun --nproc_per_node 2 -m twotower_cli train --resume {run.name}" in err
+    again = subprocess.run([*args[:5], "train", "--resume", run.name, "--device", "cpu", "--runs-dir",
+                            str(tmp_path / "runs")], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run / "run.json").read_text())["complete"] is True
+    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines() if "epoch/loss" in x]
+    assert epochs == list(range(1, 31))  # every epoch once, across the stop

@@ -150,7 +150,11 @@ def train(
     for m in summary.messages:
         note(f"[yellow]note:[/] {m}")
     if summary.interrupted:
-        cmd = "twotower train --resume " + shlex.quote(summary.run_dir.name)
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # a DDP checkpoint resumes with as many processes
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        nodes = f" --nnodes {world // local} (and the same rendezvous options)" if world != local else ""
+        launcher = f"torchrun --nproc_per_node {local}{nodes} -m twotower_cli" if world > 1 else "twotower"
+        cmd = f"{launcher} train --resume " + shlex.quote(summary.run_dir.name)
         if cfg.train.runs_dir != "runs":
             cmd += " --runs-dir " + shlex.quote(str(cfg.train.runs_dir))
         note(f"[yellow]stopped[/]: checkpoint written to {summary.run_dir / 'checkpoint.safetensors'}")
