@@ -103,8 +103,9 @@ class NgramEncoder(nn.Module):
         self.register_buffer("pow", torch.tensor(pw, dtype=torch.long), persistent=False)
         self.register_buffer("inv_pow", torch.tensor(ipw, dtype=torch.long), persistent=False)
 
-    def features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bucket ids and weights of every trigram and every word: [B, 2L] each."""
+    def features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every trigram and word of each text as one 1-D bag: bucket ids and weights of the real features
+        (padded positions, most of a [B, 2L] matrix for short texts, are dropped), and where each text starts."""
         ids = ids.long()
         B, L = ids.shape
         ext = F.pad(ids, (1, 1))  # padding doubles as the boundary mark before and after the text
@@ -130,9 +131,10 @@ class NgramEncoder(nn.Module):
             feats.append((prev_wh * 1000033 + wh) % MOD + 104729)
             oks.append(ends & (prev_end >= 0))
         ok = torch.cat(oks, 1)
-        hashes = torch.where(ok, torch.cat(feats, 1) * MIX % (1 << 32) % self.buckets, 0)
-        weights = ok.to(torch.float32)
-        return hashes, weights / weights.sum(1, keepdim=True).clamp(min=1.0).sqrt()
+        counts = ok.sum(1)
+        hashes = torch.cat(feats, 1)[ok] * MIX % (1 << 32) % self.buckets
+        weights = (ok / counts.unsqueeze(1).clamp(min=1).sqrt())[ok]  # 1/sqrt(features of the text)
+        return hashes, weights, F.pad(counts.cumsum(0)[:-1], (1, 0))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(*pooled_lookup(self.bag.weight, [self.features(ids)]))
@@ -141,27 +143,19 @@ class NgramEncoder(nn.Module):
         return self.proj(self.norm(bag))
 
 
-def pooled_lookup(table: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """Weighted sums of ``table`` rows for each (hashes, weights) part ([B, F] each; weight 0 = no feature).
+def pooled_lookup(table: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list:
+    """Weighted sums of ``table`` rows for each 1-D bag (hashes, weights, offsets) of ``features``.
 
-    Only real features take part: padded positions (most of a [B, 2L] feature matrix for short texts) are
-    dropped before the lookup, which makes the sort in ``unique`` and the embedding-bag backward several times
-    cheaper. Each distinct bucket is looked up once, so the sparse gradient has one row per distinct n-gram in the
-    batch, not one per occurrence (10-50x fewer rows for SparseAdam), and the two towers of a shared table yield
-    one gradient with no duplicate rows."""
-    flats, weights, offsets = [], [], []
-    for h, w in parts:
-        ok = w > 0
-        flats.append(h[ok])
-        weights.append(w[ok])
-        offsets.append(F.pad(ok.sum(1).cumsum(0)[:-1], (1, 0)))  # where each text's features start
-    uniq, inverse = torch.unique(torch.cat(flats), return_inverse=True)
+    Each distinct bucket is looked up once, so the sparse gradient has one row per distinct n-gram in the batch,
+    not one per occurrence (10-50x fewer rows for SparseAdam), and the two towers of a shared table yield one
+    gradient with no duplicate rows."""
+    uniq, inverse = torch.unique(torch.cat([h for h, _, _ in parts]), return_inverse=True)
     rows = F.embedding(uniq, table, sparse=True)
     out, start = [], 0
-    for flat, w, off in zip(flats, weights, offsets):
-        inv = inverse[start:start + flat.numel()]
-        out.append(F.embedding_bag(inv, rows, off, mode="sum", per_sample_weights=w.to(rows.dtype)))
-        start += flat.numel()
+    for h, w, offsets in parts:
+        inv = inverse[start:start + h.numel()]
+        out.append(F.embedding_bag(inv, rows, offsets, mode="sum", per_sample_weights=w.to(rows.dtype)))
+        start += h.numel()
     return out
 
 

@@ -78,8 +78,8 @@ def grad_norm(model: TwoTower, coalesce: bool = False) -> float:
     for p in model.parameters():
         if p.grad is None:
             continue
-        # Each tower looks every distinct bucket up once per step, so a sparse gradient's indices are already
-        # unique: the norm of its values is exact without the cost of coalescing.
+        # Every distinct bucket of a table is looked up once per step (once for both towers when they share it),
+        # so a sparse gradient's indices are already unique: the norm of its values is exact without coalescing.
         g = (p.grad.coalesce()._values() if coalesce else p.grad._values()) if p.grad.is_sparse else p.grad
         sq += float(g.detach().float().pow(2).sum())
     return math.sqrt(sq)
