@@ -14,6 +14,16 @@ def lines_of(path: Path) -> list[str]:
     return [ln for ln in read_text(path).split("\n") if ln.strip()]
 
 
+def document_column(names: list[str], document_col: str, id_col: str | None, p: Path) -> str:
+    """The column holding the documents (``document_col``, else "document" or "text"); checks the id column."""
+    col = next((c for c in (document_col, "document", "text") if c in names), None)
+    if col is None:
+        raise DataError(f"{p}: no column '{document_col}' (found: {', '.join(names)}); pass --document-col")
+    if id_col and id_col not in names:
+        raise DataError(f"{p}: no id column '{id_col}' (found: {', '.join(names)})")
+    return col
+
+
 def read_corpus(path, document_col: str = "document", id_col: str | None = None) -> tuple[pl.Series, list | None]:
     p = check_file(path)
     if p.suffix.lower() == ".txt":
@@ -26,14 +36,7 @@ def read_corpus(path, document_col: str = "document", id_col: str | None = None)
         df, _ = read_table(p, [document_col, id_col or "id", "label"])
     else:
         df, _ = read_table(p, cols)
-    for alt in (document_col, "document", "text"):
-        if alt in df.columns:
-            document_col = alt
-            break
-    else:
-        raise DataError(f"{p}: no column '{document_col}' (found: {', '.join(df.columns)}); pass --document-col")
-    if id_col and id_col not in df.columns:
-        raise DataError(f"{p}: no id column '{id_col}' (found: {', '.join(df.columns)})")
+    document_col = document_column(df.columns, document_col, id_col, p)
     docs = as_text(df, document_col, p).fill_null("").str.normalize("NFKC")
     ids = df[id_col].cast(pl.String).to_list() if id_col else None
     if len(docs) == 0:
@@ -51,12 +54,7 @@ def corpus_chunks(path, document_col: str = "document", id_col: str | None = Non
         except Exception as exc:
             raise DataError(f"{p}: not a readable Parquet file ({first_line(exc)}); it may be truncated") from None
         lazy = pl.scan_parquet(p)
-        names = lazy.collect_schema().names()
-        col = next((c for c in (document_col, "document", "text") if c in names), None)
-        if col is None:
-            raise DataError(f"{p}: no column '{document_col}' (found: {', '.join(names)}); pass --document-col")
-        if id_col and id_col not in names:
-            raise DataError(f"{p}: no id column '{id_col}' (found: {', '.join(names)})")
+        col = document_column(lazy.collect_schema().names(), document_col, id_col, p)
         total = lazy.select(pl.len()).collect().item()
         if total == 0:
             raise DataError(f"{p}: no documents")

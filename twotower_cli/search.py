@@ -9,6 +9,7 @@ import polars as pl
 import torch
 
 from twotower_cli.artifacts import load_model
+from twotower_cli.evaluation import embed_tokens
 from twotower_cli.index import Index, load_index
 
 CANDIDATES = 100  # each side's list that hybrid fusion re-ranks
@@ -39,10 +40,9 @@ class Searcher:
         self.run_dir, self.index, self.model, self.vocab = run_dir, index, model, vocab
         self.bm25, self.weight = bm25, weight
 
-    @torch.no_grad()
     def embed(self, texts: list[str]) -> torch.Tensor:
         tokens = torch.from_numpy(self.vocab.encode(pl.Series(texts, dtype=pl.String), self.model.cfg.max_query_length))
-        return torch.cat([self.model.encode_queries(tokens[s:s + 4096]) for s in range(0, len(texts), 4096)])
+        return embed_tokens(self.model.encode_queries, tokens, "cpu", batch_size=4096)
 
     def rank(self, texts: list[str], k: int):
         """Scores and index rows [Q, <=k], best first."""

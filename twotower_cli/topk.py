@@ -107,8 +107,7 @@ def cpu_topk(q: torch.Tensor, corpus, k: int, chunk: int, block: int):
             torch.from_numpy(np.ascontiguousarray(np.take_along_axis(best_i, order, 1)).astype(np.int64)))
 
 
-def exact_topk(queries, corpus, k: int, chunk: int = 65536, block: int = 64,
-               buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_topk(queries, corpus, k: int, chunk: int = 65536, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores and indices [Q, min(k, N)] of the highest inner products, best first.
 
     ``corpus`` may be a torch tensor or a (memory-mapped) numpy array, float32 or float16; float16 chunks
@@ -126,8 +125,7 @@ def exact_topk(queries, corpus, k: int, chunk: int = 65536, block: int = 64,
             parts = [cpu_topk(q[j:j + 1].contiguous(), corpus, k, chunk, block) for j in range(q.shape[0])]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         return cpu_topk(q.contiguous(), corpus, k, chunk, block)
-    if buffer is None or buffer.numel() < q.shape[0] * chunk:
-        buffer = torch.empty(q.shape[0] * chunk, dtype=torch.float32, device=q.device)
+    buffer = torch.empty(q.shape[0] * chunk, dtype=torch.float32, device=q.device)  # one, reused by every chunk
     best_s = best_i = None
     for start in range(0, n, chunk):
         part = as_tensor(corpus[start:start + chunk])
