@@ -22,13 +22,18 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from twotower_cli.batches import build, make_batch  # noqa: E402
 from twotower_cli.config import load_config  # noqa: E402
-from twotower_cli.data import load_pairs, require_trainable  # noqa: E402
-from twotower_cli.model import TwoTower  # noqa: E402
-from twotower_cli.train import batch_loss, make_optimizers, resolve_device, sample_negatives  # noqa: E402
-from twotower_cli.trainrun import model_config  # noqa: E402
-from twotower_cli.vocab import Vocab  # noqa: E402
+from twotower_cli.data.pairs import load_pairs, require_trainable  # noqa: E402
+from twotower_cli.data.vocab import Vocab  # noqa: E402
+from twotower_cli.model.towers import TwoTower  # noqa: E402
+from twotower_cli.training.batches import build, make_batch  # noqa: E402
+from twotower_cli.training.loop import (  # noqa: E402
+    batch_loss,
+    make_optimizers,
+    resolve_device,
+    sample_negatives,
+)
+from twotower_cli.training.pipeline import model_config  # noqa: E402
 
 
 def main() -> None:

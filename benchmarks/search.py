@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from twotower_cli.topk import exact_topk  # noqa: E402
+from twotower_cli.retrieval.topk import exact_topk  # noqa: E402
 
 
 def best_of(fn, repeat=3) -> float:
@@ -57,7 +57,7 @@ def process_time(cmd: list[str], repeat: int = 3, cwd=None) -> float:
 RSS_CHILD = """
 import resource, sys, numpy as np, torch
 sys.path.insert(0, {root!r})
-from twotower_cli.topk import exact_topk
+from twotower_cli.retrieval.topk import exact_topk
 emb = np.load({path!r}, mmap_mode="r")
 q = torch.nn.functional.normalize(torch.randn(256, emb.shape[1]), dim=1)
 exact_topk(q, emb, 10)
@@ -137,8 +137,8 @@ def main() -> None:
     if args.runs_dir:  # HNSW on real embeddings: the run's default index, queried with real queries
         import polars as pl
 
-        from twotower_cli.artifacts import load_model
-        from twotower_cli.index import load_index
+        from twotower_cli.model.artifacts import load_model
+        from twotower_cli.retrieval.index import load_index
 
         run = (Path(args.runs_dir) / "latest").resolve()
         model, vocab, _ = load_model(run)

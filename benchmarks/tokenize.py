@@ -22,7 +22,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from twotower_cli.vocab import PAD, UNK, Vocab  # noqa: E402
+from twotower_cli.data.vocab import PAD, UNK, Vocab  # noqa: E402
 
 
 def loop_encode(vocab: Vocab, texts: list[str], max_len: int) -> np.ndarray:

@@ -31,14 +31,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from twotower_cli.batches import build  # noqa: E402
 from twotower_cli.config import load_config  # noqa: E402
-from twotower_cli.data import load_pairs, require_trainable  # noqa: E402
-from twotower_cli.model import TwoTower  # noqa: E402
-from twotower_cli.batches import make_batch  # noqa: E402
-from twotower_cli.train import batch_loss, make_optimizers, resolve_device, sample_negatives  # noqa: E402
-from twotower_cli.trainrun import model_config  # noqa: E402
-from twotower_cli.vocab import Vocab  # noqa: E402
+from twotower_cli.data.pairs import load_pairs, require_trainable  # noqa: E402
+from twotower_cli.data.vocab import Vocab  # noqa: E402
+from twotower_cli.model.towers import TwoTower  # noqa: E402
+from twotower_cli.training.batches import (
+    build,  # noqa: E402
+    make_batch,  # noqa: E402
+)
+from twotower_cli.training.loop import (  # noqa: E402
+    batch_loss,
+    make_optimizers,
+    resolve_device,
+    sample_negatives,
+)
+from twotower_cli.training.pipeline import model_config  # noqa: E402
 
 
 def model_only(cfg, data: Path, device: torch.device, steps: int) -> float:

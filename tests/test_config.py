@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from tests.conftest import write
 from twotower_cli.config import load_config
 from twotower_cli.errors import ConfigError
-from tests.conftest import write
 
 
 def test_defaults_are_the_documented_ones():

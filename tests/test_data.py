@@ -1,9 +1,9 @@
 import polars as pl
 import pytest
 
-from twotower_cli.data import load_pairs, require_trainable
-from twotower_cli.errors import DataError
 from tests.conftest import write
+from twotower_cli.data.pairs import load_pairs, require_trainable
+from twotower_cli.errors import DataError
 
 
 def test_tsv_without_header_is_the_seeds_format(tmp_path):

@@ -17,13 +17,13 @@ B = 24  # per process
 
 
 def setup_training(tiny_pairs, eager=True):
-    from twotower_cli.batches import build
     from twotower_cli.config import load_config
-    from twotower_cli.data import load_pairs, require_trainable
-    from twotower_cli.model import TwoTower
-    from twotower_cli.train import sample_negatives
-    from twotower_cli.trainrun import model_config
-    from twotower_cli.vocab import Vocab
+    from twotower_cli.data.pairs import load_pairs, require_trainable
+    from twotower_cli.data.vocab import Vocab
+    from twotower_cli.model.towers import TwoTower
+    from twotower_cli.training.batches import build
+    from twotower_cli.training.loop import sample_negatives
+    from twotower_cli.training.pipeline import model_config
 
     cfg = load_config(env={}, overrides={("model", "embedding_dim"): 16, ("model", "hidden_dim"): 32,
                                          ("model", "ngram_buckets"): 2048, ("data", "max_document_length"): 64})
@@ -43,9 +43,9 @@ def worker(rank, world, init_file, tiny_pairs, out_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from twotower_cli.batches import make_batch
-    from twotower_cli.distributed import Dist
-    from twotower_cli.train import batch_loss
+    from twotower_cli.training.batches import make_batch
+    from twotower_cli.training.distributed import Dist
+    from twotower_cli.training.loop import batch_loss
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -64,8 +64,8 @@ def worker(rank, world, init_file, tiny_pairs, out_dir):
 
 
 def test_gathered_negatives_give_the_combined_batch_gradients(tiny_pairs, tmp_path):
-    from twotower_cli.batches import make_batch
-    from twotower_cli.train import batch_loss
+    from twotower_cli.training.batches import make_batch
+    from twotower_cli.training.loop import batch_loss
 
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tiny_pairs), str(tmp_path)), nprocs=2, join=True)
     cfg, ts, model, negs = setup_training(tiny_pairs)  # one process, tokenised up front
@@ -81,8 +81,8 @@ def test_gathered_negatives_give_the_combined_batch_gradients(tiny_pairs, tmp_pa
 
 
 def test_without_gathering_each_process_sees_only_its_own_batch(tiny_pairs):
-    from twotower_cli.batches import make_batch
-    from twotower_cli.train import batch_loss
+    from twotower_cli.training.batches import make_batch
+    from twotower_cli.training.loop import batch_loss
 
     cfg, ts, model, negs = setup_training(tiny_pairs)
     small, _ = batch_loss(model, make_batch(ts, torch.arange(B), negs, cfg.train.loss), cfg.train)

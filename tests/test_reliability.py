@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.data.make_bad_inputs import write_all
-from twotower_cli.data import load_pairs
+from twotower_cli.data.pairs import load_pairs
 
 SMALL = ["--embedding-dim", "16", "--hidden-dim", "32", "--batch-size", "32", "--max-document-length", "64",
          "--epochs", "1", "--no-report"]
@@ -143,11 +143,11 @@ def test_no_artifact_is_a_pickle(run_dir):
 # -- numerical faults ------------------------------------------------------------------------------------------
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_model(tiny_pairs, tmp_path, monkeypatch):
-    from twotower_cli import losses
     from twotower_cli.config import load_config
     from twotower_cli.errors import TrainingError
-    from twotower_cli.train import Hooks
-    from twotower_cli.trainrun import run_train
+    from twotower_cli.model import losses
+    from twotower_cli.training.loop import Hooks
+    from twotower_cli.training.pipeline import run_train
 
     cfg = load_config(env={}, overrides={("train", "runs_dir"): str(tmp_path / "runs"), ("train", "epochs"): 3,
                                          ("model", "ngram_buckets"): 4096, ("train", "batch_size"): 64,
@@ -166,7 +166,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_model(tiny_pa
     run = next((tmp_path / "runs").iterdir())
     assert (run / "model.safetensors").exists() and (run / "checkpoint.safetensors").exists()
     assert not (tmp_path / "runs" / "latest").exists()
-    from twotower_cli.artifacts import load_model
+    from twotower_cli.model.artifacts import load_model
 
     model, _, _ = load_model(run)  # the last good model still loads
     assert all(bool(p.isfinite().all()) for p in model.parameters())
@@ -246,7 +246,7 @@ def test_killed_index_leaves_no_half_index(run_dir, tmp_path, cli):
 def test_gpu_out_of_memory_gives_advice(cli, tiny_pairs, tmp_path, monkeypatch):
     import torch
 
-    from twotower_cli import train
+    from twotower_cli.training import loop as train
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -257,11 +257,11 @@ def test_gpu_out_of_memory_gives_advice(cli, tiny_pairs, tmp_path, monkeypatch):
 
 
 def test_resume_with_another_number_of_processes_is_refused(tiny_pairs, tmp_path):
-    from twotower_cli.artifacts import load_checkpoint, save_checkpoint
     from twotower_cli.config import load_config
     from twotower_cli.errors import UsageError
-    from twotower_cli.train import Hooks
-    from twotower_cli.trainrun import run_train
+    from twotower_cli.model.artifacts import load_checkpoint, save_checkpoint
+    from twotower_cli.training.loop import Hooks
+    from twotower_cli.training.pipeline import run_train
 
     cfg = load_config(env={}, overrides={("train", "runs_dir"): str(tmp_path / "runs"), ("train", "epochs"): 2,
                                          ("model", "ngram_buckets"): 4096, ("train", "report"): False})

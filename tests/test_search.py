@@ -6,9 +6,9 @@ import polars as pl
 import pytest
 import torch
 
-from twotower_cli.metrics import retrieval_metrics
-from twotower_cli.topk import exact_topk
 from tests.conftest import write
+from twotower_cli.evaluation.metrics import retrieval_metrics
+from twotower_cli.retrieval.topk import exact_topk
 
 SMALL = ["--embedding-dim", "32", "--hidden-dim", "64", "--batch-size", "64", "--max-document-length", "128",
          "--epochs", "1", "--no-report"]

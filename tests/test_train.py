@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from twotower_cli.artifacts import load_model
 from twotower_cli.config import load_config
-from twotower_cli.train import Hooks
-from twotower_cli.trainrun import run_train
+from twotower_cli.model.artifacts import load_model
+from twotower_cli.training.loop import Hooks
+from twotower_cli.training.pipeline import run_train
 
 SMALL = ["--embedding-dim", "32", "--hidden-dim", "64", "--batch-size", "64", "--max-document-length", "128",
          "--val-fraction", "0.1"]
@@ -79,7 +79,7 @@ def test_every_encoder_and_loss_trains(tiny_pairs, tmp_path, encoder, loss):
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_shared_table_is_stored_once_and_reloads_shared(tiny_pairs, tmp_path, shared):
-    from twotower_cli.artifacts import read_tensors
+    from twotower_cli.model.artifacts import read_tensors
 
     cfg = small_cfg(tmp_path, epochs=1).with_overrides({("model", "shared_embeddings"): shared})
     out = run_train(cfg, tiny_pairs, Hooks(), lambda: False)
@@ -94,7 +94,7 @@ def test_shared_table_is_stored_once_and_reloads_shared(tiny_pairs, tmp_path, sh
 
 
 def test_shared_table_is_looked_up_once_for_both_towers():
-    from twotower_cli.model import ModelConfig, TwoTower
+    from twotower_cli.model.towers import ModelConfig, TwoTower
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=40, embedding_dim=8, hidden_dim=16, ngram_buckets=512, max_query_length=12,

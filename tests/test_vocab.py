@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from twotower_cli.data.vocab import PAD, UNK, Vocab, visible
 from twotower_cli.errors import ArtifactError
-from twotower_cli.vocab import PAD, UNK, Vocab, visible
 
 
 def build(texts, **kw):
@@ -95,7 +95,7 @@ def test_known_characters_round_trip(text):
 def test_tokens_on_demand_equal_tokens_up_front(texts):
     import torch
 
-    from twotower_cli.tokens import TokenTable
+    from twotower_cli.data.tokens import TokenTable
 
     series = pl.Series(texts, dtype=pl.String)
     v = build(["Abc déf ☃ \x00 𝄞 ab", "xyz"], min_freq=1, max_size=12)

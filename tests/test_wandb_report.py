@@ -12,7 +12,7 @@ import pytest
 
 from tests.wandb_records import config as wandb_config
 from tests.wandb_records import history
-from twotower_cli.wandb_sink import choose_mode
+from twotower_cli.tracking.wandb_sink import choose_mode
 
 SMALL = ["--embedding-dim", "32", "--hidden-dim", "64", "--batch-size", "64", "--max-document-length", "128",
          "--epochs", "2"]

@@ -11,8 +11,16 @@ import typer
 from twotower_cli.cli.common import command, settings
 from twotower_cli.cli.console import out
 from twotower_cli.cli.main import app
-from twotower_cli.cli.options import (ConfigOpt, DataArg, DocumentColOpt, JsonOpt, LabelColOpt, QueryColOpt,
-                                      RunOpt, RunsDirOpt)
+from twotower_cli.cli.options import (
+    ConfigOpt,
+    DataArg,
+    DocumentColOpt,
+    JsonOpt,
+    LabelColOpt,
+    QueryColOpt,
+    RunOpt,
+    RunsDirOpt,
+)
 
 LEVEL_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
@@ -32,8 +40,8 @@ def validate_data(
     label_col: LabelColOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    from twotower_cli.data import load_pairs
-    from twotower_cli.validate import validate
+    from twotower_cli.data.pairs import load_pairs
+    from twotower_cli.data.validate import validate
 
     cfg = settings(config, data_overrides(query_col, document_col, label_col))
     pairs = load_pairs(data, cfg.data.query_col, cfg.data.document_col, cfg.data.label_col)
@@ -97,10 +105,10 @@ def inspect_vocab(
 ) -> None:
     import polars as pl
 
-    from twotower_cli.data import load_pairs
+    from twotower_cli.data.pairs import load_pairs
+    from twotower_cli.data.vocab import Vocab, describe, visible
     from twotower_cli.errors import ArtifactError, UsageError
     from twotower_cli.runs import resolve_run
-    from twotower_cli.vocab import Vocab, describe, visible
 
     cfg = settings(config, {("train", "runs_dir"): str(runs_dir) if runs_dir else None})
     source = None

@@ -33,7 +33,7 @@ def root(
 
 
 # Registering commands imports only typer-level code; each command imports torch/polars/wandb when it runs.
-from twotower_cli.cli import config_cmd, data_cmds, train_cmd, search_cmds, report_cmd  # noqa: E402,F401
+from twotower_cli.cli import config_cmd, data_cmds, report_cmd, search_cmds, train_cmd  # noqa: E402,F401
 
 
 def main() -> None:

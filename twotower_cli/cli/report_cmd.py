@@ -28,8 +28,8 @@ def report_command(
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    from twotower_cli.report import write_html_report
     from twotower_cli.runs import atomic_write_json, resolve_run
+    from twotower_cli.tracking.html_report import write_html_report
 
     cfg = settings(config, {("train", "runs_dir"): str(runs_dir) if runs_dir else None,
                             ("wandb", "project"): project, ("wandb", "entity"): entity})
@@ -41,7 +41,7 @@ def report_command(
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     wandb_id = run.get("wandb_id") or run_dir.name
     project = cfg.wandb.project or run.get("wandb_project") or "twotower"
-    from twotower_cli.wandb_report import build_report, spec
+    from twotower_cli.tracking.wandb_report import build_report, spec
 
     if dry_run:
         report = build_report(wandb_id, project, cfg.wandb.entity or "your-entity", title, description)
@@ -49,7 +49,7 @@ def report_command(
         atomic_write_json(spec_path, spec(report))
         out.print(f"W&B report specification: {spec_path}")
         return
-    from twotower_cli.wandb_sink import choose_mode
+    from twotower_cli.tracking.wandb_sink import choose_mode
 
     choice = choose_mode(cfg.wandb.api_key, cfg.wandb.mode)
     if choice.mode != "online" or not cfg.wandb.entity:

@@ -13,7 +13,13 @@ import typer
 from twotower_cli.cli.common import command, settings
 from twotower_cli.cli.console import err, note, out
 from twotower_cli.cli.main import app
-from twotower_cli.cli.options import ConfigOpt, DocumentColOpt, JsonOpt, RunOpt, RunsDirOpt
+from twotower_cli.cli.options import (
+    ConfigOpt,
+    DocumentColOpt,
+    JsonOpt,
+    RunOpt,
+    RunsDirOpt,
+)
 
 Opt = typer.Option
 IndexOpt = Annotated[Optional[str], Opt("--index", help="Index name (default: the one training built).", show_default=False)]
@@ -29,7 +35,13 @@ def run_of(runs_dir, run, config):
 
 
 def bar(description: str, total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     p = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err)
     task = p.add_task(description, total=total)
@@ -48,10 +60,10 @@ def index_command(
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    from twotower_cli.artifacts import load_model
-    from twotower_cli.corpus import corpus_chunks
+    from twotower_cli.data.corpus import corpus_chunks
     from twotower_cli.errors import UsageError
-    from twotower_cli.index import build_index
+    from twotower_cli.model.artifacts import load_model
+    from twotower_cli.retrieval.index import build_index
 
     if backend not in ("exact", "faiss"):
         raise UsageError(f"--backend {backend!r}: use exact or faiss")
@@ -96,14 +108,14 @@ def search_command(
     config: ConfigOpt = None,
 ) -> None:
     from twotower_cli.errors import UsageError
-    from twotower_cli.search import load_searcher
+    from twotower_cli.retrieval.search import load_searcher
 
     if (query is None) == (queries is None):
         raise UsageError("give one QUERY or --queries FILE")
     if query is not None:
         texts = [query]
     else:
-        from twotower_cli.corpus import read_queries
+        from twotower_cli.data.corpus import read_queries
 
         texts = read_queries(queries)
     blank = [i for i, t in enumerate(texts) if not t.strip()]
@@ -146,7 +158,7 @@ def evaluate_command(
     config: ConfigOpt = None,
 ) -> None:
     from twotower_cli.errors import UsageError
-    from twotower_cli.evaluate_run import evaluate_run
+    from twotower_cli.evaluation.evaluate import evaluate_run
 
     if baseline not in (None, "bm25"):
         raise UsageError(f"--baseline {baseline!r}: the only baseline is bm25")

@@ -14,15 +14,27 @@ import typer
 from twotower_cli.cli.common import command, settings
 from twotower_cli.cli.console import err, note, out
 from twotower_cli.cli.main import app
-from twotower_cli.cli.options import ConfigOpt, DocumentColOpt, LabelColOpt, QueryColOpt, RunsDirOpt
+from twotower_cli.cli.options import (
+    ConfigOpt,
+    DocumentColOpt,
+    LabelColOpt,
+    QueryColOpt,
+    RunsDirOpt,
+)
 
 Opt = typer.Option
 
 
 def progress_hooks(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    from twotower_cli.train import Hooks
+    from twotower_cli.training.loop import Hooks
 
     class RichHooks(Hooks):
         def __init__(self):
@@ -113,7 +125,7 @@ def train(
     label_col: LabelColOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    from twotower_cli.trainrun import run_train
+    from twotower_cli.training.pipeline import run_train
 
     if data is None and resume is None:
         raise typer.BadParameter("give the pairs file to train on (or --resume RUN)", param_hint="DATA")
@@ -139,7 +151,7 @@ def train(
     stop = StopFlag()
     stop.install()
     if hooks is None:
-        from twotower_cli.train import Hooks
+        from twotower_cli.training.loop import Hooks
 
         hooks = Hooks()
     summary = run_train(cfg, data, hooks, stop, resume=resume, eval_dir=eval_dir)

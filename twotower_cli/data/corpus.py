@@ -6,7 +6,13 @@ from pathlib import Path
 
 import polars as pl
 
-from twotower_cli.data import as_text, check_file, first_line, read_table, read_text
+from twotower_cli.data.pairs import (
+    as_text,
+    check_file,
+    first_line,
+    read_table,
+    read_text,
+)
 from twotower_cli.errors import DataError
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import polars as pl
 
-from twotower_cli.data import Pairs
+from twotower_cli.data.pairs import Pairs
 
 # Characters that are invisible or control codes in text (tab and newline are ordinary in documents).
 CONTROL_PATTERN = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff\ufffd]"

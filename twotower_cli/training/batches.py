@@ -15,8 +15,8 @@ import numpy as np
 import polars as pl
 import torch
 
+from twotower_cli.data.tokens import TokenTable
 from twotower_cli.errors import DataError
-from twotower_cli.tokens import TokenTable
 
 
 @dataclass
@@ -31,14 +31,24 @@ class TrainingSet:
     neg_doc: torch.Tensor  # [M] negative document indices
     val_q: torch.Tensor  # [V] validation query indices
     val_qrels: list[dict[int, float]]  # per validation query: {document index: 1.0}
+    # Span pairs: this epoch's extra positives, a span of words cut from a training document (the query) and that
+    # document. Positions n_train.. of the epoch's order are span pairs; their query ids follow the real ones.
+    span_d: torch.Tensor | None = None  # [S] document index of each span pair
+    span_tokens: torch.Tensor | None = None  # [S, Lq] token rows of the spans
 
     @property
     def n_train(self) -> int:
         return int(self.pos_q.shape[0])
 
+    @property
+    def n_epoch(self) -> int:
+        """Positives in one epoch: the file's training pairs, then the span pairs."""
+        return self.n_train + (0 if self.span_d is None else int(self.span_d.shape[0]))
+
     def to(self, device) -> "TrainingSet":
-        for name in ("q_tokens", "d_tokens", "pos_q", "pos_d", "neg_ptr", "neg_doc"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("q_tokens", "d_tokens", "pos_q", "pos_d", "neg_ptr", "neg_doc", "span_d", "span_tokens"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
 
@@ -105,8 +115,38 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def span_pairs(ts: TrainingSet, vocab, max_len: int, share: float, seed: int, epoch: int) -> None:
+    """Set this epoch's span pairs: ``share`` x the training pairs, each a run of words cut at random from a
+    training document (never a validation positive), as many words as a training query of the file picked at
+    random has. The document is the span's positive. A pure function of (seed, epoch), for exact resume.
+
+    Why: a user's pairs are few, their documents' text is plenty. A span is relevant to its own document and to
+    no other in the batch, so the model learns which n-grams tell documents apart (what IDF knows) on every
+    document, instead of memorising the few pairs (the inverse-cloze and cropping tasks of dense retrieval)."""
+    m = int(round(share * ts.n_train))
+    if m <= 0:
+        ts.span_d = ts.span_tokens = None
+        return
+    rng = np.random.default_rng([seed, epoch, 0x5BA2])
+    exclude = np.zeros(len(ts.documents), dtype=bool)
+    exclude[[d for rel in ts.val_qrels for d in rel]] = True
+    pool = np.flatnonzero(~exclude)
+    docs = pool[rng.integers(0, len(pool), m)]
+    words = ts.documents.gather(docs).str.extract_all(r"\S+")
+    n = words.list.len().fill_null(0).to_numpy()
+    lengths = ts.queries.gather(np.unique(ts.pos_q.cpu().numpy())).str.count_matches(r"\S+").to_numpy()
+    k = np.clip(rng.choice(lengths, m), 1, np.maximum(n, 1))
+    start = (rng.random(m) * (n - k + 1)).astype(np.int64).clip(min=0)
+    spans = pl.DataFrame({"w": words, "s": start, "k": k}).select(
+        pl.col("w").list.slice(pl.col("s"), pl.col("k")).list.join(" ")).to_series()
+    device = ts.pos_d.device
+    ts.span_d = torch.from_numpy(docs.astype(np.int64)).to(device)
+    ts.span_tokens = torch.from_numpy(vocab.encode(spans, max_len)).to(device)
+
+
 def sample_negatives(ts: TrainingSet, seed: int, epoch: int) -> torch.Tensor:
-    """One negative document per training positive (-1 where its query has none), a pure function of the epoch."""
+    """One negative document per training positive (-1 where its query has none), a pure function of the epoch.
+    Span pairs (after the training pairs) have none."""
     g = torch.Generator().manual_seed(seed * 100003 + epoch + 7)
     r = torch.rand(ts.n_train, generator=g, dtype=torch.float64)
     ptr = ts.neg_ptr.cpu()
@@ -118,7 +158,7 @@ def sample_negatives(ts: TrainingSet, seed: int, epoch: int) -> torch.Tensor:
     neg[has] = ts.neg_doc.cpu()[pick[has]]
     # never use the positive itself as its negative (duplicated rows with both labels)
     neg[neg == ts.pos_d.cpu()] = -1
-    return neg
+    return torch.cat([neg, torch.full((ts.n_epoch - ts.n_train,), -1, dtype=torch.long)])
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -136,13 +176,28 @@ class Batch:
 
 
 def make_batch(ts: TrainingSet, idx: torch.Tensor, negs: torch.Tensor, loss: str) -> Batch:
-    """The batch of training positives ``idx`` (positions in ``ts.pos_q``) with this epoch's negatives."""
-    qi, di, ni = ts.pos_q[idx], ts.pos_d[idx], negs[idx]
+    """The batch of positives ``idx`` (positions in this epoch's training pairs, then span pairs) with this epoch's
+    negatives."""
+    ni = negs[idx]
+    real = idx < ts.n_train
+    if ts.span_d is None or bool(real.all()):
+        qi, di = ts.pos_q[idx], ts.pos_d[idx]
+        q_tokens = ts.q_tokens[qi]
+    else:  # span pairs: their query ids follow the file's queries, so none is masked as another's positive
+        j = (idx - ts.n_train).clamp(min=0)
+        k = idx.clamp(max=ts.n_train - 1)
+        qi = torch.where(real, ts.pos_q[k], len(ts.queries) + j)
+        di = torch.where(real, ts.pos_d[k], ts.span_d[j])
+        q_tokens = torch.empty((idx.shape[0], ts.span_tokens.shape[1]), dtype=ts.span_tokens.dtype,
+                               device=ts.span_tokens.device)
+        if bool(real.any()):
+            q_tokens[real] = ts.q_tokens[qi[real]].to(q_tokens.device, q_tokens.dtype)
+        q_tokens[~real] = ts.span_tokens[j[~real]]
     if loss == "triplet":
         ni = torch.where(ni >= 0, ni, di.roll(1))  # no negative in the file: a document of another pair
     else:
         ni = ni[ni >= 0]
-    return Batch(qi, di, ni, ts.q_tokens[qi], ts.d_tokens[torch.cat([di, ni])])  # one document pass
+    return Batch(qi, di, ni, q_tokens, ts.d_tokens[torch.cat([di, ni])])  # one document pass
 
 
 def epoch_batches(ts: TrainingSet, order: torch.Tensor, negs: torch.Tensor, first: int, steps: int,

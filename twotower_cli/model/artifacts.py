@@ -18,10 +18,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from twotower_cli import __version__
+from twotower_cli.data.vocab import Vocab
 from twotower_cli.errors import ArtifactError
-from twotower_cli.model import ModelConfig, TwoTower
+from twotower_cli.model.towers import ModelConfig, TwoTower
 from twotower_cli.runs import atomic_write_bytes, atomic_write_json, read_json
-from twotower_cli.vocab import Vocab
 
 FORMAT_VERSION = 1
 
@@ -60,11 +60,21 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_model(run_dir: Path, model: torch.nn.Module) -> str:
-    """Write model.safetensors atomically. Its metadata carries a fingerprint: the sha256 of the weights, which
-    indexes record (searching with another model is refused) and loading checks (altered weights are refused)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(model.weights().items())}
+def model_digest(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> str:
+    """The model's fingerprint: the sha256 of its weights, and of the settings outside the weights that change
+    its embeddings (the lexical half), when it has them. Models without them keep their weights' digest."""
     digest = weights_digest(tensors)
+    if not cfg.lexical_dim:
+        return digest
+    extra = json.dumps({"lexical_dim": cfg.lexical_dim, "lexical_weight": cfg.lexical_weight}, sort_keys=True)
+    return hashlib.sha256((digest + extra).encode()).hexdigest()
+
+
+def save_model(run_dir: Path, model: torch.nn.Module) -> str:
+    """Write model.safetensors atomically. Its metadata carries a fingerprint (``model_digest``), which indexes
+    record (searching with another model is refused) and loading checks (altered weights are refused)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(model.weights().items())}
+    digest = model_digest(tensors, model.cfg)
     meta = {"format": "twotower", "format_version": str(FORMAT_VERSION), "fingerprint": digest}
     atomic_write_bytes(Path(run_dir) / "model.safetensors", st_save(tensors, metadata=meta))
     return digest
@@ -137,7 +147,7 @@ def load_model(run_dir: Path, device="cpu") -> tuple[TwoTower, Vocab, dict]:
     model = TwoTower(mcfg)
     path = run_dir / "model.safetensors"
     tensors, meta = read_tensors(path)
-    if meta.get("fingerprint") and weights_digest(tensors) != meta["fingerprint"]:
+    if meta.get("fingerprint") and model_digest(tensors, mcfg) != meta["fingerprint"]:
         raise ArtifactError(f"{path}: weights do not match their recorded fingerprint; the file was altered or "
                             "damaged. Retrain, or restore the file from a copy")
     load_weights(model, tensors, path)

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from twotower_cli.evaluation import embed_tokens
+from twotower_cli.model.encode import embed_tokens
+from twotower_cli.retrieval.topk import exact_topk
 from twotower_cli.runs import atomic_write_bytes
-from twotower_cli.topk import exact_topk
 
 PER_QUERY = 3  # negatives kept per query
 DEPTH = 20  # ranks searched
@@ -67,7 +67,7 @@ def mine_with_model(model, ts, device) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mine_with_bm25(ts) -> tuple[np.ndarray, np.ndarray]:
-    from twotower_cli.bm25 import BM25
+    from twotower_cli.retrieval.bm25 import BM25
 
     bm = BM25.build(ts.documents.to_list())
     queries = np.unique(ts.pos_q.cpu().numpy())

@@ -18,10 +18,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from twotower_cli.artifacts import fingerprint
 from twotower_cli.errors import ArtifactError, UsageError
+from twotower_cli.model.artifacts import fingerprint
+from twotower_cli.retrieval.topk import exact_topk
 from twotower_cli.runs import atomic_write_json, read_json
-from twotower_cli.topk import exact_topk
 
 INDEX_FORMAT = 1
 
@@ -46,7 +46,7 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
     tmp = final.parent / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "documents").mkdir(parents=True)
-    dim, max_len = model.cfg.embedding_dim, model.cfg.max_document_length
+    dim, max_len = model.cfg.output_dim, model.cfg.max_document_length
     seen = np.zeros(0, dtype=np.uint64)
     n = offset = 0
     was = model.training

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from twotower_cli.evaluation import embed_tokens
+from twotower_cli.model.encode import embed_tokens
+from twotower_cli.retrieval.topk import exact_topk
 from twotower_cli.runs import atomic_write_json
-from twotower_cli.topk import exact_topk
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 
 from twotower_cli.runs import atomic_write_bytes, read_json, read_json_or
-from twotower_cli.tracking import read_metrics
+from twotower_cli.tracking.metrics_log import read_metrics
 
 CSS = """
 body{font:15px/1.5 -apple-system,'Segoe UI',Helvetica,Arial,sans-serif;color:#1f2328;max-width:1180px;margin:0 auto;

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from twotower_cli.vocab import codepoints_padded
+from twotower_cli.data.vocab import codepoints_padded
 
 
 class TokenTable:

@@ -9,6 +9,7 @@ Encoders:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -35,6 +36,21 @@ class ModelConfig:
     # One embedding table for both towers (each keeps its own norm and projection). False for models saved
     # before the option existed, so their config.json still rebuilds them.
     shared_embeddings: bool = False
+    # ngram encoder: weight each feature by its inverse document frequency in the training documents (stored in
+    # the weights file as ``idf``), so that the model starts as a TF-IDF matcher. False for older models.
+    idf: bool = False
+    # ngram encoder: a fixed lexical half of the embedding, the text's TF-IDF n-gram vector hashed (with random
+    # signs) into ``lexical_dim`` dimensions; no parameters, so training cannot destroy it. The embedding is
+    # [sqrt(w) x lexical, sqrt(1 - w) x learned], each half unit length, so its cosine is w x the lexical cosine +
+    # (1 - w) x the learned one. 0: no lexical half (older models).
+    lexical_dim: int = 0
+    lexical_weight: float = 0.5
+    word_share: float = 0.3  # idf models: the words' share of a text's squared feature norm (trigrams: the rest)
+
+    @property
+    def output_dim(self) -> int:
+        """Size of the embeddings the towers output (what an index stores)."""
+        return self.embedding_dim + (self.lexical_dim if self.encoder == "ngram" else 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,6 +118,11 @@ class NgramEncoder(nn.Module):
             ipw[i] = ipw[i - 1] * inv % MOD
         self.register_buffer("pow", torch.tensor(pw, dtype=torch.long), persistent=False)
         self.register_buffer("inv_pow", torch.tensor(ipw, dtype=torch.long), persistent=False)
+        self.word_share = cfg.word_share
+        if cfg.idf:  # set from the training documents by ``set_idf``; all ones until then
+            self.register_buffer("idf", torch.ones(cfg.ngram_buckets))
+        else:
+            self.idf = None
 
     def features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every trigram and word of each text as one 1-D bag: bucket ids and weights of the real features
@@ -131,16 +152,56 @@ class NgramEncoder(nn.Module):
             feats.append((prev_wh * 1000033 + wh) % MOD + 104729)
             oks.append(ends & (prev_end >= 0))
         ok = torch.cat(oks, 1)
+        if self.idf is not None:
+            return self.tfidf_features(torch.cat(feats, 1), ok)
         counts = ok.sum(1)
         hashes = torch.cat(feats, 1)[ok] * MIX % (1 << 32) % self.buckets
         weights = (ok / counts.unsqueeze(1).clamp(min=1).sqrt())[ok]  # 1/sqrt(features of the text)
         return hashes, weights, F.pad(counts.cumsum(0)[:-1], (1, 0))
+
+    def tfidf_features(self, raw: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bag of an idf model: each distinct feature of a text once, weighted by (1 + ln tf) x idf; the
+        trigrams and the words of a text are each scaled to unit length, then weighted so that words carry
+        ``word_share`` of the squared norm (words are what BM25 matches; trigrams catch spelling and morphology).
+        Buckets come from a mix that separates the kinds of feature (the older hash did not)."""
+        B, n = ok.shape
+        L = n // (3 if self.word_bigrams else 2)
+        kind = (torch.arange(n, device=ok.device) // L).expand(B, n)[ok]  # 0 trigram, 1 word, 2 word pair
+        text = torch.arange(B, device=ok.device).unsqueeze(1).expand(B, n)[ok]
+        h = (raw[ok] + kind * 0x3C6EF372) % MOD
+        h = (h * 0x5BD1E995 % MOD) ^ (h >> 13)
+        buckets = (h * 0x27D4EB2F % MOD) % self.buckets
+        group = text * 3 + kind
+        key, tf = torch.unique(group * self.buckets + buckets, return_counts=True)  # sorted: grouped by text
+        group, buckets = key // self.buckets, key % self.buckets
+        w = (1.0 + torch.log(tf.float())) * self.idf[buckets]
+        norm = torch.zeros(B * 3, dtype=w.dtype, device=w.device).index_add_(0, group, w * w).sqrt()
+        share = torch.tensor([1.0 - self.word_share, self.word_share, 0.0], device=w.device)
+        if self.word_bigrams:
+            share = torch.tensor([1.0 - self.word_share, self.word_share / 2, self.word_share / 2], device=w.device)
+        w = w / norm[group].clamp(min=1e-6) * share.sqrt()[group % 3]
+        counts = torch.bincount(group // 3, minlength=B)
+        return buckets, w, F.pad(counts.cumsum(0)[:-1], (1, 0))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(*pooled_lookup(self.bag.weight, [self.features(ids)]))
 
     def head(self, bag: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(bag))
+
+
+def lexical(features: tuple[torch.Tensor, torch.Tensor, torch.Tensor], n: int, dim: int) -> torch.Tensor:
+    """The texts' weighted n-gram vectors hashed into ``dim`` dimensions with random signs (the hashing trick):
+    the inner product of two such vectors is their TF-IDF inner product plus collision noise of order
+    1/sqrt(dim). Deterministic, no parameters. Returns [n, dim], unit rows."""
+    hashes, weights, offsets = features
+    counts = torch.diff(offsets, append=torch.tensor([hashes.numel()], device=offsets.device))
+    text = torch.repeat_interleave(torch.arange(n, device=hashes.device), counts)
+    mixed = (hashes * 40503 + 12345) % MOD  # another hash of the bucket: its column and its sign
+    col, sign = mixed % dim, 1.0 - 2.0 * ((mixed // dim) % 2).to(weights.dtype)
+    out = torch.zeros(n * dim, dtype=torch.float32, device=hashes.device)
+    out.index_add_(0, text * dim + col, (weights * sign).float())
+    return F.normalize(out.view(n, dim), dim=-1)
 
 
 def pooled_lookup(table: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list:
@@ -184,13 +245,34 @@ class TwoTower(nn.Module):
         if cfg.shared_embeddings:
             table = self.query_tower.table
             setattr(self.document_tower, table, getattr(self.query_tower, table))
+        if getattr(self.query_tower, "idf", None) is not None:  # one idf vector for both towers
+            self.document_tower.idf = self.query_tower.idf
 
     def aliases(self) -> dict[str, str]:
         """State-dict keys that name the same tensor as another key: {alias: source}. Files store the source."""
-        if not self.cfg.shared_embeddings:
-            return {}
-        t = self.query_tower.table
-        return {f"document_tower.{t}.weight": f"query_tower.{t}.weight"}
+        out = {}
+        if self.cfg.shared_embeddings:
+            t = self.query_tower.table
+            out[f"document_tower.{t}.weight"] = f"query_tower.{t}.weight"
+        if getattr(self.query_tower, "idf", None) is not None:
+            out["document_tower.idf"] = "query_tower.idf"
+        return out
+
+    @torch.no_grad()
+    def set_idf(self, d_tokens, rows: torch.Tensor, batch_size: int = 4096) -> None:
+        """Inverse document frequencies of the n-gram buckets over the documents ``d_tokens[rows]``:
+        ln((1 + N) / (1 + df)) + 1, the smoothed idf of scikit-learn. Both towers share it."""
+        enc = self.document_tower
+        n_docs = int(rows.numel())
+        df = torch.zeros(enc.buckets, dtype=torch.float64, device=enc.idf.device)
+        for s in range(0, n_docs, batch_size):
+            ids = d_tokens[rows[s:s + batch_size]].to(enc.idf.device)
+            hashes, _, offsets = enc.features(ids)
+            counts = torch.diff(offsets, append=torch.tensor([hashes.numel()], device=offsets.device))
+            text = torch.repeat_interleave(torch.arange(ids.shape[0], device=ids.device), counts)
+            uniq = torch.unique(text * enc.buckets + hashes)  # each (text, bucket) once
+            df += torch.bincount(uniq % enc.buckets, minlength=enc.buckets).double()
+        enc.idf.copy_((torch.log((1.0 + n_docs) / (1.0 + df)) + 1.0).float())
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The state dict without aliases: what a safetensors file holds (it refuses shared tensors)."""
@@ -206,17 +288,35 @@ class TwoTower(nn.Module):
     def forward(self, query_ids: torch.Tensor, document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both towers in one call: what DistributedDataParallel wraps. A shared n-gram table is looked up once
         for the two (one sparse gradient with unique rows, as with separate tables)."""
-        if self.cfg.shared_embeddings and isinstance(self.query_tower, NgramEncoder):
+        if isinstance(self.query_tower, NgramEncoder):
             qt, dt = self.query_tower, self.document_tower
-            q, d = pooled_lookup(qt.bag.weight, [qt.features(query_ids), dt.features(document_ids)])
-            return F.normalize(qt.head(q).float(), dim=-1), F.normalize(dt.head(d).float(), dim=-1)
+            fq, fd = qt.features(query_ids), dt.features(document_ids)
+            if self.cfg.shared_embeddings:
+                q, d = pooled_lookup(qt.bag.weight, [fq, fd])
+            else:
+                q, d = pooled_lookup(qt.bag.weight, [fq])[0], pooled_lookup(dt.bag.weight, [fd])[0]
+            return self.finish(qt.head(q), fq, query_ids.shape[0]), self.finish(dt.head(d), fd, document_ids.shape[0])
         return self.encode_queries(query_ids), self.encode_documents(document_ids)
 
+    def finish(self, learned: torch.Tensor, features, n: int) -> torch.Tensor:
+        """The embedding: the learned vector, unit length, after the lexical half when the model has one."""
+        learned = F.normalize(learned.float(), dim=-1)
+        if not self.cfg.lexical_dim:
+            return learned
+        w = self.cfg.lexical_weight
+        return torch.cat([math.sqrt(w) * lexical(features, n, self.cfg.lexical_dim), math.sqrt(1.0 - w) * learned], -1)
+
+    def encode(self, tower, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(tower, NgramEncoder):
+            feats = tower.features(ids)
+            return self.finish(tower.head(*pooled_lookup(tower.bag.weight, [feats])), feats, ids.shape[0])
+        return F.normalize(tower(ids).float(), dim=-1)
+
     def encode_queries(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.query_tower(ids).float(), dim=-1)
+        return self.encode(self.query_tower, ids)
 
     def encode_documents(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.document_tower(ids).float(), dim=-1)
+        return self.encode(self.document_tower, ids)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [m.weight for m in self.modules() if isinstance(m, (nn.EmbeddingBag, nn.Embedding)) and m.sparse]

@@ -1,4 +1,4 @@
-"""Retrieval evaluation: load an evaluation folder (BEIR or Parquet layout) and score a model on it."""
+"""Evaluation folders: queries, a corpus and relevance judgements, in BEIR's layout or a Parquet layout."""
 
 from __future__ import annotations
 
@@ -6,11 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-import torch
 
 from twotower_cli.errors import DataError
-from twotower_cli.metrics import retrieval_metrics
-from twotower_cli.topk import exact_topk
 
 
 @dataclass
@@ -89,29 +86,3 @@ def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
         raise DataError(f"{folder}: no query has relevance judgements; check that qrels ids match the queries")
     return EvalSet(folder, q["query_id"].to_list(), q["text"].str.normalize("NFKC"), c["doc_id"].to_list(),
                    c["text"].fill_null("").str.normalize("NFKC"), qrels)
-
-
-@torch.no_grad()
-def embed_tokens(encode, tokens: torch.Tensor, device, batch_size: int = 2048, progress=None) -> torch.Tensor:
-    """Embed a token matrix batch by batch; the result stays on ``device``."""
-    parts = []
-    for s in range(0, tokens.shape[0], batch_size):
-        parts.append(encode(tokens[s:s + batch_size].to(device, non_blocking=True)).float())
-        if progress:
-            progress(min(s + batch_size, tokens.shape[0]))
-    return torch.cat(parts) if parts else torch.zeros(0, 1, device=device)
-
-
-@torch.no_grad()
-def evaluate_model(model, q_tokens: torch.Tensor, d_tokens: torch.Tensor, qrels: list[dict[int, float]],
-                   device, k: int = 100) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    try:
-        qe = embed_tokens(model.encode_queries, q_tokens, device)
-        de = embed_tokens(model.encode_documents, d_tokens, device)
-        _, idx = exact_topk(qe, de, k)
-        return retrieval_metrics(idx.cpu().numpy(), qrels)
-    finally:
-        model.train(was_training)
-

@@ -7,6 +7,7 @@ complete, so a failed or killed run never becomes "latest".
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,16 +16,29 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from twotower_cli.artifacts import header_metadata, read_config, read_tensors, write_config
-from twotower_cli.batches import TrainingSet, build
 from twotower_cli.config import Config
-from twotower_cli.data import load_pairs, require_trainable
+from twotower_cli.data.pairs import load_pairs, require_trainable
+from twotower_cli.data.vocab import Vocab
 from twotower_cli.errors import ArtifactError, TrainingError, UsageError
-from twotower_cli.model import ModelConfig, TwoTower
-from twotower_cli.runs import atomic_write_json, new_run_id, read_json, resolve_run, set_latest
-from twotower_cli.tracking import MetricsLog, NullTracker, Tracker
-from twotower_cli.train import Hooks, fit, resolve_device
-from twotower_cli.vocab import Vocab
+from twotower_cli.model.artifacts import (
+    header_metadata,
+    read_config,
+    read_tensors,
+    save_model,
+    write_config,
+)
+from twotower_cli.model.towers import ModelConfig, TwoTower
+from twotower_cli.runs import (
+    atomic_write_json,
+    new_run_id,
+    read_json,
+    resolve_run,
+    set_latest,
+)
+from twotower_cli.tracking.metrics_log import MetricsLog, NullTracker, Tracker
+from twotower_cli.training.batches import TrainingSet, build
+from twotower_cli.training.choices import choose_lexical_weight, choose_search
+from twotower_cli.training.loop import Hooks, Validation, fit, resolve_device
 
 LOSSES, ENCODERS, PRECISIONS = ("infonce", "triplet"), ("ngram", "cnn", "mean"), ("fp32", "bf16")
 
@@ -68,7 +82,9 @@ def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
                        hidden_dim=cfg.model.hidden_dim, ngram_buckets=cfg.model.ngram_buckets, cnn_widths=widths,
                        max_query_length=cfg.data.max_query_length, max_document_length=cfg.data.max_document_length,
                        word_chars=word_chars, word_bigrams=cfg.model.word_bigrams,
-                       shared_embeddings=cfg.model.shared_embeddings)
+                       shared_embeddings=cfg.model.shared_embeddings, idf=cfg.model.idf and cfg.model.encoder == "ngram",
+                       lexical_dim=cfg.model.lexical_dim if cfg.model.encoder == "ngram" else 0,
+                       lexical_weight=cfg.model.lexical_weight, word_share=cfg.model.word_share)
 
 
 def sample_val_corpus(ts: TrainingSet, size: int, seed: int):
@@ -98,7 +114,7 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
         cfg.values["wandb"]["api_key"] = ""
         data = Path(data or stored["data"]["path"])
     check_settings(cfg)
-    from twotower_cli import distributed
+    from twotower_cli.training import distributed
 
     ddp = distributed.setup(cfg.train.device)
     try:
@@ -136,7 +152,7 @@ def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_
                          f"{ts.n_train} training pairs; use a smaller batch")
     extra = None
     if eval_dir is not None:
-        from twotower_cli.evaluation import load_eval
+        from twotower_cli.evaluation.eval_sets import load_eval
 
         ev = load_eval(eval_dir)
         extra = SimpleNamespace(q_tokens=torch.from_numpy(vocab.encode(ev.queries, d.max_query_length)),
@@ -147,6 +163,10 @@ def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_
     model = TwoTower(mcfg).to(device)
     if device.type == "cuda":
         ts.to(device)
+    if mcfg.idf and not resume:  # from the training documents only: validation positives stay unseen
+        val_docs_all = {d for rel in ts.val_qrels for d in rel}
+        rows = torch.tensor([i for i in range(len(ts.documents)) if i not in val_docs_all], dtype=torch.long)
+        model.set_idf(ts.d_tokens, rows)
 
     if not resume:
         run_dir = runs_dir / new_run_id(t.run_name)
@@ -174,7 +194,7 @@ def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_
     try:
         try:
             out = fit(model, ts, t, run_dir, device, tracker, hooks, should_stop, resume=bool(resume),
-                      extra_eval=extra, val_docs=val_docs, val_qrels=val_qrels, ddp=ddp)
+                      validation=Validation(val_docs, val_qrels, extra), ddp=ddp)
         except torch.cuda.OutOfMemoryError:
             raise TrainingError(f"the GPU ran out of memory at --batch-size {t.batch_size}; try --batch-size "
                                 f"{max(1, t.batch_size // 2)} (or a smaller --max-document-length); the last "
@@ -182,7 +202,8 @@ def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_
         interrupted = out.interrupted
         summary = TrainSummary(run_dir, out.interrupted, out.best_epoch, out.best, out.history, messages=messages)
         if not out.interrupted and main:
-            finish_run(run_dir, runs_dir, model, vocab, ts, device, out, hooks)
+            finish_run(run_dir, runs_dir, model, vocab, ts, device, out, hooks, val_docs, val_qrels,
+                       cfg.search.hybrid_weight)
             tracker.log_artifacts(run_dir, {**out.best, "step": out.global_step})
             summary.written = {"run": run_dir, "model": run_dir / "model.safetensors",
                                "metrics": run_dir / "metrics.jsonl", "index": run_dir / "index" / "default",
@@ -196,7 +217,7 @@ def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_
     if ddp:
         ddp.barrier()  # the others wait until rank 0 has finished the run folder
     if not out.interrupted and t.report and main:
-        from twotower_cli.report import write_html_report
+        from twotower_cli.tracking.html_report import write_html_report
 
         summary.written["report"] = write_html_report(run_dir)
         for sink in sinks:
@@ -209,7 +230,7 @@ def publish_wandb_report(cfg: Config, run_dir: Path, sink) -> str:
     if not cfg.wandb.entity:
         return ("W&B report not published: no W&B entity is set (wandb.entity / WANDB_ENTITY); publish it later "
                 f"with: twotower report --run-id {run_dir.name} --entity ENTITY")
-    from twotower_cli.wandb_report import build_report
+    from twotower_cli.tracking.wandb_report import build_report
 
     try:
         report = build_report(sink.run.id, sink.run.project, cfg.wandb.entity, f"twotower run {run_dir.name}",
@@ -222,7 +243,7 @@ def publish_wandb_report(cfg: Config, run_dir: Path, sink) -> str:
 
 
 def wandb_sink(cfg: Config, run_dir: Path, messages: list, hooks: Hooks):
-    from twotower_cli.wandb_sink import WandbSink, choose_mode
+    from twotower_cli.tracking.wandb_sink import WandbSink, choose_mode
 
     w = cfg.wandb
     choice = choose_mode(w.api_key, w.mode)
@@ -233,22 +254,34 @@ def wandb_sink(cfg: Config, run_dir: Path, messages: list, hooks: Hooks):
     return sink
 
 
-def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hooks: Hooks) -> None:
+def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hooks: Hooks, val_docs=None,
+               val_qrels=None, default_weight: float = 0.5) -> None:
     """Best weights back in, default index, examples, then mark complete and move runs/latest."""
-    from twotower_cli.examples import retrieval_examples
-    from twotower_cli.index import build_index
+    from twotower_cli.retrieval.index import build_index
+    from twotower_cli.training.examples import retrieval_examples
 
     tensors, _ = read_tensors(run_dir / "model.safetensors")
     model.load_weights(tensors)
     model.eval()
+    if model.cfg.lexical_dim and len(ts.val_q):
+        hooks.message("choosing the weight of the lexical half of the embedding on the validation queries")
+        lex = choose_lexical_weight(model, ts, device, val_docs, val_qrels)
+        model.cfg.lexical_weight = lex["weight"]
+        save_model(run_dir, model)
+        cfg = read_json(run_dir / "config.json")
+        cfg["model"] = model.cfg.to_dict()
+        cfg["lexical_choice"] = lex
+        atomic_write_json(run_dir / "config.json", cfg)
     hooks.message("embedding the training documents into the default index")
     index = build_index(run_dir, model, vocab, [(ts.documents, None)], "default", device=device)
     # ts.documents are unique, so the index's rows are ts.documents' rows: reuse them, don't embed twice
     embeddings = np.load(index / "embeddings.npy")
-    retrieval_examples(run_dir, model, ts, device,
-                       torch.from_numpy(embeddings) if len(embeddings) == len(ts.documents) else None)
+    doc_emb = torch.from_numpy(embeddings) if len(embeddings) == len(ts.documents) else None
+    retrieval_examples(run_dir, model, ts, device, doc_emb)
+    hooks.message("choosing the default search on the validation queries (dense, BM25 or both)")
+    search = choose_search(model, ts, device, doc_emb, index, val_docs, val_qrels, default_weight)
     run = read_json(run_dir / "run.json")
-    run.update(complete=True, finished=now(), best_epoch=out.best_epoch, best=out.best)
+    run.update(complete=True, finished=now(), best_epoch=out.best_epoch, best=out.best, search=search)
     atomic_write_json(run_dir / "run.json", run)
     set_latest(runs_dir, run_dir)
 

@@ -1,0 +1,81 @@
+"""What training decides on its validation queries once the best epoch is known: the weight of the embedding's
+lexical half, and the default search (the dense model, BM25, or their fusion at a weight). Both are stored in the
+run, so `search`, `evaluate` and the Python API use them without being told."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from twotower_cli.evaluation.metrics import retrieval_metrics
+from twotower_cli.model.encode import embed_tokens
+from twotower_cli.retrieval.bm25 import BM25, save_bm25
+from twotower_cli.retrieval.hybrid import WEIGHTS, fused, fusion_candidates
+from twotower_cli.retrieval.topk import exact_topk
+
+
+def choose_weight(dense_s, dense_i, lex_s, lex_i, qrels: list[dict[int, float]]) -> dict:
+    """The fusion weight with the best MRR@10 on validation queries, and what each weight scored.
+
+    Ties go to the weight closest to 0.5: the estimate from a few hundred queries is noisy, and an even mix is
+    the safer bet on unseen queries."""
+    cands = fusion_candidates(dense_s, dense_i, lex_s, lex_i)
+    scores = {}
+    for w in WEIGHTS:
+        _, ranked = fused(cands, w, 10)
+        scores[w] = retrieval_metrics([r + [-1] * (10 - len(r)) for r in ranked], qrels, ("mrr@10",))["mrr@10"]
+    best = max(WEIGHTS, key=lambda w: (round(scores[w], 4), -abs(w - 0.5)))
+    return {"weight": best, "mrr@10": scores}
+
+
+@torch.no_grad()
+def choose_lexical_weight(model, ts, device, val_docs, val_qrels, chunk: int = 256) -> dict:
+    """The weight of the lexical half with the best MRR@10 on the validation queries (the learned half was trained
+    beside it at the configured weight). Each half's scores are computed once; the grid only re-mixes them."""
+
+    n_lex, w0 = model.cfg.lexical_dim, model.cfg.lexical_weight
+    corpus = ts.d_tokens if val_docs is None else ts.d_tokens.subset(val_docs)
+    qrels = ts.val_qrels if val_docs is None else val_qrels
+    de = embed_tokens(model.encode_documents, corpus, device)
+    qe = embed_tokens(model.encode_queries, ts.q_tokens[ts.val_q], device)
+    halves = [(qe[:, :n_lex] / math.sqrt(w0), de[:, :n_lex] / math.sqrt(w0)),
+              (qe[:, n_lex:] / math.sqrt(1 - w0), de[:, n_lex:] / math.sqrt(1 - w0))]
+    ranked = {w: [] for w in WEIGHTS}
+    for s in range(0, qe.shape[0], chunk):
+        lex, learned = ((q[s:s + chunk] @ d.T) for q, d in halves)
+        for w in WEIGHTS:
+            ranked[w].append(torch.topk(w * lex + (1 - w) * learned, min(10, de.shape[0]), dim=1).indices.cpu())
+    scores = {w: retrieval_metrics(torch.cat(r).numpy(), qrels, ("mrr@10",))["mrr@10"] for w, r in ranked.items()}
+    best = max(WEIGHTS, key=lambda w: (round(scores[w], 4), -abs(w - w0)))
+    return {"weight": best, "val_mrr@10": {str(w): v for w, v in scores.items()}}
+
+
+@torch.no_grad()
+def choose_search(model, ts, device, doc_emb, index: Path, val_docs, val_qrels, default_weight: float) -> dict:
+    """Score the dense model, BM25 and their fusion at every weight on the validation queries; the best is what
+    `search` and `evaluate` use by default. BM25 over the training documents is saved inside the default index."""
+
+    bm = save_bm25(index, ts.documents.to_list())
+    if len(ts.val_q) == 0:
+        return {"mode": "hybrid", "hybrid_weight": default_weight,
+                "reason": "no validation split: the configured weight"}
+    qrels = ts.val_qrels if val_docs is None else val_qrels
+    texts = ts.queries.gather(ts.val_q.cpu().numpy()).to_list()
+    de = doc_emb if doc_emb is not None else embed_tokens(model.encode_documents, ts.d_tokens, device).cpu()
+    if val_docs is not None:  # validation searched a sample of the documents: so do both sides here
+        from twotower_cli.retrieval.bm25 import BM25
+
+        de = de[val_docs.cpu()]
+        bm = BM25.build(ts.documents.gather(val_docs.cpu().numpy()).to_list())
+    qe = embed_tokens(model.encode_queries, ts.q_tokens[ts.val_q], device).cpu()
+    ds, di = exact_topk(qe, de.float(), 100)
+    ls, li = bm.search(texts, 100)
+    choice = choose_weight(ds.numpy(), di.numpy(), ls, li, qrels)
+    w, scores = choice["weight"], choice["mrr@10"]
+    mode = "dense" if w == 1.0 else "bm25" if w == 0.0 else "hybrid"
+    return {"mode": mode, "hybrid_weight": w, "queries": len(qrels),
+            "reason": f"best val/mrr@10 on {len(qrels)} validation queries: dense {scores[1.0]:.4f}, bm25 "
+                      f"{scores[0.0]:.4f}, fused at weight {w:g} {scores[w]:.4f}",
+            "val_mrr@10": {str(k): v for k, v in scores.items()}}
