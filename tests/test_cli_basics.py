@@ -63,7 +63,7 @@ def test_validate_data_errors_are_one_line(cli, tmp_path):
 
 def test_inspect_vocab_without_run_needs_data(cli):
     res = cli("inspect-vocab")
-    assert res.exit_code == 2 and "train first" in res.stderr
+    assert res.exit_code == 1 and "train one first" in res.stderr  # the same as search and report
 
 
 def test_inspect_vocab_builds_from_data(cli, tmp_path, monkeypatch):

@@ -99,7 +99,8 @@ def test_torchrun_trains_one_run_matching_a_single_process(tiny_pairs, tmp_path)
     # bm25 hard negatives: rank 0 mines and sends the lists; the ragged negatives are gathered too
     common = ["--epochs", "1", "--val-fraction", "0.1", "--embedding-dim", "16", "--hidden-dim", "32",
               "--max-document-length", "64", "--no-report", "--device", "cpu", "--hard-negatives", "bm25"]
-    env = {**os.environ, "TWOTOWER_MODEL_NGRAM_BUCKETS": "4096", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TWOTOWER_MODEL_NGRAM_BUCKETS": "4096", "OMP_NUM_THREADS": "1",
+           "TWOTOWER_TRAIN_VAL_MIN_QUERIES": "0"}
     single = subprocess.run([sys.executable, "-m", "twotower_cli", "train", str(tiny_pairs), *common,
                              "--batch-size", str(2 * B), "--runs-dir", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env)
@@ -132,7 +133,8 @@ def test_sigterm_stops_every_process_with_a_checkpoint_and_torchrun_resumes(tiny
     args = [torchrun, "--nproc_per_node", "2", "-m", "twotower_cli", "train", str(tiny_pairs), "--device", "cpu",
             "--epochs", "30", "--batch-size", "32", "--embedding-dim", "16", "--hidden-dim", "32",
             "--max-document-length", "64", "--no-report", "--runs-dir", str(tmp_path / "runs")]
-    env = {**os.environ, "TWOTOWER_MODEL_NGRAM_BUCKETS": "4096", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TWOTOWER_MODEL_NGRAM_BUCKETS": "4096", "OMP_NUM_THREADS": "1",
+           "TWOTOWER_TRAIN_VAL_MIN_QUERIES": "0"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     deadline = time.monotonic() + 120

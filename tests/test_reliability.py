@@ -112,7 +112,9 @@ def search(cli, run_dir):
     (lambda r: edit(r / "config.json", lambda c: c.update(format_version=99)), "newer"),
     (lambda r: edit(r / "config.json", lambda c: c["model"].update(embedding_dim=8)), "has shape"),
     (lambda r: (r / "index/default/meta.json").write_text("[]"), "meta.json"),
-    (lambda r: [p.unlink() for p in (r / "index/default/documents").glob("*.parquet")], "documents"),
+    (lambda r: (r / "index/default/texts.bin").unlink(), "texts.bin"),
+    (lambda r: (r / "index/default/texts.bin").write_bytes((r / "index/default/texts.bin").read_bytes()[:100]),
+     "texts.bin"),
 ])
 def test_corrupt_artifacts_name_the_file(cli, run_dir, damage, needle):
     damage(run_dir)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from twotower_cli.config_checks import problem
 from twotower_cli.errors import ConfigError
 
 # (default, help). The type of the default is the type of the setting; None defaults are strings.
@@ -21,7 +22,7 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "query_col": ("query", "column holding the query text"),
         "document_col": ("document", "column holding the document text"),
         "label_col": ("label", "column holding the label (1 relevant, 0 negative); optional in the file"),
-        "max_query_length": (64, "characters of a query the model reads"),
+        "max_query_length": (128, "characters of a query the model reads (the shipped sample's p95 is ~70)"),
         "max_document_length": (1024, "characters of a document the model reads (Debian p95 is ~800; 1024 measured better than 512)"),
         "tokenize": ("auto", "upfront (all texts before training), on-demand (each step its rows) or auto (upfront for one process, on-demand under torchrun)"),
     },
@@ -40,6 +41,7 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "shared_embeddings": (True, "one embedding table for both towers (0.637 vs 0.589 val MRR@10 on Debian, 5 epochs)"),
         "lexical_dim": (0, "ngram encoder: dimensions of the fixed lexical half of the embedding (hashed TF-IDF n-grams; 0: none)"),
         "lexical_weight": (0.5, "weight of the lexical half in the embedding's cosine during training"),
+        "length_power": (0.0, "ngram encoder with a lexical half: a document's lexical half is scaled by (its words / the mean)^power (0: cosine)"),
         "word_share": (0.3, "ngram encoder with idf: the words' share of a text's n-gram weight (trigrams get the rest)"),
         "idf": (False, "ngram encoder: weight n-grams by their inverse document frequency in the training documents"),
     },
@@ -54,6 +56,7 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "margin": (0.2, "margin of the triplet loss"),
         "seed": (13, "seed of the split, batch order, negatives and initial weights"),
         "val_fraction": (0.05, "share of queries held out for validation"),
+        "val_min_queries": (100, "validation holds out at least this many queries (at most a fifth of them): choices made on a few are noise"),
         "val_corpus_size": (0, "documents searched in validation (0: all; else a sample that keeps positives)"),
         "device": ("auto", "cpu, cuda, cuda:N or auto"),
         "precision": ("fp32", "fp32 or bf16 (bf16 autocast on CUDA only)"),
@@ -65,13 +68,15 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "gather_negatives": (True, "under torchrun, score queries against every process's documents (InfoNCE)"),
         "hard_negatives": ("none", "none, bm25 or model: mined negatives added to each batch"),
         "span_pairs": (0.0, "extra positives per epoch, as a share of the pairs: a span of words cut from a training document, paired with it"),
+        "keep_checkpoint": (False, "keep checkpoint.safetensors (optimizer state, for --resume) after the run completes"),
         "report": (True, "write the HTML report at the end of training"),
         "log_level": ("info", "debug, info, warning or error"),
     },
     "search": {
         "top_k": (10, "results per query"),
         "index": ("default", "name of the index searched"),
-        "hybrid_weight": (0.5, "weight of the two-tower score in hybrid search (BM25 gets the rest)"),
+        "mode": ("auto", "auto (what training chose on validation), dense, hybrid or bm25"),
+        "hybrid_weight": (0.5, "weight of the dense score when hybrid is forced (auto uses the weight chosen on validation)"),
     },
     "wandb": {
         "enabled": (False, "log the run to Weights & Biases"),
@@ -138,7 +143,21 @@ def mask(value: Any) -> str:
 
 
 def coerce(section: str, key: str, raw: Any, source: str) -> Any:
-    """Convert ``raw`` to the setting's type, or raise a one-line error naming key and source."""
+    """Convert ``raw`` to the setting's type and check its value, or raise a one-line error naming key and
+    source (a flag's error is a usage error: exit 2)."""
+    value = convert(section, key, raw, source)
+    wrong = problem(section, key, value)
+    if wrong:
+        if source == "flag":  # named as the user typed it
+            err = ConfigError(f"--{key.replace('_', '-')} must be {wrong}, got {raw!r}")
+            err.exit_code = 2
+        else:
+            err = ConfigError(f"setting '{section}.{key}' in {source} must be {wrong}, got {raw!r}")
+        raise err
+    return value
+
+
+def convert(section: str, key: str, raw: Any, source: str) -> Any:
     if section not in FIELDS or key not in FIELDS[section]:
         known = ", ".join(f"{section}.{k}" for k in FIELDS.get(section, {})) or ", ".join(FIELDS)
         raise ConfigError(f"unknown setting '{section}.{key}' in {source}; known: {known}")

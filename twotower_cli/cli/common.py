@@ -1,4 +1,4 @@
-"""Helpers the commands share: the effective configuration, run lookup."""
+"""Helpers the commands share: registration under the one error handler, the effective configuration, the run."""
 
 from __future__ import annotations
 
@@ -22,3 +22,11 @@ def settings(config_path: Path | None, overrides: dict[tuple[str, str], Any] | N
     from twotower_cli.config import load_config
 
     return load_config(config_path, overrides or {})
+
+
+def run_of(runs_dir, run, config, overrides: dict | None = None):
+    """The effective configuration and the run folder the user named (default: runs/latest)."""
+    from twotower_cli.runs import resolve_run
+
+    cfg = settings(config, {("train", "runs_dir"): str(runs_dir) if runs_dir else None, **(overrides or {})})
+    return cfg, resolve_run(cfg.train.runs_dir, run)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 from twotower_cli.cli.common import command, settings
-from twotower_cli.cli.console import out
+from twotower_cli.cli.console import out, print_json
 from twotower_cli.cli.main import app
 from twotower_cli.cli.options import ConfigOpt, JsonOpt
 
@@ -16,7 +14,7 @@ def config_command(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
     values = cfg.to_dict(mask_secrets=True)
     if json_out:
         doc = {s: {k: {"value": v, "source": cfg.sources[s][k]} for k, v in kv.items()} for s, kv in values.items()}
-        out.print_json(json.dumps(doc))
+        print_json(doc)
         return
     from rich.table import Table
 

@@ -1,4 +1,7 @@
-"""Where output goes: results on stdout, progress and messages on stderr; secrets never printed."""
+"""Where output goes: results on stdout, progress and messages on stderr; secrets never printed.
+
+Outside a terminal (a pipe, a file) nothing is cut to 80 columns: tables take the width their cells need, and
+progress is plain lines instead of redrawn bars."""
 
 from __future__ import annotations
 
@@ -7,8 +10,22 @@ import sys
 
 from rich.console import Console
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+WIDE = 100_000  # "as wide as the content": rich tables never shrink their columns below it
+
+
+def console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    tty = stream.isatty()
+    return Console(stderr=stderr, soft_wrap=True, width=None if tty else WIDE, highlight=tty)
+
+
+out = console()
+err = console(stderr=True)
+
+
+def interactive() -> bool:
+    """True when progress can be drawn as bars (stderr is a terminal)."""
+    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
 
 
 def secrets() -> list[str]:
@@ -44,3 +61,11 @@ def error_line(message: str) -> None:
 
 def note(message: str) -> None:
     err.print(redact(message), highlight=False)
+
+
+def print_json(obj) -> None:
+    """Machine-readable output: strict JSON (NaN and infinity are refused, never printed), one document."""
+    import json
+
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2, allow_nan=False, default=str) + "\n")
+    sys.stdout.flush()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from twotower_cli.cli.common import command, settings
-from twotower_cli.cli.console import out
+from twotower_cli.cli.console import out, print_json
 from twotower_cli.cli.main import app
 from twotower_cli.cli.options import (
     ConfigOpt,
@@ -34,7 +33,7 @@ def data_overrides(query_col, document_col, label_col) -> dict:
 def validate_data(
     data: DataArg,
     json_out: JsonOpt = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Treat warnings as errors (exit 1).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", metavar="", help="Treat warnings as errors (exit 1).")] = False,
     query_col: QueryColOpt = None,
     document_col: DocumentColOpt = None,
     label_col: LabelColOpt = None,
@@ -50,7 +49,7 @@ def validate_data(
     if json_out:
         doc = rep.to_dict()
         doc["ok"] = not failed
-        out.print_json(json.dumps(doc))
+        print_json(doc)
     else:
         show_report(rep)
     if failed:
@@ -66,18 +65,21 @@ def validate_data(
 def show_report(rep) -> None:
     from rich.table import Table
 
-    summary = Table(title=f"{rep.path}: {rep.rows:,} rows", title_justify="left")
-    for col in ("column", "type", "nulls", "empty", "p50 chars", "p95 chars", "max chars", "truncated at max",
-                "control chars"):
+    summary = Table(title=f"{rep.path}: {plural(rep.rows, 'row')}", title_justify="left")
+    for col in ("column", "type", "nulls", "empty", "p50 chars", "p95 chars", "max chars", "read up to",
+                "longer (cut)", "control chars"):
         summary.add_column(col, justify="right" if col not in ("column", "type") else "left")
     for name, st in rep.columns.items():
-        share = f"{100 * st['truncated'] / rep.rows:.1f}% at {st['max_length']}" if rep.rows else "-"
+        share = f"{st['truncated']:,} ({100 * st['truncated'] / rep.rows:.1f}%)" if rep.rows else "-"
         summary.add_row(name, rep.schema[name], str(st["nulls"]), str(st["empty"] + st["blank"]), str(st["p50"]),
-                        str(st["p95"]), str(st["max"]), share, str(st["control"]))
-    lab = rep.labels
-    summary.add_row("label", rep.schema["label"], str(lab["invalid"]), "", "", "", "",
-                    f"{lab['positive']:,} positive", f"{lab['negative']:,} negative")
+                        str(st["p95"]), str(st["max"]), f"{st['max_length']:,}", share, str(st["control"]))
     out.print(summary)
+    lab = rep.labels
+    labels = Table(title="labels", title_justify="left")
+    for col in ("positive (1)", "negative (0)", "invalid"):
+        labels.add_column(col, justify="right")
+    labels.add_row(f"{lab['positive']:,}", f"{lab['negative']:,}", f"{lab['invalid']:,}")
+    out.print(labels)
     if not rep.findings:
         out.print("[green]No problems found.[/]")
         return
@@ -89,16 +91,20 @@ def show_report(rep) -> None:
         table.add_row(f"[{LEVEL_STYLE[f.level]}]{f.level}[/]", f.check, f.message)
     out.print(table)
     verdict = "[bold red]not usable[/]" if rep.errors else "[green]usable[/]"
-    out.print(f"{verdict}: {len(rep.errors)} errors, {len(rep.warnings)} warnings")
+    out.print(f"{verdict}: {plural(len(rep.errors), 'error')}, {plural(len(rep.warnings), 'warning')}")
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 @command(app, "inspect-vocab", help="Show the character vocabulary of a run (or the one a file would build).")
 def inspect_vocab(
     run: RunOpt = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Pairs file: its out-of-vocabulary rate, or the "
+    data: Annotated[Optional[Path], typer.Option("--data", metavar="FILE", help="Pairs file: its out-of-vocabulary rate, or the "
                                                  "vocabulary training would build from it when there is no run.",
                                                  show_default=False)] = None,
-    top: Annotated[int, typer.Option("--top", min=0, help="Characters to list (0: all).")] = 40,
+    top: Annotated[int, typer.Option("--top", min=0, metavar="N", help="Characters to list (0: all).")] = 40,
     json_out: JsonOpt = False,
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
@@ -107,22 +113,23 @@ def inspect_vocab(
 
     from twotower_cli.data.pairs import load_pairs
     from twotower_cli.data.vocab import Vocab, describe, visible
-    from twotower_cli.errors import ArtifactError, UsageError
+    from twotower_cli.errors import ArtifactError
     from twotower_cli.runs import resolve_run
 
     cfg = settings(config, {("train", "runs_dir"): str(runs_dir) if runs_dir else None})
-    source = None
-    try:
+    source = vocab = None
+    if run or data is None:  # a run's vocabulary: a missing run is the same error (exit 1) as for search
         run_dir = resolve_run(cfg.train.runs_dir, run)
         vocab = Vocab.load(run_dir / "vocab.json")
         source = f"run {run_dir.name}"
-    except ArtifactError:
-        if run or data is None:
-            if run:
-                raise
-            raise UsageError(f"no trained run in {cfg.train.runs_dir}: train first (twotower train DATA) or pass "
-                             "--data FILE to see the vocabulary training would build") from None
-        vocab = None
+    else:  # --data alone: the latest run's vocabulary when there is one, else the one training would build
+        try:
+            run_dir = resolve_run(cfg.train.runs_dir, None)
+        except ArtifactError:
+            run_dir = None
+        if run_dir is not None:
+            vocab = Vocab.load(run_dir / "vocab.json")
+            source = f"run {run_dir.name}"
     pairs = load_pairs(data, cfg.data.query_col, cfg.data.document_col, cfg.data.label_col) if data else None
     if vocab is None:
         vocab = Vocab.build([pairs.df["query"], pairs.df["document"]], cfg.vocab.min_freq, cfg.vocab.max_size,
@@ -142,7 +149,7 @@ def inspect_vocab(
                        "top_unknown": [{"char": c, "shown": visible(c), "name": describe(c)[0], "count": k}
                                        for c, k in unknown]}
     if json_out:
-        out.print_json(json.dumps(doc, ensure_ascii=False))
+        print_json(doc)
         return
     from rich.table import Table
 

@@ -1,7 +1,9 @@
-"""The one place where exceptions become user messages and exit codes."""
+"""The one place where exceptions from the commands become user messages and exit codes (parse errors are turned
+into one line by `main.Group`)."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 
@@ -13,6 +15,17 @@ from twotower_cli.errors import TwotowerError
 
 def debug() -> bool:
     return os.environ.get("TWOTOWER_DEBUG", "") not in ("", "0", "false")
+
+
+def os_message(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return f"{where}no space left on the device; free some disk space and retry"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{where}permission denied; check the permissions of the file or folder"
+    if exc.errno == errno.EROFS:
+        return f"{where}the file system is read-only; use a writable folder (--runs-dir, --output)"
+    return f"{where}{exc.strerror or exc}; check the path, its permissions and free disk space"
 
 
 def guarded(fn):
@@ -40,10 +53,11 @@ def guarded(fn):
         except OSError as exc:
             if debug():
                 raise
-            where = f"{exc.filename}: " if exc.filename else ""
-            error_line(f"{where}{exc.strerror or exc}; check the path, its permissions and free disk space")
+            error_line(os_message(exc))
             raise typer.Exit(1) from None
-        except Exception as exc:  # anything else is our bug: say so, without a traceback
+        except Exception as exc:
+            if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+                raise  # a usage error raised by Typer itself (BadParameter...): main.Group prints it, exit 2
             if debug():
                 raise
             if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch

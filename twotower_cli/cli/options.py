@@ -1,17 +1,39 @@
-"""Options shared by several commands, declared once."""
+"""Options shared by several commands, declared once; options that set a configuration value show its built-in
+default (config.toml, the environment and `twotower config` may change it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="config.toml to read (default: ./config.toml or TWOTOWER_CONFIG).", show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
-RunOpt = Annotated[Optional[str], typer.Option("--run", help="Run id or folder (default: runs/latest).", show_default=False)]
-RunsDirOpt = Annotated[Optional[Path], typer.Option("--runs-dir", help="Folder holding the runs.", show_default=False)]
-QueryColOpt = Annotated[Optional[str], typer.Option("--query-col", help="Column holding queries.", show_default=False)]
-DocumentColOpt = Annotated[Optional[str], typer.Option("--document-col", help="Column holding documents.", show_default=False)]
-LabelColOpt = Annotated[Optional[str], typer.Option("--label-col", help="Column holding labels.", show_default=False)]
-DataArg = Annotated[Path, typer.Argument(help="Pairs file: .tsv, .csv, .parquet or .jsonl with query, document[, label].", show_default=False)]
+from twotower_cli.config import FIELDS
+
+METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+def setting(section: str, key: str, *decls: str, help: str | None = None, metavar: str | None = None) -> Any:
+    """A flag for a setting of config.toml; its help ends with the built-in default."""
+    default, doc = FIELDS[section][key]
+    text = help or (doc[0].upper() + doc[1:] + ".")
+    if isinstance(default, bool):
+        return typer.Option(*decls, help=f"{text} [default: {'on' if default else 'off'}]", metavar="",
+                            show_default=False)
+    shown = repr(default) if isinstance(default, str) and default else (default if default != "" else "none")
+    return typer.Option(*decls, help=f"{text} [default: {shown}]", metavar=metavar or METAVARS[type(default)],
+                        show_default=False)
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", metavar="PATH", show_default=False,
+                                                   help="config.toml to read (default: ./config.toml or TWOTOWER_CONFIG).")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print machine-readable JSON on stdout instead of tables.")]
+RunOpt = Annotated[Optional[str], typer.Option("--run", "--run-id", metavar="RUN", show_default=False,
+                                               help="Run id, id prefix, W&B id or run folder (default: runs/latest).")]
+RunsDirOpt = Annotated[Optional[Path], typer.Option("--runs-dir", metavar="PATH", show_default=False,
+                                                    help="Folder holding the runs. [default: runs]")]
+QueryColOpt = Annotated[Optional[str], setting("data", "query_col", "--query-col", metavar="NAME")]
+DocumentColOpt = Annotated[Optional[str], setting("data", "document_col", "--document-col", metavar="NAME")]
+LabelColOpt = Annotated[Optional[str], setting("data", "label_col", "--label-col", metavar="NAME")]
+DataArg = Annotated[Path, typer.Argument(metavar="DATA", show_default=False,
+                                         help="Pairs file: .tsv, .csv, .parquet or .jsonl with query, document[, label].")]

@@ -1,114 +1,132 @@
-"""`index`, `search` and `evaluate`: put documents in an index, query it, measure retrieval."""
+"""`index`, `search` and `evaluate`: put documents in an index, query it, measure retrieval. `index` and `search`
+go through the Python API (`twotower_cli.load`), so the CLI and a program using the API take one code path."""
 
 from __future__ import annotations
 
-import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from twotower_cli.cli.common import command, settings
-from twotower_cli.cli.console import err, note, out
+from twotower_cli.cli.common import command, run_of
+from twotower_cli.cli.console import err, interactive, note, out, print_json
 from twotower_cli.cli.main import app
-from twotower_cli.cli.options import (
-    ConfigOpt,
-    DocumentColOpt,
-    JsonOpt,
-    RunOpt,
-    RunsDirOpt,
-)
+from twotower_cli.cli.options import ConfigOpt, DocumentColOpt, JsonOpt, RunOpt, RunsDirOpt, setting
 
 Opt = typer.Option
-IndexOpt = Annotated[Optional[str], Opt("--index", help="Index name (default: the one training built).", show_default=False)]
-TopKOpt = Annotated[Optional[int], Opt("--top-k", "-k", min=1, help="Results per query.", show_default=False)]
-HybridOpt = Annotated[bool, Opt("--hybrid", help="Fuse BM25 and two-tower scores (needs bm25s).")]
-
-
-def run_of(runs_dir, run, config):
-    from twotower_cli.runs import resolve_run
-
-    cfg = settings(config, {("train", "runs_dir"): str(runs_dir) if runs_dir else None})
-    return cfg, resolve_run(cfg.train.runs_dir, run)
+IndexOpt = Annotated[Optional[str], setting("search", "index", "--index", metavar="NAME", help="Index name.")]
+TopKOpt = Annotated[Optional[int], setting("search", "top_k", "--top-k", "-k")]
+ModeOpt = Annotated[Optional[str], setting("search", "mode", "--mode", metavar="MODE")]
+HybridOpt = Annotated[bool, Opt("--hybrid", metavar="", help="Fuse BM25 and the model (same as --mode hybrid).")]
+WeightOpt = Annotated[Optional[float], Opt("--hybrid-weight", metavar="W", show_default=False,
+                                           help="Weight of the model's score in a hybrid search, 0..1 (default: the "
+                                                "weight chosen on validation).")]
 
 
 def bar(description: str, total: int):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    """A progress bar on a terminal; nothing elsewhere (one closing line says what was done)."""
+    from contextlib import nullcontext
+
+    if not interactive():
+        return nullcontext(), (lambda done, total=None: None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     p = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err)
     task = p.add_task(description, total=total)
     return p, (lambda done, total=None: p.update(task, completed=done, total=total))  # total None: unchanged
 
 
+def search_mode(cfg, mode: str | None, hybrid: bool, weight: float | None) -> tuple[str | None, float | None]:
+    """The mode the user asked for (None: the run's default) and the fusion weight."""
+    from twotower_cli.errors import UsageError
+
+    if weight is not None and not 0 <= weight <= 1:
+        raise UsageError(f"--hybrid-weight must be between 0 and 1, got {weight}")
+    mode = mode or ("hybrid" if hybrid or weight is not None else cfg.search.mode)
+    if mode not in ("auto", "dense", "hybrid", "bm25"):
+        raise UsageError(f"--mode {mode!r} is not one of auto, dense, hybrid, bm25")
+    if weight is None and cfg.sources["search"]["hybrid_weight"] != "default":
+        weight = cfg.search.hybrid_weight
+    return (None if mode == "auto" else mode), weight
+
+
 @command(app, "index", help="Embed a corpus file into a named index of a run (for `search`).")
 def index_command(
-    corpus: Annotated[Path, typer.Argument(help="Corpus: .parquet, .tsv, .csv, .jsonl or .txt (one document per line).", show_default=False)],
+    corpus: Annotated[Path, typer.Argument(metavar="CORPUS", show_default=False, help="Corpus: .parquet, .tsv, .csv, .jsonl (a 'document' or 'text' column) or .txt (one document per line).")],
     run: RunOpt = None,
-    name: Annotated[str, Opt("--name", help="Index name.")] = "default",
+    name: Annotated[str, Opt("--name", metavar="NAME", help="Index name.")] = "default",
     document_col: DocumentColOpt = None,
-    id_col: Annotated[Optional[str], Opt("--id-col", help="Column of document ids (default: row numbers).", show_default=False)] = None,
-    dtype: Annotated[str, Opt("--dtype", help="float32 or float16 embeddings.")] = "float32",
-    backend: Annotated[str, Opt("--backend", help="exact or faiss (approximate, HNSW).")] = "exact",
+    id_col: Annotated[Optional[str], Opt("--id-col", metavar="NAME", show_default=False, help="Column of document ids (default: row numbers).")] = None,
+    dtype: Annotated[str, Opt("--dtype", metavar="float32|float16", help="Precision of the stored embeddings.")] = "float32",
+    backend: Annotated[str, Opt("--backend", metavar="exact|faiss", help="Exact search, or FAISS HNSW (approximate).")] = "exact",
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
+    from twotower_cli.api import TwoTowerModel
     from twotower_cli.data.corpus import corpus_chunks
     from twotower_cli.errors import UsageError
-    from twotower_cli.model.artifacts import load_model
-    from twotower_cli.retrieval.index import build_index
+    from twotower_cli.retrieval.index import index_dir
+    from twotower_cli.retrieval.indexing import build_index, faiss_available
 
     if backend not in ("exact", "faiss"):
         raise UsageError(f"--backend {backend!r}: use exact or faiss")
+    if dtype not in ("float32", "float16"):
+        raise UsageError(f"--dtype {dtype!r}: use float32 or float16")
+    index_dir(Path("."), name)  # a bad name fails before any work
+    if backend == "faiss":
+        faiss_available()
     cfg, run_dir = run_of(runs_dir, run, config)
     total, chunks = corpus_chunks(corpus, document_col or cfg.data.document_col, id_col)
-    model, vocab, _ = load_model(run_dir)
+    model = TwoTowerModel(run_dir, name)
     progress, update = bar(f"indexing {corpus.name}", total)
     with progress:
-        path = build_index(run_dir, model, vocab, chunks, name, dtype=dtype, backend=backend, progress=update,
-                           total=total)
-    meta = json.loads((path / "meta.json").read_text())
+        path = build_index(run_dir, model.torch_model(), model.vocab, chunks, name, dtype=dtype, backend=backend,
+                           progress=update, total=total)
+    model.after_indexing(name)
+    from twotower_cli.runs import read_json
+
+    meta = read_json(path / "meta.json")
     note(f"indexed {meta['count']:,} documents ({meta['dim']}-d {meta['dtype']}, {backend}) into {path}")
 
 
-def highlight(text: str, query: str, width: int = 160):
+def snippet(text: str, query: str, width: int | None = 160):
+    """The document, cut around the first query word on a terminal (whole when the output is a pipe or file)."""
     from rich.text import Text
 
     words = [w for w in re.findall(r"\w+", query.lower()) if len(w) > 1]
     flat = " ".join(text.split())
     start = 0
-    if words:  # start the snippet near the first matching word
+    if width and words:  # start the snippet near the first matching word
         m = re.search("|".join(re.escape(w) for w in words), flat, re.IGNORECASE)
         if m and m.start() > width // 2:
             start = m.start() - width // 4
-    snippet = ("…" if start else "") + flat[start:start + width] + ("…" if len(flat) > start + width else "")
-    t = Text(snippet)
+    if width:
+        flat = ("…" if start else "") + flat[start:start + width] + ("…" if len(flat) > start + width else "")
+    t = Text(flat)
     for w in words:
-        t.highlight_regex(rf"(?i)\b{re.escape(w)}\w*", "bold yellow")
+        t.highlight_regex(re.compile(rf"(?i)\b{re.escape(w)}"), "bold yellow")
     return t
 
 
 @command(app, "search", help="Search a run's index with one query or a file of queries.")
 def search_command(
-    query: Annotated[Optional[str], typer.Argument(help="The query text.", show_default=False)] = None,
-    queries: Annotated[Optional[Path], Opt("--queries", help="File of queries: one per line, or a Parquet/JSONL/CSV/TSV 'query' column.", show_default=False)] = None,
+    query: Annotated[Optional[str], typer.Argument(metavar="QUERY", show_default=False, help="The query text.")] = None,
+    queries: Annotated[Optional[Path], Opt("--queries", metavar="FILE", show_default=False, help="File of queries ('-': standard input): one per line, or a 'query'/'text' column of .parquet/.jsonl/.csv/.tsv.")] = None,
     run: RunOpt = None,
     index: IndexOpt = None,
     top_k: TopKOpt = None,
+    mode: ModeOpt = None,
     hybrid: HybridOpt = False,
+    hybrid_weight: WeightOpt = None,
     json_out: JsonOpt = False,
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
+    from twotower_cli.api import TwoTowerModel
     from twotower_cli.errors import UsageError
-    from twotower_cli.retrieval.search import load_searcher
 
     if (query is None) == (queries is None):
         raise UsageError("give one QUERY or --queries FILE")
@@ -122,53 +140,64 @@ def search_command(
     if blank:
         where = "the query" if query is not None else f"{queries}: query {blank[0] + 1}"
         raise UsageError(f"{where} is empty; give some words to search for")
-    cfg, run_dir = run_of(runs_dir, run, config)
-    k = top_k or cfg.search.top_k
-    searcher = load_searcher(run_dir, index or cfg.search.index, hybrid=hybrid, weight=cfg.search.hybrid_weight)
+    cfg, run_dir = run_of(runs_dir, run, config, {("search", "top_k"): top_k})
+    mode, weight = search_mode(cfg, mode, hybrid, hybrid_weight)
+    model = TwoTowerModel(run_dir, index or cfg.search.index)
+    if weight is not None:
+        model.choice = {**model.choice, "hybrid_weight": weight}
     t0 = time.perf_counter()
-    results = searcher.search(texts, k)
+    used, w = model.resolve_mode(None, mode)
+    results = model.search(texts, cfg.search.top_k, mode=used)
     elapsed = time.perf_counter() - t0
     if json_out:
-        doc = {"run": run_dir.name, "index": searcher.index.path.name, "top_k": k, "hybrid": hybrid,
-               "results": [{"query": q, "hits": hits} for q, hits in zip(texts, results)]}
-        out.print_json(json.dumps(doc, ensure_ascii=False))
+        print_json({"run": run_dir.name, "index": model.index_name, "top_k": cfg.search.top_k, "mode": used,
+                    "hybrid_weight": w if used == "hybrid" else None,
+                    "results": [{"query": q, "hits": [h.to_dict() for h in hits]} for q, hits in zip(texts, results)]})
         return
     from rich.table import Table
 
+    how = used + (f", dense weight {w:g}" if used == "hybrid" else "")
+    width = 160 if sys.stdout.isatty() else None
     for q, hits in zip(texts, results):
-        table = Table(title=f"“{q}”  ({run_dir.name}, index {searcher.index.path.name})", title_justify="left")
+        table = Table(title=f"“{q}”  ({run_dir.name}, index {model.index_name}, {how})", title_justify="left")
         table.add_column("#", justify="right")
         table.add_column("score", justify="right")
         table.add_column("id")
         table.add_column("document")
         for h in hits:
-            table.add_row(str(h["rank"]), f"{h['score']:.3f}", str(h["id"]), highlight(h["document"], q))
+            table.add_row(str(h.rank), f"{h.score:.3f}", h.id, snippet(h.document, q, width))
         out.print(table)
-    note(f"[dim]{len(texts)} queries in {1e3 * elapsed:.1f} ms over {searcher.index.meta['count']:,} documents[/]")
+    note(f"[dim]{len(texts)} queries in {1e3 * elapsed:.1f} ms over {model.index.count:,} documents[/]")
 
 
 @command(app, "evaluate", help="Measure retrieval (MRR@10, nDCG@10, Recall@k, MAP@100) on an evaluation folder.")
 def evaluate_command(
-    eval_dir: Annotated[Path, typer.Argument(metavar="EVAL", help="Folder in BEIR layout or the Parquet layout (queries/corpus/qrels .parquet).", show_default=False)],
+    eval_dir: Annotated[Path, typer.Argument(metavar="EVAL", show_default=False, help="Folder in BEIR layout or the Parquet layout (queries/corpus/qrels .parquet).")],
     run: RunOpt = None,
-    baseline: Annotated[Optional[str], Opt("--baseline", help="Also score a baseline on the same data: bm25.", show_default=False)] = None,
+    baseline: Annotated[Optional[str], Opt("--baseline", metavar="bm25", show_default=False, help="Also score a baseline on the same data: bm25.")] = None,
+    mode: ModeOpt = None,
     hybrid: HybridOpt = False,
+    hybrid_weight: WeightOpt = None,
     json_out: JsonOpt = False,
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     from twotower_cli.errors import UsageError
+    from twotower_cli.evaluation.eval_sets import load_eval
     from twotower_cli.evaluation.evaluate import evaluate_run
 
     if baseline not in (None, "bm25"):
         raise UsageError(f"--baseline {baseline!r}: the only baseline is bm25")
     cfg, run_dir = run_of(runs_dir, run, config)
-    progress, update = bar("embedding corpus", 1)
+    mode, weight = search_mode(cfg, mode, hybrid, hybrid_weight)
+    ev = load_eval(eval_dir)  # a mistyped folder fails here, before any bar or model
+    progress, update = bar("embedding the corpus", len(ev.documents))
     with progress:
-        rows = evaluate_run(run_dir, eval_dir, baseline=baseline, hybrid=hybrid, weight=cfg.search.hybrid_weight,
-                            progress=update)
+        rows = evaluate_run(run_dir, eval_dir, baseline=baseline, mode=mode, weight=weight, progress=update, ev=ev)
+    for n in ev.notes:
+        note(f"[yellow]note:[/] {eval_dir}: {n}")
     if json_out:
-        out.print_json(json.dumps({"run": run_dir.name, "eval": str(eval_dir), "systems": rows}))
+        print_json({"run": run_dir.name, "eval": str(eval_dir), "systems": rows})
         return
     from rich.table import Table
 
@@ -182,5 +211,6 @@ def evaluate_command(
     for r in rows:
         cells = [(f"[bold]{r['metrics'][n]:.4f}[/]" if r["metrics"][n] == best[n] and len(rows) > 1
                   else f"{r['metrics'][n]:.4f}") for n in names]
-        table.add_row(r["system"], *cells, f"{r['queries_per_s']:,.0f}")
+        table.add_row(r["system"] + (" *" if r.get("default") else ""), *cells, f"{r['queries_per_s']:,.0f}")
     out.print(table)
+    out.print("* the run's default search (what `twotower search` does)", highlight=False)

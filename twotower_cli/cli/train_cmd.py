@@ -1,4 +1,4 @@
-"""`twotower train`: progress bars, interrupts and the closing table around the library's training run."""
+"""`twotower train`: progress, interrupts and the closing table around the library's training run."""
 
 from __future__ import annotations
 
@@ -6,37 +6,27 @@ import os
 import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from twotower_cli.cli.common import command, settings
-from twotower_cli.cli.console import err, note, out
+from twotower_cli.cli.console import err, interactive, note, out
 from twotower_cli.cli.main import app
-from twotower_cli.cli.options import (
-    ConfigOpt,
-    DocumentColOpt,
-    LabelColOpt,
-    QueryColOpt,
-    RunsDirOpt,
-)
+from twotower_cli.cli.options import ConfigOpt, DocumentColOpt, LabelColOpt, QueryColOpt, RunsDirOpt, setting
 
-Opt = typer.Option
+PLAIN_EVERY_S = 30.0  # outside a terminal, a long epoch still reports this often
 
 
-def progress_hooks(console):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+def bar_hooks(console):
+    """Progress bars, for a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from twotower_cli.training.loop import Hooks
 
-    class RichHooks(Hooks):
+    class BarHooks(Hooks):
         def __init__(self):
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("loss {task.fields[loss]}  {task.fields[rate]} pairs/s"),
@@ -49,21 +39,57 @@ def progress_hooks(console):
                                                loss="-", rate="-")
 
         def step(self, record):
-            fields = {}
+            fields = {"rate": f"{record['perf/running_pairs_per_s']:,.0f}"}
             if "train/loss" in record:
-                fields = {"loss": f"{record['train/loss']:.4f}", "rate": f"{record['perf/pairs_per_s']:,.0f}"}
+                fields["loss"] = f"{record['train/loss']:.4f}"
             self.progress.update(self.task, advance=1, **fields)
 
         def epoch_end(self, record):
             self.progress.stop()
-            vals = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("val/", "eval/"))
-                             and isinstance(v, float))
-            console.print(f"epoch {int(record['epoch'])}: loss {record['epoch/loss']:.4f}  {vals}", highlight=False)
+            console.print(epoch_line(record), highlight=False)
 
         def message(self, text):
             console.print(text, highlight=False)
 
-    return RichHooks()
+    return BarHooks()
+
+
+def plain_hooks():
+    """One line per epoch (and one every PLAIN_EVERY_S seconds of a long epoch), for a log file or a pipe."""
+    from twotower_cli.training.loop import Hooks
+
+    class PlainHooks(Hooks):
+        def epoch_start(self, epoch, epochs, steps, done):
+            self.epoch, self.epochs, self.steps, self.done = epoch, epochs, steps, done
+            self.last, self.loss = time.monotonic(), None
+
+        def step(self, record):
+            self.done += 1
+            self.loss = record.get("train/loss", self.loss)
+            if time.monotonic() - self.last >= PLAIN_EVERY_S:
+                self.last = time.monotonic()
+                loss = f", loss {self.loss:.4f}" if self.loss is not None else ""
+                self.write(f"epoch {self.epoch + 1}/{self.epochs}: step {self.done}/{self.steps}{loss}, "
+                           f"{record['perf/running_pairs_per_s']:,.0f} pairs/s")
+
+        def epoch_end(self, record):
+            self.write(epoch_line(record) + f" ({record.get('perf/epoch_train_s', 0):.1f} s, "
+                       f"{record.get('perf/epoch_pairs_per_s', 0):,.0f} pairs/s)")
+
+        def message(self, text):
+            self.write(text)
+
+        def write(self, text):
+            sys.stderr.write(text + "\n")  # looked up now: tests and wrappers replace sys.stderr
+            sys.stderr.flush()
+
+    return PlainHooks()
+
+
+def epoch_line(record: dict) -> str:
+    vals = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("val/", "eval/"))
+                     and isinstance(v, float))
+    return f"epoch {record['epoch']:g}: loss {record['epoch/loss']:.4f}  {vals}".rstrip()
 
 
 class StopFlag:
@@ -87,73 +113,80 @@ class StopFlag:
         signal.signal(signal.SIGTERM, handler)
 
 
-@command(app, "train", help="Train a two-tower model on a pairs file; writes runs/<id>/ and runs/latest.")
+Opt = typer.Option
+
+
+@command(app, "train", help="Train a two-tower model on a pairs file; writes runs/<id>/ and moves runs/latest.")
 def train(
-    data: Annotated[Optional[Path], typer.Argument(help="Pairs file (.tsv, .csv, .parquet, .jsonl).", show_default=False)] = None,
-    epochs: Annotated[Optional[int], Opt("--epochs", help="Passes over the data.", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], Opt("--batch-size", "--batch_size", help="Positive pairs per step.", show_default=False)] = None,
-    learning_rate: Annotated[Optional[float], Opt("--learning-rate", "--learning_rate", "--lr", help="Peak learning rate.", show_default=False)] = None,
-    device: Annotated[Optional[str], Opt("--device", help="cpu, cuda, cuda:N or auto.", show_default=False)] = None,
-    precision: Annotated[Optional[str], Opt("--precision", help="fp32 or bf16 (CUDA only).", show_default=False)] = None,
-    loss: Annotated[Optional[str], Opt("--loss", help="infonce or triplet.", show_default=False)] = None,
-    encoder: Annotated[Optional[str], Opt("--encoder", help="ngram, cnn or mean.", show_default=False)] = None,
-    embedding_dim: Annotated[Optional[int], Opt("--embedding-dim", "--embedding_dim", show_default=False)] = None,
-    hidden_dim: Annotated[Optional[int], Opt("--hidden-dim", "--hidden_dim", show_default=False)] = None,
-    max_query_length: Annotated[Optional[int], Opt("--max-query-length", show_default=False)] = None,
-    max_document_length: Annotated[Optional[int], Opt("--max-document-length", show_default=False)] = None,
-    tokenize: Annotated[Optional[str], Opt("--tokenize", help="upfront, on-demand or auto (on-demand under torchrun).", show_default=False)] = None,
-    temperature: Annotated[Optional[float], Opt("--temperature", help="InfoNCE temperature.", show_default=False)] = None,
-    margin: Annotated[Optional[float], Opt("--margin", help="Triplet margin.", show_default=False)] = None,
-    seed: Annotated[Optional[int], Opt("--seed", show_default=False)] = None,
-    val_fraction: Annotated[Optional[float], Opt("--val-fraction", help="Share of queries held out.", show_default=False)] = None,
-    val_corpus_size: Annotated[Optional[int], Opt("--val-corpus-size", help="Documents searched in validation (0: all).", show_default=False)] = None,
-    eval_dir: Annotated[Optional[Path], Opt("--eval", help="Extra evaluation folder (BEIR or Parquet layout), scored each epoch.", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Argument(metavar="DATA", show_default=False, help="Pairs file (.tsv, .csv, .parquet, .jsonl); not needed with --resume.")] = None,
+    epochs: Annotated[Optional[int], setting("train", "epochs", "--epochs")] = None,
+    batch_size: Annotated[Optional[int], setting("train", "batch_size", "--batch-size", "--batch_size", help="Positive pairs per step; fitted to small files.")] = None,
+    learning_rate: Annotated[Optional[float], setting("train", "learning_rate", "--learning-rate", "--learning_rate", "--lr", help="Peak learning rate.", metavar="LR")] = None,
+    max_steps: Annotated[Optional[int], setting("train", "max_steps", "--max-steps")] = None,
+    device: Annotated[Optional[str], setting("train", "device", "--device", metavar="DEVICE")] = None,
+    precision: Annotated[Optional[str], setting("train", "precision", "--precision", metavar="fp32|bf16")] = None,
+    loss: Annotated[Optional[str], setting("train", "loss", "--loss", metavar="infonce|triplet")] = None,
+    encoder: Annotated[Optional[str], setting("model", "encoder", "--encoder", metavar="ngram|cnn|mean")] = None,
+    embedding_dim: Annotated[Optional[int], setting("model", "embedding_dim", "--embedding-dim", "--embedding_dim", help="Size of the learned embedding.")] = None,
+    hidden_dim: Annotated[Optional[int], setting("model", "hidden_dim", "--hidden-dim", "--hidden_dim", help="Size of the n-gram/character embeddings and hidden layers.")] = None,
+    lexical_dim: Annotated[Optional[int], setting("model", "lexical_dim", "--lexical-dim")] = None,
+    max_query_length: Annotated[Optional[int], setting("data", "max_query_length", "--max-query-length", help="Characters of a query the model reads.")] = None,
+    max_document_length: Annotated[Optional[int], setting("data", "max_document_length", "--max-document-length", help="Characters of a document the model reads.")] = None,
+    tokenize: Annotated[Optional[str], setting("data", "tokenize", "--tokenize", metavar="MODE")] = None,
+    temperature: Annotated[Optional[float], setting("train", "temperature", "--temperature", help="Softmax temperature of infonce.")] = None,
+    margin: Annotated[Optional[float], setting("train", "margin", "--margin", help="Margin of the triplet loss.")] = None,
+    seed: Annotated[Optional[int], setting("train", "seed", "--seed", help="Seed of the split, batch order, negatives and initial weights.")] = None,
+    val_fraction: Annotated[Optional[float], setting("train", "val_fraction", "--val-fraction", help="Share of queries held out for validation.")] = None,
+    val_corpus_size: Annotated[Optional[int], setting("train", "val_corpus_size", "--val-corpus-size", help="Documents searched in validation (0: all).")] = None,
+    eval_dir: Annotated[Optional[Path], Opt("--eval", metavar="EVAL", show_default=False, help="Extra evaluation folder (BEIR or Parquet layout), scored each epoch.")] = None,
     runs_dir: RunsDirOpt = None,
-    run_name: Annotated[Optional[str], Opt("--run-name", help="Name prefix of the run folder.", show_default=False)] = None,
-    resume: Annotated[Optional[str], Opt("--resume", help="Continue an interrupted run (id or folder).", show_default=False)] = None,
-    wandb: Annotated[Optional[bool], Opt("--wandb/--no-wandb", help="Log to Weights & Biases.", show_default=False)] = None,
-    wandb_project: Annotated[Optional[str], Opt("--wandb-project", "--wandb_project", show_default=False)] = None,
-    wandb_entity: Annotated[Optional[str], Opt("--wandb-entity", "--wandb_entity", show_default=False)] = None,
-    wandb_run_name: Annotated[Optional[str], Opt("--wandb-run-name", "--wandb_run_name", show_default=False)] = None,
-    hard_negatives: Annotated[Optional[str], Opt("--hard-negatives", help="none, bm25 or model: mined negatives added to each query's.", show_default=False)] = None,
-    shared_embeddings: Annotated[Optional[bool], Opt("--shared-embeddings/--separate-embeddings", help="One embedding table for both towers (default) or one each.", show_default=False)] = None,
-    gather_negatives: Annotated[Optional[bool], Opt("--gather-negatives/--no-gather-negatives", help="Under torchrun: InfoNCE over every process's documents (default on).", show_default=False)] = None,
-    report: Annotated[Optional[bool], Opt("--report/--no-report", help="Write the HTML report at the end.", show_default=False)] = None,
-    log_level: Annotated[Optional[str], Opt("--log-level", "--log_level", help="debug, info, warning, error.", show_default=False)] = None,
+    run_name: Annotated[Optional[str], setting("train", "run_name", "--run-name", metavar="NAME", help="Name prefix of the run folder (letters, digits, . _ -).")] = None,
+    resume: Annotated[Optional[str], Opt("--resume", metavar="RUN", show_default=False, help="Continue an interrupted run (id or folder).")] = None,
+    keep_checkpoint: Annotated[Optional[bool], setting("train", "keep_checkpoint", "--keep-checkpoint/--no-keep-checkpoint")] = None,
+    wandb: Annotated[Optional[bool], setting("wandb", "enabled", "--wandb/--no-wandb", help="Log to Weights & Biases.")] = None,
+    wandb_project: Annotated[Optional[str], setting("wandb", "project", "--wandb-project", "--wandb_project", metavar="NAME")] = None,
+    wandb_entity: Annotated[Optional[str], setting("wandb", "entity", "--wandb-entity", "--wandb_entity", metavar="NAME")] = None,
+    wandb_run_name: Annotated[Optional[str], setting("wandb", "run_name", "--wandb-run-name", "--wandb_run_name", metavar="NAME")] = None,
+    hard_negatives: Annotated[Optional[str], setting("train", "hard_negatives", "--hard-negatives", metavar="none|bm25|model")] = None,
+    shared_embeddings: Annotated[Optional[bool], setting("model", "shared_embeddings", "--shared-embeddings/--separate-embeddings", help="One n-gram table for both towers (or one each).")] = None,
+    gather_negatives: Annotated[Optional[bool], setting("train", "gather_negatives", "--gather-negatives/--no-gather-negatives", help="Under torchrun: InfoNCE over every process's documents.")] = None,
+    report: Annotated[Optional[bool], setting("train", "report", "--report/--no-report", help="Write the HTML report at the end.")] = None,
+    log_level: Annotated[Optional[str], setting("train", "log_level", "--log-level", "--log_level", metavar="LEVEL")] = None,
     query_col: QueryColOpt = None,
     document_col: DocumentColOpt = None,
     label_col: LabelColOpt = None,
     config: ConfigOpt = None,
 ) -> None:
+    from twotower_cli.errors import UsageError
     from twotower_cli.training.pipeline import run_train
 
     if data is None and resume is None:
-        raise typer.BadParameter("give the pairs file to train on (or --resume RUN)", param_hint="DATA")
+        raise UsageError("give the pairs file to train on: twotower train DATA (or --resume RUN to continue one)")
     overrides = {
         ("train", "epochs"): epochs, ("train", "batch_size"): batch_size, ("train", "learning_rate"): learning_rate,
-        ("train", "device"): device, ("train", "precision"): precision, ("train", "loss"): loss,
-        ("model", "encoder"): encoder, ("model", "embedding_dim"): embedding_dim, ("model", "hidden_dim"): hidden_dim,
+        ("train", "max_steps"): max_steps, ("train", "device"): device, ("train", "precision"): precision,
+        ("train", "loss"): loss, ("model", "encoder"): encoder, ("model", "embedding_dim"): embedding_dim,
+        ("model", "hidden_dim"): hidden_dim, ("model", "lexical_dim"): lexical_dim,
         ("model", "shared_embeddings"): shared_embeddings,
         ("data", "max_query_length"): max_query_length, ("data", "max_document_length"): max_document_length,
-        ("data", "tokenize"): tokenize,
-        ("train", "temperature"): temperature, ("train", "margin"): margin, ("train", "seed"): seed,
-        ("train", "val_fraction"): val_fraction, ("train", "val_corpus_size"): val_corpus_size,
+        ("data", "tokenize"): tokenize, ("train", "temperature"): temperature, ("train", "margin"): margin,
+        ("train", "seed"): seed, ("train", "val_fraction"): val_fraction, ("train", "val_corpus_size"): val_corpus_size,
         ("train", "runs_dir"): str(runs_dir) if runs_dir else None, ("train", "run_name"): run_name,
+        ("train", "keep_checkpoint"): keep_checkpoint,
         ("wandb", "enabled"): wandb, ("wandb", "project"): wandb_project, ("wandb", "entity"): wandb_entity,
         ("wandb", "run_name"): wandb_run_name, ("train", "report"): report,
-        ("train", "gather_negatives"): gather_negatives, ("train", "hard_negatives"): hard_negatives, ("train", "log_level"): log_level,
+        ("train", "gather_negatives"): gather_negatives, ("train", "hard_negatives"): hard_negatives,
+        ("train", "log_level"): log_level,
         ("data", "query_col"): query_col, ("data", "document_col"): document_col, ("data", "label_col"): label_col,
     }
     cfg = settings(config, overrides)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 talks
     quiet = cfg.train.log_level in ("warning", "error") or rank != 0
-    hooks = progress_hooks(err) if not quiet else None
+    from twotower_cli.training.loop import Hooks
+
+    hooks = Hooks() if quiet else bar_hooks(err) if interactive() else plain_hooks()
     stop = StopFlag()
     stop.install()
-    if hooks is None:
-        from twotower_cli.training.loop import Hooks
-
-        hooks = Hooks()
     summary = run_train(cfg, data, hooks, stop, resume=resume, eval_dir=eval_dir)
     if rank != 0:
         if summary.interrupted:
@@ -172,7 +205,25 @@ def train(
         note(f"[yellow]stopped[/]: checkpoint written to {summary.run_dir / 'checkpoint.safetensors'}")
         note(f"resume with: {cmd}")
         raise typer.Exit(143 if stop.signum == signal.SIGTERM else 130)
+    warn_if_weak(summary, cfg)
     show_summary(summary)
+
+
+def warn_if_weak(summary, cfg) -> None:
+    """Say so when the model learned little: validation near zero, or far below BM25 on the same queries."""
+    best = summary.best.get("val/mrr@10")
+    scores = summary.search.get("val_mrr@10", {})
+    dense, bm25 = scores.get("1.0"), scores.get("0.0")
+    cause = ("the learning rate: the cnn and mean encoders need about --learning-rate 1e-3"
+             if cfg.model.encoder != "ngram" else "too few or too noisy pairs (check with twotower validate-data)")
+    if best is not None and best < 0.02:
+        note(f"[yellow]warning:[/] validation stayed near zero (best val/mrr@10 {best:.4f}): the model learned "
+             f"almost nothing. Likely cause: {cause}")
+    elif dense is not None and bm25 is not None and dense < 0.8 * bm25:
+        mode = summary.search.get("mode")
+        note(f"[yellow]warning:[/] on the validation queries the model alone (mrr@10 {dense:.4f}) is well below "
+             f"BM25 ({bm25:.4f}); the default search is {mode}, which uses BM25"
+             + ("" if mode != "dense" else " not") + f". Likely cause: {cause}")
 
 
 def show_summary(summary) -> None:
@@ -184,9 +235,16 @@ def show_summary(summary) -> None:
     for k, v in summary.best.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(table)
+    s = summary.search
+    if s:
+        out.print(f"default search: {s['mode']}" + (f" (dense weight {s['hybrid_weight']:g})" if s["mode"] == "hybrid"
+                                                    else "") + f"; {s.get('reason', '')}", highlight=False)
     paths = Table(title="Written", title_justify="left", show_header=False)
     for k, v in summary.written.items():
         paths.add_row(k, str(v))
+    paths.add_row("size", f"{summary.size_bytes / 2**20:,.1f} MiB (run folder)")
     out.print(paths)
-    out.print(f"search it: twotower search \"your query\"{'' if summary.run_dir.parent.name == 'runs' else ' --runs-dir ' + str(summary.run_dir.parent)}")
+    runs = summary.run_dir.parent
+    out.print(f"search it: twotower search \"your query\"{'' if runs.name == 'runs' else ' --runs-dir ' + str(runs)}",
+              highlight=False)
     sys.stdout.flush()

@@ -6,13 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
-from twotower_cli.data.pairs import (
-    as_text,
-    check_file,
-    first_line,
-    read_table,
-    read_text,
-)
+from twotower_cli.data.pairs import as_text, check_file, first_line, read_table, read_text, read_tsv
 from twotower_cli.errors import DataError
 
 
@@ -30,7 +24,25 @@ def document_column(names: list[str], document_col: str, id_col: str | None, p: 
     return col
 
 
+def read_tsv_table(p: Path, header_names: tuple[str, ...]) -> tuple[pl.DataFrame, bool]:
+    """A TSV corpus or query file: with a header when its first line names one of ``header_names``; without one,
+    one text a line, or the seed's pairs layout (query<TAB>document[<TAB>label]). Returns (frame, has header)."""
+    text = read_text(p)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise DataError(f"{p}: file is empty")
+    first = [f.strip('"') for f in lines[0].split("\t")]
+    header = any(name in first for name in header_names)
+    if not header and all("\t" not in ln for ln in lines):
+        return pl.DataFrame({"text": lines}), False
+    df, _ = read_tsv(p, text, lines, first, header, ["query", "document", "label"])
+    return df, header
+
+
 def read_corpus(path, document_col: str = "document", id_col: str | None = None) -> tuple[pl.Series, list | None]:
+    """Documents (and ids) of a corpus file. A headerless TSV of pairs gives its documents (second column)."""
     p = check_file(path)
     if p.suffix.lower() == ".txt":
         docs = lines_of(p)
@@ -39,7 +51,9 @@ def read_corpus(path, document_col: str = "document", id_col: str | None = None)
         return pl.Series("document", docs).str.normalize("NFKC"), None
     cols = [document_col, "document", "text"] + ([id_col] if id_col else [])
     if p.suffix.lower() in (".tsv", ".tab"):
-        df, _ = read_table(p, [document_col, id_col or "id", "label"])
+        df, header = read_tsv_table(p, (document_col, "document", "text"))
+        if not header and id_col:
+            raise DataError(f"{p}: has no header, so no id column '{id_col}'; add a header line or drop --id-col")
     else:
         df, _ = read_table(p, cols)
     document_col = document_column(df.columns, document_col, id_col, p)
@@ -82,11 +96,26 @@ def corpus_chunks(path, document_col: str = "document", id_col: str | None = Non
 
 
 def read_queries(path) -> list[str]:
+    """Queries from a file, or from standard input for '-': one a line (.txt, stdin, a headerless TSV's first
+    field), or the 'query'/'text' column of a table. NUL bytes become U+FFFD; blank lines are skipped."""
+    import sys
+
+    if str(path) == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise DataError(f"standard input: line {line} is not valid UTF-8; re-encode it as UTF-8") from None
+        return [ln.replace("\x00", "\ufffd") for ln in text.replace("\r\n", "\n").split("\n") if ln.strip()]
     p = check_file(path)
     if p.suffix.lower() == ".txt":
-        return lines_of(p)
-    df, _ = read_table(p, ["query", "text"])
+        return [ln.replace("\x00", "\ufffd") for ln in lines_of(p)]
+    if p.suffix.lower() in (".tsv", ".tab"):
+        df, _ = read_tsv_table(p, ("query", "text"))
+    else:
+        df, _ = read_table(p, ["query", "text"])
     for col in ("query", "text"):
         if col in df.columns:
-            return as_text(df, col, p).fill_null("").to_list()
+            return [q.replace("\x00", "\ufffd") for q in as_text(df, col, p).fill_null("").to_list()]
     raise DataError(f"{p}: no 'query' or 'text' column (found: {', '.join(df.columns)})")

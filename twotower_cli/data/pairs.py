@@ -37,6 +37,8 @@ class Pairs:
 
 def check_file(path: str | os.PathLike) -> Path:
     """Fail with a clear message for paths that cannot be read as a file."""
+    import stat
+
     p = Path(path)
     if p.is_symlink() and not p.exists():
         raise DataError(f"{p}: dangling symbolic link (its target {os.readlink(p)} does not exist)")
@@ -44,6 +46,8 @@ def check_file(path: str | os.PathLike) -> Path:
         raise DataError(f"{p}: file not found; check the path")
     if p.is_dir():
         raise DataError(f"{p}: is a directory, expected a pairs file (.tsv, .csv, .parquet, .jsonl)")
+    if not stat.S_ISREG(p.stat().st_mode):
+        raise DataError(f"{p}: is not a regular file (a pipe, a device or a socket); save the data to a file first")
     if not os.access(p, os.R_OK):
         raise DataError(f"{p}: permission denied; make the file readable (chmod +r)")
     return p
@@ -81,28 +85,14 @@ def read_delimited(p: Path, sep: str, wanted: list[str]) -> tuple[pl.DataFrame, 
         lines.pop()
     if not lines:
         raise DataError(f"{p}: file is empty; expected rows of query{sep!r}document{sep!r}label")
-    first = lines[0].split(sep)
+    first = [f.strip('"') for f in lines[0].split(sep)]
     has_header = wanted[0] in first and wanted[1] in first
+    if has_header:
+        dup = sorted({c for c in first if first.count(c) > 1})
+        if dup:
+            raise DataError(f"{p}: the header names column '{dup[0]}' twice; rename one of them")
     if sep == "\t":
-        width = len(first)
-        if not has_header and width not in (2, 3):
-            raise DataError(f"{p}: line 1 has {width} tab-separated fields; expected query<TAB>document"
-                            "[<TAB>label] or a header naming the columns")
-        for i, line in enumerate(lines):
-            n = line.count("\t") + 1
-            if n != width:
-                raise DataError(f"{p}: line {i + 1} has {n} tab-separated fields, expected {width}; "
-                                "fix that line (tabs inside text must be removed)")
-        names = first if has_header else ["query", "document", "label"][:width]
-        body = lines[1:] if has_header else lines
-        if has_header and not body:
-            raise DataError(f"{p}: has a header but no rows")
-        cols = list(zip(*[ln.split("\t") for ln in body])) if body else [() for _ in names]
-        df = pl.DataFrame({n: pl.Series(n, list(c), dtype=pl.String) for n, c in zip(names, cols)})
-        if not has_header:
-            df = df.rename({"query": wanted[0], "document": wanted[1]} |
-                           ({"label": wanted[2]} if width == 3 else {}))
-        return df, (2 if has_header else 1)
+        return read_tsv(p, text, lines, first, has_header, wanted)
     if len(lines) < 2:  # CSV always starts with a header; missing columns are reported by the caller
         raise DataError(f"{p}: has a header but no rows")
     try:
@@ -110,6 +100,43 @@ def read_delimited(p: Path, sep: str, wanted: list[str]) -> tuple[pl.DataFrame, 
     except (pl.exceptions.PolarsError, ValueError) as exc:
         raise DataError(f"{p}: cannot parse as CSV ({first_line(exc)})") from None
     return df, 2
+
+
+def read_tsv(p: Path, text: str, lines: list[str], first: list[str], has_header: bool, wanted: list[str]):
+    """The seed's plain TSV (a line a row, no quoting), or standard quoted TSV (as Polars and spreadsheets write
+    it: fields with tabs, quotes or line breaks in double quotes). The plain reading is tried first; a file that
+    quotes fields, or that only parses with quoting, is read with Polars; the line scan words errors precisely."""
+    width = len(first)
+    bad_line = next((i for i, ln in enumerate(lines) if ln.count("\t") + 1 != width), None)
+    quoted = any(f.startswith('"') for ln in lines[: 1000] for f in ln.split("\t"))
+    if quoted:  # only a file that quotes fields is read with quoting (a plain ragged line is an error below)
+        try:
+            df = pl.read_csv(text.encode(), separator="\t", has_header=has_header, infer_schema=False,
+                             quote_char='"', raise_if_empty=True)
+            if has_header or df.width in (2, 3):
+                if not has_header:
+                    df.columns = ["query", "document", "label"][: df.width]
+                    df = df.rename({"query": wanted[0], "document": wanted[1]} |
+                                   ({"label": wanted[2]} if df.width == 3 else {}))
+                return df, (2 if has_header else 1)
+        except (pl.exceptions.PolarsError, ValueError):
+            pass
+    if not has_header and width not in (2, 3):
+        raise DataError(f"{p}: line 1 has {width} tab-separated fields; expected query<TAB>document"
+                        "[<TAB>label] or a header naming the columns")
+    if bad_line is not None:
+        n = lines[bad_line].count("\t") + 1
+        raise DataError(f"{p}: line {bad_line + 1} has {n} tab-separated fields, expected {width}; fix that line "
+                        "(a tab inside a text must be removed, or the field put in double quotes)")
+    names = first if has_header else ["query", "document", "label"][:width]
+    body = lines[1:] if has_header else lines
+    if has_header and not body:
+        raise DataError(f"{p}: has a header but no rows")
+    cols = list(zip(*[ln.split("\t") for ln in body])) if body else [() for _ in names]
+    df = pl.DataFrame({n: pl.Series(n, list(c), dtype=pl.String) for n, c in zip(names, cols)})
+    if not has_header:
+        df = df.rename({"query": wanted[0], "document": wanted[1]} | ({"label": wanted[2]} if width == 3 else {}))
+    return df, (2 if has_header else 1)
 
 
 def first_line(exc: BaseException) -> str:

@@ -48,6 +48,17 @@ class Report:
         return d
 
 
+PLURAL = {"query": "queries", "document": "documents", "row": "rows", "label": "labels"}
+
+
+def count(n: int, noun: str) -> str:
+    return f"{n:,} {noun if n == 1 else PLURAL.get(noun, noun + 's')}"
+
+
+def have(n: int) -> str:
+    return "has" if n == 1 else "have"
+
+
 def pct(n: int, total: int) -> str:
     return f"{100.0 * n / total:.1f}%" if total else "0%"
 
@@ -75,21 +86,21 @@ def validate(pairs: Pairs, max_query_length: int, max_document_length: int) -> R
         stats["max_length"] = limits[col]
         rep.columns[col] = stats
         if stats["nulls"]:
-            add(Finding("warning", f"{col}: nulls", f"{stats['nulls']} rows have no {col} ({pct(stats['nulls'], n)}); "
+            add(Finding("warning", f"{col}: nulls", f"{count(stats['nulls'], 'row')} {have(stats['nulls'])} no {col} ({pct(stats['nulls'], n)}); "
                         "they will be dropped", stats["nulls"]))
         if stats["empty"] or stats["blank"]:
             k = stats["empty"] + stats["blank"]
-            add(Finding("warning", f"{col}: empty", f"{k} rows have an empty or whitespace-only {col}; "
+            add(Finding("warning", f"{col}: empty", f"{count(k, 'row')} {have(k)} an empty or whitespace-only {col}; "
                         "they will be dropped", k))
         if stats["truncated"]:
             share = stats["truncated"] / n
             add(Finding("warning" if share > 0.05 else "info", f"{col}: truncation",
-                        f"{pct(stats['truncated'], n)} of {col}s are longer than max_{col}_length "
+                        f"{pct(stats['truncated'], n)} of {PLURAL[col]} are longer than max_{col}_length "
                         f"{limits[col]} (p95 {stats['p95']}, max {stats['max']}) and will be cut",
                         stats["truncated"]))
         if stats["control"]:
             add(Finding("warning", f"{col}: control characters",
-                        f"{stats['control']} {col}s contain control or invisible characters", stats["control"]))
+                        f"{count(stats['control'], col)} contain{'s' if stats['control'] == 1 else ''} control or invisible characters", stats["control"]))
 
     if pairs.n_bad_labels:
         r, v = pairs.bad_labels[0]
@@ -112,20 +123,20 @@ def validate(pairs: Pairs, max_query_length: int, max_document_length: int) -> R
 
     dupes = n - df.unique().height
     if dupes:
-        add(Finding("warning", "duplicate rows", f"{dupes} rows repeat an earlier row exactly", dupes))
+        add(Finding("warning", "duplicate rows", f"{count(dupes, 'row')} repeat{'s' if dupes == 1 else ''} an earlier row exactly", dupes))
 
     good = df.filter(pl.col("query").is_not_null())
     no_pos = good.group_by("query").agg((pl.col("label") == 1).any().alias("has")).filter(~pl.col("has")).height
     if no_pos:
         add(Finding("warning", "queries without positive",
-                    f"{no_pos} queries have no relevant document; they only serve as negatives' anchors", no_pos))
+                    f"{count(no_pos, 'query')} {have(no_pos)} no relevant document; they only serve as negatives' anchors", no_pos))
 
     popular = (df.filter(pl.col("label") == 1).group_by("document").agg(pl.col("query").n_unique().alias("q"))
                .filter(pl.col("q") >= MANY_QUERIES).sort("q", descending=True))
     if popular.height:
         top = popular.row(0, named=True)
         add(Finding("warning", "documents positive for many queries",
-                    f"{popular.height} documents are the positive of ≥{MANY_QUERIES} queries (top: {top['q']} "
+                    f"{count(popular.height, 'document')} {'is' if popular.height == 1 else 'are'} the positive of ≥{MANY_QUERIES} queries (top: {top['q']} "
                     f"queries, '{short(top['document'])}'); in-batch negatives will often be false negatives",
                     popular.height))
     return rep

@@ -62,6 +62,18 @@ class Vocab:
             s = s.str.to_lowercase().str.slice(0, max_len)
         return s.str.replace_all("\x00", "\ufffd", literal=True)  # NUL pads below: a real one becomes U+FFFD
 
+    def encode_list(self, texts: list[str], max_len: int) -> np.ndarray:
+        """``encode`` for a list of Python strings, without Polars (the query path imports neither it nor torch).
+        Same steps: NFKC happens before (as when reading files), cut, lowercase, cut, NUL as padding."""
+        if not texts:
+            return np.zeros((0, max_len), dtype=np.int32)
+        cut = [t[:max_len] for t in texts]
+        if self.lowercase:
+            cut = [t.lower()[:max_len] for t in cut]
+        joined = "".join(t.replace("\x00", "\ufffd").ljust(max_len, "\x00") for t in cut)
+        cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).reshape(len(texts), max_len)
+        return self._table[cps]
+
     def encode_prepared(self, series, max_len: int) -> np.ndarray:
         return self._table[codepoints_padded(series, max_len)]
 

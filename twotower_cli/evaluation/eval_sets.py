@@ -1,8 +1,15 @@
-"""Evaluation folders: queries, a corpus and relevance judgements, in BEIR's layout or a Parquet layout."""
+"""Evaluation folders: queries, a corpus and relevance judgements, in BEIR's layout or a Parquet layout.
+
+Edge cases are decided as trec_eval decides them, and reported in `notes`:
+- a judged query whose judgements are all grade 0 has no relevant document: it is scored 0 (not skipped);
+- a relevant document missing from the corpus can never be retrieved: it still counts as relevant (Recall 0.5 for a
+  query with one of its two relevant documents missing and the other found), so the metrics are not inflated;
+- queries without any judgement are not evaluated; duplicate query or document ids keep their first row.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -17,20 +24,37 @@ class EvalSet:
     queries: pl.Series
     doc_ids: list[str]
     documents: pl.Series
-    qrels: list[dict[int, float]]  # per query row: {document row: grade}
+    qrels: list[dict[int, float]]  # per query row: {document row: grade}; rows <= -2 are relevant but missing
+    notes: list[str] = field(default_factory=list)
 
 
-def read_jsonl(path: Path) -> pl.DataFrame:
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def read_file(path: Path, kind: str) -> pl.DataFrame:
+    """One file of the folder as a frame; every way it can be unusable is a DataError naming it."""
+    if not path.exists():
+        raise DataError(f"{path}: missing; an evaluation folder needs queries, corpus and qrels files")
+    if not path.is_file():
+        raise DataError(f"{path}: is not a file; replace it with the {kind} file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty; it should hold the {kind}")
     try:
-        return pl.read_ndjson(path, infer_schema_length=None)
+        if path.suffix == ".parquet":
+            return pl.read_parquet(path)
+        if path.suffix == ".jsonl":
+            return pl.read_ndjson(path, infer_schema_length=None)
+        return pl.read_csv(path, separator="\t", infer_schema=False, quote_char=None)
     except Exception as exc:
-        raise DataError(f"{path}: cannot read JSON lines ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+        raise DataError(f"{path}: cannot read the {kind} ({first_line(exc)})") from None
 
 
 def need(df: pl.DataFrame, cols: list[str], path: Path) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns)})")
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns) or 'none'})")
 
 
 def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
@@ -40,49 +64,64 @@ def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
                         "queries.jsonl, qrels/test.tsv; or queries/corpus/qrels .parquet)")
     if (folder / "corpus.parquet").exists():
         files = {n: folder / f"{n}.parquet" for n in ("queries", "corpus", "qrels")}
-        for p in files.values():
-            if not p.exists():
-                raise DataError(f"{p}: missing; the Parquet layout needs queries, corpus and qrels .parquet")
-        try:
-            q, c, r = (pl.read_parquet(files[n]) for n in ("queries", "corpus", "qrels"))
-        except Exception as exc:
-            raise DataError(f"{folder}: cannot read Parquet ({str(exc).splitlines()[0]})") from None
+        q, c, r = (read_file(files[n], n) for n in ("queries", "corpus", "qrels"))
         need(q, ["query_id", "query"], files["queries"])
         need(c, ["doc_id", "document"], files["corpus"])
         need(r, ["query_id", "doc_id"], files["qrels"])
-        q = q.select(pl.col("query_id").cast(pl.String), pl.col("query").alias("text"))
-        c = c.select(pl.col("doc_id").cast(pl.String), pl.col("document").alias("text"))
-        score = pl.col("score").cast(pl.Float64) if "score" in r.columns else pl.lit(1.0)
+        q = q.select(pl.col("query_id").cast(pl.String), pl.col("query").cast(pl.String).alias("text"))
+        c = c.select(pl.col("doc_id").cast(pl.String), pl.col("document").cast(pl.String).alias("text"))
+        qrels_path = files["qrels"]
+        score = pl.col("score") if "score" in r.columns else pl.lit(1.0)
         r = r.select(pl.col("query_id").cast(pl.String), pl.col("doc_id").cast(pl.String), score.alias("score"))
     elif (folder / "corpus.jsonl").exists():
-        c = read_jsonl(folder / "corpus.jsonl")
-        q = read_jsonl(folder / "queries.jsonl")
+        c = read_file(folder / "corpus.jsonl", "corpus")
+        q = read_file(folder / "queries.jsonl", "queries")
         qrels_path = folder / "qrels" / f"{split}.tsv"
-        if not qrels_path.exists():
-            raise DataError(f"{qrels_path}: missing; BEIR folders keep relevance judgements in qrels/{split}.tsv")
+        r = read_file(qrels_path, "relevance judgements")
         need(c, ["_id", "text"], folder / "corpus.jsonl")
         need(q, ["_id", "text"], folder / "queries.jsonl")
-        title = pl.col("title").fill_null("") if "title" in c.columns else pl.lit("")
-        c = c.select(pl.col("_id").cast(pl.String).alias("doc_id"),
-                     pl.when(title.str.len_chars() > 0).then(title + " " + pl.col("text")).otherwise(pl.col("text"))
-                     .alias("text"))
-        q = q.select(pl.col("_id").cast(pl.String).alias("query_id"), pl.col("text"))
-        r = pl.read_csv(qrels_path, separator="\t", infer_schema=False)
         need(r, ["query-id", "corpus-id"], qrels_path)
+        title = pl.col("title").cast(pl.String).fill_null("") if "title" in c.columns else pl.lit("")
+        text = pl.col("text").cast(pl.String)
+        c = c.select(pl.col("_id").cast(pl.String).alias("doc_id"),
+                     pl.when(title.str.len_chars() > 0).then(title + " " + text).otherwise(text).alias("text"))
+        q = q.select(pl.col("_id").cast(pl.String).alias("query_id"), pl.col("text").cast(pl.String))
         r = r.select(pl.col("query-id").alias("query_id"), pl.col("corpus-id").alias("doc_id"),
-                     (pl.col("score").cast(pl.Float64) if "score" in r.columns else pl.lit(1.0)).alias("score"))
+                     (pl.col("score") if "score" in r.columns else pl.lit(1.0)).alias("score"))
     else:
         raise DataError(f"{folder}: no corpus.parquet or corpus.jsonl; expected the BEIR or the Parquet layout")
-
+    try:
+        r = r.with_columns(pl.col("score").cast(pl.Float64))
+    except Exception:
+        raise DataError(f"{qrels_path}: relevance scores must be numbers") from None
+    notes = []
+    for frame, col, what in ((q, "query_id", "query"), (c, "doc_id", "document")):
+        dup = frame.height - frame[col].n_unique()
+        if dup:
+            notes.append(f"{dup} duplicate {what} ids: the first row of each is used")
+    q = q.unique("query_id", keep="first", maintain_order=True)
     c = c.unique("doc_id", keep="first", maintain_order=True)
     doc_row = {d: i for i, d in enumerate(c["doc_id"].to_list())}
     q = q.filter(pl.col("query_id").is_in(r["query_id"].unique().implode()))
     q_row = {d: i for i, d in enumerate(q["query_id"].to_list())}
-    qrels: list[dict[int, float]] = [{} for _ in range(len(q_row))]
-    for qid, did, s in r.iter_rows():
-        if qid in q_row and did in doc_row:
-            qrels[q_row[qid]][doc_row[did]] = float(s)
     if not q_row:
-        raise DataError(f"{folder}: no query has relevance judgements; check that qrels ids match the queries")
-    return EvalSet(folder, q["query_id"].to_list(), q["text"].str.normalize("NFKC"), c["doc_id"].to_list(),
-                   c["text"].fill_null("").str.normalize("NFKC"), qrels)
+        raise DataError(f"{qrels_path}: no judged query is in the queries file; check that the qrels ids match "
+                        "the queries")
+    qrels: list[dict[int, float]] = [{} for _ in range(len(q_row))]
+    missing = 0
+    for qid, did, s in r.iter_rows():
+        if qid not in q_row or s is None:
+            continue
+        if did in doc_row:
+            qrels[q_row[qid]][doc_row[did]] = float(s)
+        elif s > 0:  # relevant but not in the corpus: counted, never found
+            missing += 1
+            qrels[q_row[qid]][-1 - missing] = float(s)
+    if missing:
+        notes.append(f"{missing} relevant documents are not in the corpus: they count as relevant and not found")
+    unanswerable = sum(1 for rel in qrels if not any(g > 0 for g in rel.values()))
+    if unanswerable:
+        notes.append(f"{unanswerable} queries have no relevant document (all grades 0): they score 0, as in "
+                     "trec_eval")
+    return EvalSet(folder, q["query_id"].to_list(), q["text"].fill_null("").str.normalize("NFKC"),
+                   c["doc_id"].to_list(), c["text"].fill_null("").str.normalize("NFKC"), qrels, notes)

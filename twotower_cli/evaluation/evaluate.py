@@ -12,7 +12,7 @@ from twotower_cli.evaluation.eval_sets import load_eval
 from twotower_cli.evaluation.metrics import retrieval_metrics
 from twotower_cli.model.artifacts import load_model
 from twotower_cli.model.encode import embed_tokens
-from twotower_cli.retrieval.search import CANDIDATES, fuse
+from twotower_cli.retrieval.hybrid import CANDIDATES, fuse
 from twotower_cli.retrieval.topk import exact_topk
 
 K = 100
@@ -37,27 +37,23 @@ def evaluate_model(model, q_tokens: torch.Tensor, d_tokens: torch.Tensor, qrels:
         model.train(was_training)
 
 
-def search_choice(run_dir: Path) -> dict:
-    """What training chose as the run's default search (run.json); runs from before the choice: dense."""
-    from twotower_cli.runs import read_json_or
-
-    run = read_json_or(Path(run_dir) / "run.json", {})
-    choice = run.get("search") if isinstance(run, dict) else None
-    return choice if isinstance(choice, dict) and choice.get("mode") in ("dense", "hybrid", "bm25") else \
-        {"mode": "dense", "hybrid_weight": 0.5}
-
-
 @torch.no_grad()
-def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, hybrid: bool = False,
-                 weight: float | None = None, progress=None) -> list[dict]:
-    """Rows: the dense model alone, BM25 (``baseline``), and the run's default search when it is not the dense
-    model (the fusion chosen on validation), or the fusion at ``weight`` when ``hybrid`` forces it."""
-    ev = load_eval(eval_dir)
+def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, mode: str | None = None,
+                 weight: float | None = None, progress=None, ev=None) -> list[dict]:
+    """Rows: the dense model alone (always), BM25 (``baseline``), and the run's default search when it is not the
+    dense model alone (what training chose on validation), or the search ``mode`` forced (with ``weight`` for
+    hybrid). Each row has ``default``: whether it is what `twotower search` does."""
+    from twotower_cli.api import search_choice
+
+    ev = ev or load_eval(eval_dir)
     model, vocab, _ = load_model(run_dir)
     cfg = model.cfg
     choice = search_choice(run_dir)
-    mode = "hybrid" if hybrid else choice["mode"]
+    forced = mode is not None
+    mode = mode or choice["mode"]
     w = weight if weight is not None else float(choice.get("hybrid_weight", 0.5))
+    if mode == "hybrid" and not 0 < w < 1:
+        w = 0.5
     d_tokens = torch.from_numpy(vocab.encode(ev.documents, cfg.max_document_length))
     n = d_tokens.shape[0]
     de = embed_tokens(model.encode_documents, d_tokens, "cpu",
@@ -77,16 +73,22 @@ def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, hyb
         ls, li = bm.search(ev.queries.to_list(), max(K, CANDIDATES))
         bm_time = time.perf_counter() - t0
         if baseline == "bm25":
-            rows.append(row("bm25", li[:, :K], ev, bm_time))
+            rows.append(row("bm25", pad(li[:, :K].tolist()), ev, bm_time))
+        why = "forced" if forced else "the run's default search, chosen on validation" \
+            if "val_mrr@10" in choice else "the run's default search"
         if mode == "bm25":
-            rows.append(row("bm25 (the run's default search, chosen on validation)", li[:, :K], ev, bm_time))
+            rows.append(row(f"bm25 ({why})", pad(li[:, :K].tolist()), ev, bm_time))
         elif mode == "hybrid":
             t0 = time.perf_counter()
-            fs, fi = fuse(ds.numpy(), di.numpy(), ls, li, w, K)
-            why = "forced by --hybrid" if hybrid and weight is not None else "chosen on validation" \
-                if "val_mrr@10" in choice else "configured"
-            rows.append(row(f"hybrid (dense weight {w:g}, {why})", [r + [-1] * (K - len(r)) for r in fi], ev,
+            _, fi = fuse(ds.numpy(), di.numpy(), ls, li, w, K)
+            rows.append(row(f"hybrid (dense weight {w:g}; {why})", pad(fi), ev,
                             bm_time + dense_time + time.perf_counter() - t0))
         if mode != "dense":
             rows[-1]["default"] = True
+    for r in rows:
+        r["notes"] = ev.notes
     return rows
+
+
+def pad(ranked: list[list[int]]) -> list[list[int]]:
+    return [r + [-1] * (K - len(r)) for r in ranked]

@@ -1,6 +1,9 @@
 """Standard IR metrics over ranked lists, as trec_eval defines them (linear gains in nDCG).
 
-``ranked`` is [Q, K] corpus indices, best first; ``qrels`` maps each query row to {doc index: grade}.
+``ranked`` is [Q, K] corpus indices, best first (-1 pads a short list); ``qrels`` maps each query row to
+{doc index: grade}. A query with no relevant document scores 0 on every metric (it is counted, as in trec_eval);
+relevant documents missing from the corpus have indices <= -2, so they count as relevant and are never found.
+Ties are whatever order the ranking gives (exact search: the lower corpus row first).
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ def retrieval_metrics(ranked, qrels: list[dict[int, float]], names=tuple(CUTOFFS
     counted = 0
     for row, rel in zip(ranked, qrels):
         relevant = {d: g for d, g in rel.items() if g > 0}
-        if not relevant:
-            continue  # as trec_eval: queries without relevant documents are not scored
         counted += 1
+        if not relevant:
+            continue  # scores 0 on every metric
         gains = np.array([relevant.get(int(d), 0.0) for d in row], dtype=np.float64)
         hits = gains > 0
         for name in names:

@@ -20,10 +20,10 @@ from safetensors.torch import save as st_save
 from twotower_cli import __version__
 from twotower_cli.data.vocab import Vocab
 from twotower_cli.errors import ArtifactError
-from twotower_cli.model.towers import ModelConfig, TwoTower
-from twotower_cli.runs import atomic_write_bytes, atomic_write_json, read_json
-
-FORMAT_VERSION = 1
+from twotower_cli.model.config import ModelConfig
+from twotower_cli.model.files import FORMAT_VERSION, fingerprint, header_metadata, read_config, with_settings  # noqa: F401
+from twotower_cli.model.towers import TwoTower
+from twotower_cli.runs import atomic_write_bytes, atomic_write_json
 
 
 def versions() -> dict[str, str]:
@@ -39,19 +39,6 @@ def write_config(run_dir: Path, model_cfg: ModelConfig, settings: dict, extra: d
                                                 "settings": settings, "versions": versions(), **(extra or {})})
 
 
-def read_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / "config.json"
-    cfg = read_json(path, "model configuration")
-    if cfg.get("format_version", 0) > FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format version {cfg['format_version']} is newer than this twotower "
-                            f"understands ({FORMAT_VERSION}); upgrade twotower (pip install -U twotower-cli)")
-    try:
-        ModelConfig(**cfg["model"])
-    except (KeyError, TypeError) as exc:
-        raise ArtifactError(f"{path}: 'model' section is invalid ({exc}); the file is corrupt") from None
-    return cfg
-
-
 def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -63,49 +50,28 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
 def model_digest(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> str:
     """The model's fingerprint: the sha256 of its weights, and of the settings outside the weights that change
     its embeddings (the lexical half), when it has them. Models without them keep their weights' digest."""
-    digest = weights_digest(tensors)
-    if not cfg.lexical_dim:
-        return digest
-    extra = json.dumps({"lexical_dim": cfg.lexical_dim, "lexical_weight": cfg.lexical_weight}, sort_keys=True)
-    return hashlib.sha256((digest + extra).encode()).hexdigest()
+    return with_settings(weights_digest(tensors), cfg)
+
+
+HALF_FROM = 1 << 20  # embedding tables of at least this many values are stored in float16
+
+
+def stored(name: str, t: torch.Tensor) -> torch.Tensor:
+    """The tensor as model.safetensors keeps it: large embedding tables in float16 (half the disk, and what a query
+    reads; their values, ~N(0, 0.1), keep three significant digits), everything else as it is. Loading casts back;
+    the run's index and every choice made on validation use the saved model, so all agree."""
+    if name.endswith((".bag.weight", ".emb.weight")) and t.dtype == torch.float32 and t.numel() >= HALF_FROM:
+        return t.half()
+    return t
 
 
 def save_model(run_dir: Path, model: torch.nn.Module) -> str:
     """Write model.safetensors atomically. Its metadata carries a fingerprint (``model_digest``), which indexes
     record (searching with another model is refused) and loading checks (altered weights are refused)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(model.weights().items())}
+    tensors = {k: stored(k, v.detach().cpu().contiguous()) for k, v in sorted(model.weights().items())}
     digest = model_digest(tensors, model.cfg)
     meta = {"format": "twotower", "format_version": str(FORMAT_VERSION), "fingerprint": digest}
     atomic_write_bytes(Path(run_dir) / "model.safetensors", st_save(tensors, metadata=meta))
-    return digest
-
-
-def header_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file, reading its header only (not the tensors)."""
-    try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if not 0 < n < 100_000_000:
-                raise ValueError("bad header length")
-            header = json.loads(fh.read(n))
-        meta = header.get("__metadata__") or {}
-        if not isinstance(meta, dict):
-            raise ValueError("bad metadata")
-        return meta
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing; the run folder is incomplete (was training interrupted?)") from None
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        raise ArtifactError(f"{path}: header is corrupt or not a twotower file; retrain or restore it") from None
-
-
-def fingerprint(run_dir: Path) -> str:
-    """The fingerprint stored in model.safetensors' header (reads the header only)."""
-    path = Path(run_dir) / "model.safetensors"
-    if not path.exists():
-        raise ArtifactError(f"{path}: missing; the run has no trained model yet")
-    digest = header_metadata(path).get("fingerprint")
-    if not digest:
-        raise ArtifactError(f"{path}: header is corrupt or not a twotower model; retrain or restore the file")
     return digest
 
 

@@ -10,50 +10,12 @@ Encoders:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MOD = 2147483647  # 2**31 - 1: products of two residues stay inside int64
-MIX = 2654435761  # Knuth's multiplicative hash constant
-BASE = 1000003
-
-
-@dataclass
-class ModelConfig:
-    encoder: str = "ngram"
-    vocab_size: int = 256
-    embedding_dim: int = 128
-    hidden_dim: int = 256
-    ngram_buckets: int = 262144
-    cnn_widths: list[int] = field(default_factory=lambda: [3, 5])
-    max_query_length: int = 64
-    max_document_length: int = 512
-    word_chars: list[int] = field(default_factory=list)  # vocabulary ids of characters that form words
-    word_bigrams: bool = False  # ngram encoder: also hash pairs of consecutive words
-    # One embedding table for both towers (each keeps its own norm and projection). False for models saved
-    # before the option existed, so their config.json still rebuilds them.
-    shared_embeddings: bool = False
-    # ngram encoder: weight each feature by its inverse document frequency in the training documents (stored in
-    # the weights file as ``idf``), so that the model starts as a TF-IDF matcher. False for older models.
-    idf: bool = False
-    # ngram encoder: a fixed lexical half of the embedding, the text's TF-IDF n-gram vector hashed (with random
-    # signs) into ``lexical_dim`` dimensions; no parameters, so training cannot destroy it. The embedding is
-    # [sqrt(w) x lexical, sqrt(1 - w) x learned], each half unit length, so its cosine is w x the lexical cosine +
-    # (1 - w) x the learned one. 0: no lexical half (older models).
-    lexical_dim: int = 0
-    lexical_weight: float = 0.5
-    word_share: float = 0.3  # idf models: the words' share of a text's squared feature norm (trigrams: the rest)
-
-    @property
-    def output_dim(self) -> int:
-        """Size of the embeddings the towers output (what an index stores)."""
-        return self.embedding_dim + (self.lexical_dim if self.encoder == "ngram" else 0)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from twotower_cli.model.config import BASE, MIX, MOD, ModelConfig  # noqa: F401  (re-exported)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -121,8 +83,14 @@ class NgramEncoder(nn.Module):
         self.word_share = cfg.word_share
         if cfg.idf:  # set from the training documents by ``set_idf``; all ones until then
             self.register_buffer("idf", torch.ones(cfg.ngram_buckets))
+            self.register_buffer("mean_words", torch.ones(1))  # words in a training document, on average
         else:
-            self.idf = None
+            self.idf = self.mean_words = None
+
+    def word_counts(self, ids: torch.Tensor) -> torch.Tensor:
+        """Words in each text (runs of word characters), as floats [B]."""
+        word = self.is_word[ids.long()]
+        return (word & ~F.pad(word, (0, 1))[:, 1:]).sum(1).float()
 
     def features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every trigram and word of each text as one 1-D bag: bucket ids and weights of the real features
@@ -247,6 +215,7 @@ class TwoTower(nn.Module):
             setattr(self.document_tower, table, getattr(self.query_tower, table))
         if getattr(self.query_tower, "idf", None) is not None:  # one idf vector for both towers
             self.document_tower.idf = self.query_tower.idf
+            self.document_tower.mean_words = self.query_tower.mean_words
 
     def aliases(self) -> dict[str, str]:
         """State-dict keys that name the same tensor as another key: {alias: source}. Files store the source."""
@@ -256,6 +225,7 @@ class TwoTower(nn.Module):
             out[f"document_tower.{t}.weight"] = f"query_tower.{t}.weight"
         if getattr(self.query_tower, "idf", None) is not None:
             out["document_tower.idf"] = "query_tower.idf"
+            out["document_tower.mean_words"] = "query_tower.mean_words"
         return out
 
     @torch.no_grad()
@@ -265,14 +235,17 @@ class TwoTower(nn.Module):
         enc = self.document_tower
         n_docs = int(rows.numel())
         df = torch.zeros(enc.buckets, dtype=torch.float64, device=enc.idf.device)
+        words = 0.0
         for s in range(0, n_docs, batch_size):
             ids = d_tokens[rows[s:s + batch_size]].to(enc.idf.device)
+            words += float(enc.word_counts(ids).clamp(min=1.0).sum())
             hashes, _, offsets = enc.features(ids)
             counts = torch.diff(offsets, append=torch.tensor([hashes.numel()], device=offsets.device))
             text = torch.repeat_interleave(torch.arange(ids.shape[0], device=ids.device), counts)
             uniq = torch.unique(text * enc.buckets + hashes)  # each (text, bucket) once
             df += torch.bincount(uniq % enc.buckets, minlength=enc.buckets).double()
         enc.idf.copy_((torch.log((1.0 + n_docs) / (1.0 + df)) + 1.0).float())
+        enc.mean_words.fill_(words / max(n_docs, 1))
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The state dict without aliases: what a safetensors file holds (it refuses shared tensors)."""
@@ -295,21 +268,28 @@ class TwoTower(nn.Module):
                 q, d = pooled_lookup(qt.bag.weight, [fq, fd])
             else:
                 q, d = pooled_lookup(qt.bag.weight, [fq])[0], pooled_lookup(dt.bag.weight, [fd])[0]
-            return self.finish(qt.head(q), fq, query_ids.shape[0]), self.finish(dt.head(d), fd, document_ids.shape[0])
+            return self.finish(qt.head(q), fq, query_ids), self.finish(dt.head(d), fd, document_ids, dt)
         return self.encode_queries(query_ids), self.encode_documents(document_ids)
 
-    def finish(self, learned: torch.Tensor, features, n: int) -> torch.Tensor:
-        """The embedding: the learned vector, unit length, after the lexical half when the model has one."""
+    def finish(self, learned: torch.Tensor, features, ids: torch.Tensor, document_tower=None) -> torch.Tensor:
+        """The embedding: the learned vector, unit length, after the lexical half when the model has one (for a
+        document, scaled by its length relative to the mean when ``length_power`` is set)."""
         learned = F.normalize(learned.float(), dim=-1)
-        if not self.cfg.lexical_dim:
+        cfg = self.cfg
+        if not cfg.lexical_dim:
             return learned
-        w = self.cfg.lexical_weight
-        return torch.cat([math.sqrt(w) * lexical(features, n, self.cfg.lexical_dim), math.sqrt(1.0 - w) * learned], -1)
+        lex = lexical(features, ids.shape[0], cfg.lexical_dim)
+        if document_tower is not None and cfg.length_power:
+            words = document_tower.word_counts(ids).clamp(min=1.0)
+            lex = lex * (words / document_tower.mean_words).pow(cfg.length_power).unsqueeze(1)
+        w = cfg.lexical_weight
+        return torch.cat([math.sqrt(w) * lex, math.sqrt(1.0 - w) * learned], -1)
 
     def encode(self, tower, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(tower, NgramEncoder):
             feats = tower.features(ids)
-            return self.finish(tower.head(*pooled_lookup(tower.bag.weight, [feats])), feats, ids.shape[0])
+            learned = tower.head(*pooled_lookup(tower.bag.weight, [feats]))
+            return self.finish(learned, feats, ids, tower if tower is self.document_tower else None)
         return F.normalize(tower(ids).float(), dim=-1)
 
     def encode_queries(self, ids: torch.Tensor) -> torch.Tensor:

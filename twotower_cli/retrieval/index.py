@@ -1,117 +1,63 @@
-"""Embedding indexes: `runs/<id>/index/<name>/` = embeddings.npy (memory-mappable) + documents/*.parquet + meta.json.
+"""Embedding indexes: `runs/<id>/index/<name>/` = embeddings.npy (memory-mappable) + the documents + meta.json.
 
-`documents/` holds Parquet parts (one per chunk written). An index is written into a temporary folder and renamed into place, so a killed `index` never leaves a half
-index that `search` would use. `meta.json` records the fingerprint of the model that made it; searching with
-another model is refused.
+Documents are kept twice: `documents/*.parquet` (ids and texts, for any tool) and `texts.bin`/`ids.bin` with their
+offsets (`*.offsets.npy`), which a search reads a few rows of without Polars. An index is written into a temporary
+folder and renamed into place (`indexing.py`); `meta.json`, written last, records the model's fingerprint (searching
+with another model is refused), the count, the dimension and a checksum of the embeddings.
+
+Reading needs no torch and never needs write access. A writer killed between moving the old index aside and the
+new one in leaves no `<name>` folder: the next reader or writer recovers it (`recover`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import polars as pl
-import torch
 
+from twotower_cli.config_checks import NAME
 from twotower_cli.errors import ArtifactError, UsageError
-from twotower_cli.model.artifacts import fingerprint
-from twotower_cli.retrieval.topk import exact_topk
-from twotower_cli.runs import atomic_write_json, read_json
+from twotower_cli.model.files import fingerprint
+from twotower_cli.runs import is_locked, read_json
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: texts.bin/ids.bin beside the Parquet parts, a checksum in meta.json (1 is still read)
 
 
 def index_dir(run_dir: Path, name: str) -> Path:
-    if not name or "/" in name or name.startswith("."):
-        raise UsageError(f"index name {name!r} must be a plain folder name")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise UsageError(f"index name {name!r} must be a plain folder name (letters, digits, '.', '_', '-')")
     return Path(run_dir) / "index" / name
 
 
-@torch.no_grad()
-def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", device="cpu", dtype: str = "float32",
-                backend: str = "exact", batch_size: int = 2048, progress=None, total: int | None = None) -> Path:
-    """Embed ``chunks`` (an iterable of (documents Series, ids list or None)) into ``index/<name>/``.
+def lock_path(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / "index" / f".{name}.lock"
 
-    Only one chunk of text is in memory at a time: embeddings are appended to a raw file and documents to one
-    Parquet part per chunk. Identical documents (by 64-bit hash) are stored once. The folder is assembled under
-    a temporary name and renamed into place at the end."""
-    if dtype not in ("float32", "float16"):
-        raise UsageError(f"--dtype {dtype!r}: use float32 or float16")
+
+def is_complete_index(folder: Path) -> bool:
+    return (folder / "meta.json").is_file() and (folder / "embeddings.npy").is_file()
+
+
+def recover(run_dir: Path, name: str) -> Path:
+    """The folder of ``index/<name>``. When it is missing because a writer was killed mid-swap, the newest complete
+    copy is moved back (the new index if it was complete, else the old one); in a read-only run, or while another
+    writer holds the index's lock, that copy is used where it is."""
     final = index_dir(run_dir, name)
-    tmp = final.parent / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "documents").mkdir(parents=True)
-    dim, max_len = model.cfg.output_dim, model.cfg.max_document_length
-    seen = np.zeros(0, dtype=np.uint64)
-    n = offset = 0
-    was = model.training
-    model.eval()
-    with open(tmp / "embeddings.raw", "wb") as raw:
-        for part, (docs, ids) in enumerate(chunks):
-            docs = docs.fill_null("").cast(pl.String)
-            ids = ids if ids is not None else [str(offset + i) for i in range(len(docs))]
-            offset += len(docs)
-            h = docs.hash(seed=0).to_numpy()
-            _, first = np.unique(h, return_index=True)
-            keep = np.zeros(len(docs), dtype=bool)
-            keep[first] = True
-            keep &= ~np.isin(h, seen)
-            seen = np.concatenate([seen, h[keep]])
-            frame = pl.DataFrame({"id": pl.Series(ids, dtype=pl.String), "document": docs}).filter(pl.Series(keep))
-            for s in range(0, frame.height, batch_size):
-                chunk = frame["document"].slice(s, batch_size)
-                tokens = torch.from_numpy(vocab.encode(chunk, max_len)).to(device)
-                raw.write(model.encode_documents(tokens).float().cpu().numpy().astype(dtype).tobytes())
-            frame.write_parquet(tmp / "documents" / f"part-{part:05d}.parquet")
-            n += frame.height
-            if progress:
-                progress(offset, total)
-    model.train(was)
-    if n == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError("the corpus has no documents to index")
-    write_npy(tmp / "embeddings.npy", tmp / "embeddings.raw", (n, dim), dtype)
-    meta = {"format_version": INDEX_FORMAT, "model_fingerprint": fingerprint(run_dir), "dim": dim, "count": n,
-            "dtype": dtype, "backend": backend, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if backend == "faiss":
-        meta["faiss"] = build_faiss(tmp, n, dim)
-    atomic_write_json(tmp / "meta.json", meta)
-    old = final.parent / f".{name}.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def write_npy(path: Path, raw: Path, shape: tuple[int, int], dtype: str) -> None:
-    """Turn the raw embeddings into a standard (memory-mappable) .npy file, streaming, then drop the raw file."""
-    with open(path, "wb") as out:
-        np.lib.format.write_array_header_1_0(out, {"descr": np.dtype(dtype).str, "fortran_order": False,
-                                                   "shape": shape})
-        with open(raw, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 24)
-        out.flush()
-        os.fsync(out.fileno())
-    raw.unlink()
-
-
-def build_faiss(folder: Path, n: int, dim: int) -> dict:
+    parent = final.parent
+    if final.exists() or not parent.is_dir() or is_locked(lock_path(run_dir, name)):
+        return final
+    candidates = [p for p in parent.glob(f".{name}.*") if p.is_dir() and is_complete_index(p)]
+    if not candidates:
+        return final
+    # a complete new index (tmp) is what the killed writer was about to publish; else the previous one (old)
+    best = max(candidates, key=lambda p: (".tmp-" in p.name, (p / "meta.json").stat().st_mtime))
     try:
-        import faiss
-    except ImportError:
-        raise UsageError("--backend faiss needs faiss-cpu: pip install 'twotower-cli[faiss]'") from None
-    x = np.load(folder / "embeddings.npy").astype(np.float32)
-    index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = 80
-    index.add(x)
-    faiss.write_index(index, str(folder / "faiss.index"))
-    return {"type": "HNSW32", "ef_search": 128}
+        os.replace(best, final)
+        return final
+    except OSError:
+        return best
 
 
 @dataclass
@@ -120,8 +66,17 @@ class Index:
     meta: dict
     embeddings: np.ndarray
 
+    @property
+    def count(self) -> int:
+        return int(self.meta["count"])
+
     def documents(self, rows: list[int]) -> list[dict]:
-        """Id and text of the given rows, read from Parquet without loading the rest."""
+        """Id and text of the given rows, read without loading the rest."""
+        if (self.path / "texts.bin").exists():
+            texts, ids = read_strings(self.path, "texts", rows), read_strings(self.path, "ids", rows)
+            return [{"row": r, "id": i, "document": t} for r, i, t in zip(rows, ids, texts)]
+        import polars as pl  # format 1 indexes: the Parquet parts only
+
         p = self.path / "documents"
         try:
             frame = (pl.scan_parquet(p / "*.parquet").with_row_index("row").filter(pl.col("row").is_in(rows))
@@ -129,31 +84,54 @@ class Index:
         except Exception as exc:
             raise ArtifactError(f"{p}: cannot read ({str(exc).splitlines()[0]}); rebuild with twotower index") from None
         by_row = {r["row"]: r for r in frame.to_dicts()}
+        missing = [r for r in rows if r not in by_row]
+        if missing:
+            raise ArtifactError(f"{p}: has no document for row {missing[0]} of the embeddings; rebuild the index")
         return [by_row[r] for r in rows]
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and rows [Q, min(k, count)], best first; exact in NumPy, or FAISS HNSW when built with it."""
+        k = min(k, self.count)
         if self.meta.get("backend") == "faiss":
             import faiss
 
             index = faiss.read_index(str(self.path / "faiss.index"))
-            index.hnsw.efSearch = max(self.meta["faiss"]["ef_search"], k)
-            s, i = index.search(queries.cpu().numpy().astype(np.float32), k)
-            return torch.from_numpy(s), torch.from_numpy(i)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # read-only memmap: torch warns that it is not writable
-            return exact_topk(queries.float(), self.embeddings, k)
+            index.hnsw.efSearch = max(int(self.meta.get("faiss", {}).get("ef_search", 128)), k)
+            s, i = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+            return s, i.astype(np.int64)  # rows the graph could not fill are -1
+        from twotower_cli.retrieval.topk_numpy import numpy_topk
+
+        return numpy_topk(queries, self.embeddings, k)
+
+
+def read_strings(folder: Path, name: str, rows: list[int], offsets=None) -> list[str]:
+    """Rows of a strings file (`texts.bin`, `ids.bin`), by its offsets (read from disk unless given)."""
+    if offsets is None:
+        offsets = np.load(folder / f"{name}.offsets.npy", mmap_mode="r")
+    with open(folder / f"{name}.bin", "rb") as fh:
+        out = []
+        for r in rows:
+            start, end = int(offsets[r]), int(offsets[r + 1])
+            fh.seek(start)
+            out.append(fh.read(end - start).decode("utf-8"))
+        return out
 
 
 def load_index(run_dir: Path, name: str = "default", check_model: bool = True) -> Index:
-    folder = index_dir(run_dir, name)
+    folder = recover(run_dir, name)
     if not folder.is_dir():
-        have = sorted(p.name for p in (Path(run_dir) / "index").glob("[!.]*")) if (Path(run_dir) / "index").is_dir() else []
+        parent = Path(run_dir) / "index"
+        have = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if parent.is_dir() else []
         raise ArtifactError(f"no index '{name}' in {run_dir} (have: {', '.join(have) or 'none'}); "
                             f"build one with: twotower index CORPUS --name {name}")
     meta = read_json(folder / "meta.json", "index metadata")
-    if meta.get("format_version", 0) > INDEX_FORMAT:
-        raise ArtifactError(f"{folder / 'meta.json'}: index format {meta['format_version']} is newer than this "
-                            "twotower understands; upgrade twotower")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(f"{folder / 'meta.json'}: format_version is {version!r}, not a number; rebuild the index")
+    if version > INDEX_FORMAT:
+        raise ArtifactError(f"{folder / 'meta.json'}: index format {version} is newer than this twotower "
+                            "understands; upgrade twotower")
     if check_model and meta.get("model_fingerprint") != fingerprint(run_dir):
         raise ArtifactError(f"{folder}: index was built by another model (fingerprint differs from "
                             f"{Path(run_dir) / 'model.safetensors'}); rebuild it with: twotower index CORPUS "
@@ -163,11 +141,61 @@ def load_index(run_dir: Path, name: str = "default", check_model: bool = True) -
         emb = np.load(path, mmap_mode="r")
     except FileNotFoundError:
         raise ArtifactError(f"{path}: missing; rebuild the index") from None
-    except (ValueError, OSError) as exc:
-        raise ArtifactError(f"{path}: corrupt or truncated ({exc}); rebuild the index") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise ArtifactError(f"{path}: corrupt or truncated ({exc or type(exc).__name__}); rebuild the index") from None
     if emb.ndim != 2 or emb.shape != (meta.get("count"), meta.get("dim")) or str(emb.dtype) != meta.get("dtype"):
         raise ArtifactError(f"{path}: shape {emb.shape} {emb.dtype} does not match meta.json "
                             f"({meta.get('count')}x{meta.get('dim')} {meta.get('dtype')}); rebuild the index")
-    if not list((folder / "documents").glob("part-*.parquet")):
-        raise ArtifactError(f"{folder / 'documents'}: no document files; rebuild the index")
+    check_documents(folder, meta)
+    verify_checksum(path, emb, meta)
+    if meta.get("backend") == "faiss" and not (folder / "faiss.index").is_file():
+        raise ArtifactError(f"{folder / 'faiss.index'}: missing, but meta.json says the index uses FAISS; "
+                            "rebuild the index")
     return Index(folder, meta, emb)
+
+
+def check_documents(folder: Path, meta: dict) -> None:
+    """The documents must cover every row of the embeddings (read from offsets or Parquet footers, not texts)."""
+    count = meta.get("count")
+    if meta.get("format_version", 1) >= 2 or (folder / "texts.bin").exists():
+        for name in ("texts", "ids"):
+            try:
+                offsets = np.load(folder / f"{name}.offsets.npy", mmap_mode="r")
+                size = (folder / f"{name}.bin").stat().st_size
+            except (OSError, ValueError, EOFError):
+                raise ArtifactError(f"{folder / (name + '.bin')}: missing or damaged; rebuild the index") from None
+            if offsets.shape != (count + 1,) or int(offsets[-1]) != size:
+                raise ArtifactError(f"{folder / (name + '.bin')}: holds {offsets.shape[0] - 1} entries for {count} "
+                                    "embeddings (or is truncated); rebuild the index")
+        return
+    parts = sorted((folder / "documents").glob("part-*.parquet"))
+    if not parts:
+        raise ArtifactError(f"{folder / 'documents'}: no document files; rebuild the index")
+    import polars as pl
+
+    try:
+        rows = sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in parts)
+    except Exception:
+        raise ArtifactError(f"{folder / 'documents'}: a document file is damaged; rebuild the index") from None
+    if rows != count:
+        raise ArtifactError(f"{folder / 'documents'}: holds {rows} documents for {count} embeddings; rebuild the index")
+
+
+VERIFY_UP_TO = 64 << 20  # embeddings files up to this size are checked against meta.json's sha256 at every load
+
+
+def verify_checksum(path: Path, emb: np.ndarray, meta: dict) -> None:
+    """Compare small embeddings files with the checksum written when they were built (larger ones are checked
+    for shape only: reading gigabytes for every search would cost more than the search)."""
+    digest = meta.get("sha256")
+    if not digest or emb.nbytes > VERIFY_UP_TO:
+        return
+    import hashlib
+
+    if hashlib.sha256(np.ascontiguousarray(emb).tobytes()).hexdigest() != digest:
+        raise ArtifactError(f"{path}: embeddings do not match the checksum in meta.json; the file was altered or "
+                            "damaged: rebuild the index")
+
+
+def remove_index(run_dir: Path, name: str) -> None:
+    shutil.rmtree(index_dir(run_dir, name), ignore_errors=True)

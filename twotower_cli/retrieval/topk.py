@@ -14,6 +14,8 @@ import warnings
 import numpy as np
 import torch
 
+from twotower_cli.retrieval.topk_numpy import numpy_topk
+
 
 def as_tensor(x) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
@@ -53,60 +55,6 @@ def chunk_topk(scores: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, 
     return top.values, torch.gather(cand, 1, top.indices)
 
 
-def np_topk(scores: np.ndarray, k: int, axis: int) -> np.ndarray:
-    """Indices of the k largest along ``axis`` (unordered)."""
-    if k >= scores.shape[axis]:
-        return np.argsort(-scores, axis=axis)
-    return np.take(np.argpartition(-scores, k - 1, axis=axis), np.arange(k), axis=axis)
-
-
-def np_chunk_topk_cols(scores: np.ndarray, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two-stage exact top-k of each column of ``scores`` [n, Q]: block maxima, then the candidates."""
-    n, q = scores.shape
-    k = min(k, n)
-    nblocks = n // block
-    if nblocks <= k:
-        cand = np.broadcast_to(np.arange(n)[:, None], (n, q))
-    else:
-        maxima = scores[: nblocks * block].reshape(nblocks, block, q).max(1)  # [nblocks, Q]
-        blocks = np_topk(maxima, k, 0)  # [k, Q]
-        cand = (blocks[:, None, :] * block + np.arange(block)[None, :, None]).reshape(k * block, q)
-        if nblocks * block < n:
-            tail = np.broadcast_to(np.arange(nblocks * block, n)[:, None], (n - nblocks * block, q))
-            cand = np.concatenate([cand, tail], 0)
-    cs = np.take_along_axis(scores, cand, 0)
-    top = np_topk(cs, k, 0)
-    return np.take_along_axis(cs, top, 0).T, np.take_along_axis(cand, top, 0).T
-
-
-def cpu_topk(q: torch.Tensor, corpus, k: int, chunk: int, block: int):
-    """CPU path, all in numpy: its BLAS product streams the corpus on every core (measured on 1M x 128: one
-    query 17 ms where torch's matrix-vector product took 67 ms on one core), into one reused buffer; the top-k
-    stays in numpy too, since alternating BLAS and torch thread pools made the cores wait on each other."""
-    mat = corpus.numpy() if isinstance(corpus, torch.Tensor) else corpus
-    qn = np.ascontiguousarray(q.numpy().T)  # [D, Q]
-    n = mat.shape[0]
-    k = min(k, n)
-    buf = np.empty((min(chunk, n), qn.shape[1]), dtype=np.float32)
-    best_s = best_i = None
-    for start in range(0, n, chunk):
-        part = mat[start:start + chunk]
-        if part.dtype != np.float32:
-            part = part.astype(np.float32)
-        out = buf[: part.shape[0]]
-        np.matmul(part, qn, out=out)
-        s, i = np_chunk_topk_cols(out, k, block)
-        i = i + start
-        if best_s is not None:
-            s, i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
-            keep = np_topk(s.T, k, 0).T
-            s, i = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
-        best_s, best_i = s, i
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return (torch.from_numpy(np.ascontiguousarray(np.take_along_axis(best_s, order, 1))),
-            torch.from_numpy(np.ascontiguousarray(np.take_along_axis(best_i, order, 1)).astype(np.int64)))
-
-
 def exact_topk(queries, corpus, k: int, chunk: int = 65536, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores and indices [Q, min(k, N)] of the highest inner products, best first.
 
@@ -121,10 +69,8 @@ def exact_topk(queries, corpus, k: int, chunk: int = 65536, block: int = 64) -> 
     chunk = max(min(chunk, n, max(4096, (1 << 24) // q.shape[0])), 1)  # score buffer <= ~64 MB
     on_cpu = q.device.type == "cpu" and not (isinstance(corpus, torch.Tensor) and corpus.device.type != "cpu")
     if on_cpu and q.shape[0] <= 256:  # beyond that torch's blocked top-k is the faster half
-        if 1 < q.shape[0] <= 4:  # BLAS' 2-4 column products are slower than that many matrix-vector ones
-            parts = [cpu_topk(q[j:j + 1].contiguous(), corpus, k, chunk, block) for j in range(q.shape[0])]
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        return cpu_topk(q.contiguous(), corpus, k, chunk, block)
+        s, i = numpy_topk(q.numpy(), corpus, k, chunk, block)
+        return torch.from_numpy(s), torch.from_numpy(i)
     buffer = torch.empty(q.shape[0] * chunk, dtype=torch.float32, device=q.device)  # one, reused by every chunk
     best_s = best_i = None
     for start in range(0, n, chunk):

@@ -136,8 +136,9 @@ def build_html(run_dir: Path, title: str | None = None, description: str | None 
     sims = read_json_or(run_dir / "similarities.json", {})
     best = run.get("best") or (epochs[-1] if epochs else {})
     title = title or f"twotower run {run_dir.name}"
-    description = description or (f"A {cfg['model']['encoder']} two-tower model trained on "
-                                  f"{cfg.get('data', {}).get('path', 'pairs')}.")
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    source = data.get("name") or Path(str(data.get("path", "pairs"))).name  # a shared report shows no local path
+    description = description or f"A {cfg['model']['encoder']} two-tower model trained on {source}."
     cards = "".join(f'<div class="card"><div class="v">{v:.3f}</div><div class="k">{esc(k)}</div></div>'
                     for k, v in best.items() if isinstance(v, float) and k.startswith(("val/", "eval/")))
     info = (f"run <code>{esc(run_dir.name)}</code> · {len(epochs)} epochs, {steps[-1]['step'] if steps else 0} steps · "

@@ -34,7 +34,7 @@ class MetricsLog:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if rec.get("step", 0) <= step:
+            if isinstance(rec, dict) and isinstance(rec.get("step", 0), (int, float)) and rec.get("step", 0) <= step:
                 kept.append(line)
         atomic_write_bytes(self.path, ("\n".join(kept) + "\n" if kept else "").encode())
 
@@ -56,9 +56,11 @@ def read_metrics(path: Path) -> list[dict]:
         return out
     for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except ValueError:
             continue
+        if isinstance(rec, dict):  # a damaged line ([1, 2], null, a half line) is skipped, not fatal
+            out.append(rec)
     return out
 
 

@@ -36,6 +36,19 @@ class TrainingSet:
     span_d: torch.Tensor | None = None  # [S] document index of each span pair
     span_tokens: torch.Tensor | None = None  # [S, Lq] token rows of the spans
 
+    pos_keys: torch.Tensor | None = None  # sorted query x n_documents + document of every known positive
+
+    def is_positive(self, q_ids: torch.Tensor, d_ids: torch.Tensor) -> torch.Tensor:
+        """[len(q_ids), len(d_ids)]: whether the file pairs the query with the document as relevant (span pairs'
+        queries, numbered after the file's, never are)."""
+        keys = q_ids.unsqueeze(1) * len(self.documents) + d_ids.unsqueeze(0)
+        keys = keys.masked_fill((d_ids < 0).unsqueeze(0), -1)
+        return torch.isin(keys, self.pos_keys.to(keys.device))
+
+    def is_pair(self, q_ids: torch.Tensor, d_ids: torch.Tensor) -> torch.Tensor:
+        """Element by element: whether (q_ids[i], d_ids[i]) is a known positive."""
+        return torch.isin(q_ids * len(self.documents) + d_ids, self.pos_keys.to(q_ids.device)) & (d_ids >= 0)
+
     @property
     def n_train(self) -> int:
         return int(self.pos_q.shape[0])
@@ -46,14 +59,15 @@ class TrainingSet:
         return self.n_train + (0 if self.span_d is None else int(self.span_d.shape[0]))
 
     def to(self, device) -> "TrainingSet":
-        for name in ("q_tokens", "d_tokens", "pos_q", "pos_d", "neg_ptr", "neg_doc", "span_d", "span_tokens"):
+        for name in ("q_tokens", "d_tokens", "pos_q", "pos_d", "neg_ptr", "neg_doc", "span_d", "span_tokens",
+                     "pos_keys"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
         return self
 
 
 def build(df: pl.DataFrame, vocab, max_query_length: int, max_document_length: int, val_fraction: float,
-          seed: int, eager: bool = True) -> TrainingSet:
+          seed: int, eager: bool = True, val_min_queries: int = 0) -> TrainingSet:
     """``eager``: tokenise every text now (one process); else only the rows a step uses, when it uses them."""
     queries = df["query"].unique().sort()
     documents = df["document"].unique().sort()
@@ -63,7 +77,8 @@ def build(df: pl.DataFrame, vocab, max_query_length: int, max_document_length: i
 
     pos = rows.filter(pl.col("label") == 1).unique(["qid", "did"], maintain_order=True)
     candidates = np.unique(pos["qid"].to_numpy())
-    n_val = 0 if val_fraction <= 0 else max(1, int(round(val_fraction * len(candidates))))
+    n_val = 0 if val_fraction <= 0 else max(1, int(round(val_fraction * len(candidates))),
+                                            min(val_min_queries, len(candidates) // 5))
     if n_val >= len(candidates):
         raise DataError(f"validation would take all {len(candidates)} queries with a positive; "
                         "lower --val-fraction or use more data")
@@ -89,6 +104,7 @@ def build(df: pl.DataFrame, vocab, max_query_length: int, max_document_length: i
         pos_d=torch.from_numpy(train_pos["did"].to_numpy().copy()),
         neg_ptr=neg_ptr, neg_doc=neg_doc,
         val_q=torch.from_numpy(val_q.astype(np.int64)), val_qrels=[qrels[int(q)] for q in val_q],
+        pos_keys=torch.from_numpy(np.unique(pos["qid"].to_numpy() * len(documents) + pos["did"].to_numpy())),
     )
 
 
@@ -193,8 +209,16 @@ def make_batch(ts: TrainingSet, idx: torch.Tensor, negs: torch.Tensor, loss: str
         if bool(real.any()):
             q_tokens[real] = ts.q_tokens[qi[real]].to(q_tokens.device, q_tokens.dtype)
         q_tokens[~real] = ts.span_tokens[j[~real]]
-    if loss == "triplet":
-        ni = torch.where(ni >= 0, ni, di.roll(1))  # no negative in the file: a document of another pair
+    if loss == "triplet":  # no negative in the file: a document of another pair that is not relevant to mine
+        ni = ni.clone()
+        for shift in range(1, min(idx.shape[0], 9)):
+            need = ni < 0
+            if not bool(need.any()):
+                break
+            other = di.roll(shift)
+            ok = need & ~ts.is_pair(qi, other) & (other != di)
+            ni[ok] = other[ok]
+        ni = torch.where(ni >= 0, ni, di.roll(1))  # none found among 8 (a batch of one query's positives)
     else:
         ni = ni[ni >= 0]
     return Batch(qi, di, ni, q_tokens, ts.d_tokens[torch.cat([di, ni])])  # one document pass

@@ -11,7 +11,7 @@ import torch
 
 from twotower_cli.evaluation.metrics import retrieval_metrics
 from twotower_cli.model.encode import embed_tokens
-from twotower_cli.retrieval.bm25 import BM25, save_bm25
+from twotower_cli.retrieval.bm25 import save_bm25
 from twotower_cli.retrieval.hybrid import WEIGHTS, fused, fusion_candidates
 from twotower_cli.retrieval.topk import exact_topk
 

@@ -66,7 +66,7 @@ def resolve_device(name: str) -> torch.device:
     raise UsageError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto")
 
 
-def batch_loss(net, batch: Batch, cfg, ddp=None) -> tuple:
+def batch_loss(net, batch: Batch, cfg, ddp=None, known=None) -> tuple:
     """Embed one batch and compute its loss. ``net`` is the model or its DistributedDataParallel wrapper; under
     DDP with gather_negatives the InfoNCE loss sees the documents of every process's batch."""
     b = batch.qi.shape[0]
@@ -78,8 +78,8 @@ def batch_loss(net, batch: Batch, cfg, ddp=None) -> tuple:
         from twotower_cli.training.distributed import gather, gather_ids, gather_ragged
 
         return losses.infonce(q, gather(d), gather_ids(batch.di), gather_ids(batch.qi), gather_ragged(n),
-                              gather_ids(batch.ni), cfg.temperature, offset=ddp.rank * b)
-    return losses.infonce(q, d, batch.di, batch.qi, n, batch.ni, cfg.temperature)
+                              gather_ids(batch.ni), cfg.temperature, offset=ddp.rank * b, known=known)
+    return losses.infonce(q, d, batch.di, batch.qi, n, batch.ni, cfg.temperature, known=known)
 
 
 def use_hard_negatives(model, ts, kind: str, epoch: int, run_dir: Path, device, file_negatives, ddp=None):
@@ -215,7 +215,7 @@ class Loop:
         log_now = (st["global_step"] + 1) % cfg.log_every == 0 or i == self.spe - 1
         log.mark(log_now)
         with self.autocast:
-            loss, stats = batch_loss(self.net, batch, cfg, self.ddp)
+            loss, stats = batch_loss(self.net, batch, cfg, self.ddp, self.ts.is_positive)
         log.mark(log_now)
         check_now = log_now or self.device.type == "cpu"  # a sync is free on a CPU: check every step there
         value = float(loss.detach()) if check_now else None

@@ -47,7 +47,7 @@ def select(queries: np.ndarray, ranked: np.ndarray, positives: dict[int, set[int
 
 
 @torch.no_grad()
-def mine_with_model(model, ts, device) -> tuple[np.ndarray, np.ndarray]:
+def mine_with_model(model, ts, device, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     was = model.training
     model.eval()
     queries = torch.unique(ts.pos_q.cpu())
@@ -56,26 +56,41 @@ def mine_with_model(model, ts, device) -> tuple[np.ndarray, np.ndarray]:
     _, ranked = exact_topk(qe, de, DEPTH)
     model.train(was)
     positives = known_positives(ts)
-    first_pos = {q: next(iter(p)) for q, p in positives.items()}
     q_np, r_np = queries.numpy(), ranked.cpu().numpy()
-    # near-duplicates: cosine to the query's (first) positive, computed for the candidates only
-    cand_pos = torch.tensor([first_pos[q] for q in q_np.tolist()], device=de.device)
-    sims = torch.einsum("qd,qkd->qk", de[cand_pos], de[ranked.to(de.device)]).cpu().numpy()
+    # near-duplicates: the highest cosine of a candidate to any positive of its query (unit vectors: document
+    # embeddings with a length-scaled lexical half are not)
+    dn = torch.nn.functional.normalize(de.float(), dim=-1)
+    most = max(len(p) for p in positives.values())
+    pos = torch.full((len(q_np), most), -1, dtype=torch.long)
+    for i, q in enumerate(q_np.tolist()):
+        ps = sorted(positives[q])
+        pos[i, :len(ps)] = torch.tensor(ps)
+    sims = np.zeros(r_np.shape, dtype=np.float32)
+    for s in range(0, len(q_np), chunk):
+        p, c = pos[s:s + chunk].to(dn.device), ranked[s:s + chunk].to(dn.device)
+        cos = torch.einsum("qpd,qkd->qpk", dn[p.clamp(min=0)], dn[c]).masked_fill((p < 0).unsqueeze(2), -2.0)
+        sims[s:s + chunk] = cos.amax(1).cpu().numpy()
     row_of = {q: i for i, q in enumerate(q_np.tolist())}
     col = {(i, d): j for i, row in enumerate(r_np.tolist()) for j, d in enumerate(row)}
     return select(q_np, r_np, positives, lambda q, d: sims[row_of[q], col[(row_of[q], d)]] >= NEAR_DUPLICATE)
 
 
 def mine_with_bm25(ts) -> tuple[np.ndarray, np.ndarray]:
+    """BM25's top documents for each training query; a candidate that equals a positive once case and spacing are
+    ignored counts as that positive (the documents are distinct as strings, not as texts)."""
     from twotower_cli.retrieval.bm25 import BM25
 
     bm = BM25.build(ts.documents.to_list())
     queries = np.unique(ts.pos_q.cpu().numpy())
-    scores, ranked = bm.search([ts.queries[int(q)] for q in queries], DEPTH)
+    _, ranked = bm.search([ts.queries[int(q)] for q in queries], DEPTH)
     positives = known_positives(ts)
     docs = ts.documents
-    pos_text = {q: docs[next(iter(p))] for q, p in positives.items()}
-    return select(queries, ranked, positives, lambda q, d: docs[int(d)] == pos_text[q])
+
+    def key(d: int) -> str:
+        return " ".join(docs[int(d)].lower().split())
+
+    pos_keys = {q: {key(d) for d in p} for q, p in positives.items()}
+    return select(queries, ranked, positives, lambda q, d: key(d) in pos_keys[q])
 
 
 def cached(run_dir: Path, epoch: int, mine) -> tuple[np.ndarray, np.ndarray]:

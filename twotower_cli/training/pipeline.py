@@ -1,46 +1,32 @@
-"""`twotower train` from end to end: data, vocabulary, run folder, the loop, the default index, `runs/latest`.
+"""`twotower train` from end to end: prepare the data, open the run folder, train, finish the run.
 
 The run folder is created only once the data has loaded, and `runs/latest` moves to it only when it is
-complete, so a failed or killed run never becomes "latest".
+complete, so a failed or killed run never becomes "latest". The folder is locked while it is written.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 from twotower_cli.config import Config
 from twotower_cli.data.pairs import load_pairs, require_trainable
 from twotower_cli.data.vocab import Vocab
 from twotower_cli.errors import ArtifactError, TrainingError, UsageError
-from twotower_cli.model.artifacts import (
-    header_metadata,
-    read_config,
-    read_tensors,
-    save_model,
-    write_config,
-)
+from twotower_cli.model.artifacts import header_metadata, read_config, write_config
 from twotower_cli.model.towers import ModelConfig, TwoTower
-from twotower_cli.runs import (
-    atomic_write_json,
-    new_run_id,
-    read_json,
-    resolve_run,
-    set_latest,
-)
+from twotower_cli.runs import Lock, atomic_write_json, is_complete, new_run_id, remove_stale, resolve_run
 from twotower_cli.tracking.metrics_log import MetricsLog, NullTracker, Tracker
 from twotower_cli.training.batches import TrainingSet, build
-from twotower_cli.training.choices import choose_lexical_weight, choose_search
+from twotower_cli.training.finish import finish_run
 from twotower_cli.training.loop import Hooks, Validation, fit, resolve_device
 
-LOSSES, ENCODERS, PRECISIONS = ("infonce", "triplet"), ("ngram", "cnn", "mean"), ("fp32", "bf16")
+TOO_SMALL = 50  # fewer training pairs than this: train, but say that nothing much can be learned
 
 
 @dataclass
@@ -52,39 +38,32 @@ class TrainSummary:
     history: list
     written: dict = field(default_factory=dict)
     messages: list = field(default_factory=list)
+    search: dict = field(default_factory=dict)
+    size_bytes: int = 0
 
 
-def check_settings(cfg: Config) -> None:
-    t, m, d = cfg.train, cfg.model, cfg.data
-    for name, value in (("--epochs", t.epochs), ("--batch-size", t.batch_size), ("--embedding-dim", m.embedding_dim),
-                        ("--hidden-dim", m.hidden_dim), ("--max-query-length", d.max_query_length),
-                        ("--max-document-length", d.max_document_length)):
-        if value < 1:
-            raise UsageError(f"{name} must be at least 1, got {value}")
-    if not t.learning_rate > 0:
-        raise UsageError(f"--learning-rate must be positive, got {t.learning_rate}")
-    if not 0 <= t.val_fraction < 1:
-        raise UsageError(f"--val-fraction must be in [0, 1), got {t.val_fraction}")
-    if t.temperature <= 0:
-        raise UsageError(f"--temperature must be positive, got {t.temperature}")
-    for name, value, allowed in (("--loss", t.loss, LOSSES), ("--encoder", m.encoder, ENCODERS),
-                                 ("--hard-negatives", t.hard_negatives, ("none", "bm25", "model")),
-                                 ("--precision", t.precision, PRECISIONS),
-                                 ("--tokenize", d.tokenize, ("auto", "upfront", "on-demand"))):
-        if value not in allowed:
-            raise UsageError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+@dataclass
+class Prepared:
+    """The data as training needs it."""
+    pairs: object
+    df: object
+    vocab: Vocab
+    ts: TrainingSet
+    batch_size: int
+    extra: object = None
+    messages: list = field(default_factory=list)
 
 
 def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
-    widths = [int(w) for w in str(cfg.model.cnn_widths).split(",") if w.strip()]
-    word_chars = [i + 2 for i, c in enumerate(vocab.chars) if c.isalnum()]
-    return ModelConfig(encoder=cfg.model.encoder, vocab_size=len(vocab), embedding_dim=cfg.model.embedding_dim,
-                       hidden_dim=cfg.model.hidden_dim, ngram_buckets=cfg.model.ngram_buckets, cnn_widths=widths,
+    m, ngram = cfg.model, cfg.model.encoder == "ngram"
+    return ModelConfig(encoder=m.encoder, vocab_size=len(vocab), embedding_dim=m.embedding_dim,
+                       hidden_dim=m.hidden_dim, ngram_buckets=m.ngram_buckets,
+                       cnn_widths=[int(w) for w in str(m.cnn_widths).split(",") if w.strip()],
                        max_query_length=cfg.data.max_query_length, max_document_length=cfg.data.max_document_length,
-                       word_chars=word_chars, word_bigrams=cfg.model.word_bigrams,
-                       shared_embeddings=cfg.model.shared_embeddings, idf=cfg.model.idf and cfg.model.encoder == "ngram",
-                       lexical_dim=cfg.model.lexical_dim if cfg.model.encoder == "ngram" else 0,
-                       lexical_weight=cfg.model.lexical_weight, word_share=cfg.model.word_share)
+                       word_chars=[i + 2 for i, c in enumerate(vocab.chars) if c.isalnum()],
+                       word_bigrams=m.word_bigrams, shared_embeddings=m.shared_embeddings, idf=m.idf and ngram,
+                       lexical_dim=m.lexical_dim if ngram else 0, lexical_weight=m.lexical_weight,
+                       word_share=m.word_share, length_power=m.length_power)
 
 
 def sample_val_corpus(ts: TrainingSet, size: int, seed: int):
@@ -106,50 +85,60 @@ def sample_val_corpus(ts: TrainingSet, size: int, seed: int):
 def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume: str | None = None,
               eval_dir: Path | None = None) -> TrainSummary:
     runs_dir = Path(cfg.train.runs_dir)
+    run_dir = None
     if resume:
         run_dir = resolve_run(runs_dir, resume)
+        if is_complete(run_dir):
+            raise UsageError(f"run {run_dir.name} is already complete: there is nothing to resume; search it, or "
+                             "train a new run")
         stored = read_config(run_dir)
+        if not isinstance(stored.get("settings"), dict) or not isinstance(stored.get("data"), dict):
+            raise ArtifactError(f"{run_dir / 'config.json'}: has no 'settings' or 'data' section; this run cannot "
+                                "be resumed: train a new one")
         cfg = Config({s: dict(v) for s, v in stored["settings"].items()}, cfg.sources).with_overrides(
             {("train", "device"): cfg.train.device, ("train", "runs_dir"): str(runs_dir)}, "flag")
         cfg.values["wandb"]["api_key"] = ""
         data = Path(data or stored["data"]["path"])
-    check_settings(cfg)
+    if data is None:
+        raise UsageError("no training data given: twotower train DATA")
     from twotower_cli.training import distributed
 
     ddp = distributed.setup(cfg.train.device)
     try:
-        return train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_dir,
-                                run_dir if resume else None)
+        return train_in_process(cfg, data, hooks if ddp is None or ddp.main else Hooks(), should_stop, run_dir,
+                                eval_dir, ddp)
     finally:
         if ddp:
             ddp.close()
 
 
-def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_dir, run_dir):
-    main = ddp is None or ddp.main
-    if not main:
-        hooks = Hooks()  # progress and messages come from rank 0 only
-    device = ddp.device if ddp else resolve_device(cfg.train.device)
-    if data is None:
-        raise UsageError("no training data given: twotower train DATA")
-    pairs = load_pairs(data, cfg.data.query_col, cfg.data.document_col, cfg.data.label_col)
+def prepare(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: Path | None) -> Prepared:
+    """Pairs file -> usable rows -> vocabulary -> training set (tokenised up front or on demand); the batch fitted
+    to the data; the extra evaluation set."""
+    d, t = cfg.data, cfg.train
+    pairs = load_pairs(data, d.query_col, d.document_col, d.label_col)
     df = require_trainable(pairs)
     messages = []
     if df.height < pairs.df.height:
         messages.append(f"dropped {pairs.df.height - df.height} rows with an empty query or document")
-    if resume:
-        vocab = Vocab.load(run_dir / "vocab.json")
-    else:
-        vocab = Vocab.build([df["query"], df["document"]], cfg.vocab.min_freq, cfg.vocab.max_size,
-                            cfg.vocab.lowercase)
-    t, d = cfg.train, cfg.data
+    vocab = (Vocab.load(resume_dir / "vocab.json") if resume_dir else
+             Vocab.build([df["query"], df["document"]], cfg.vocab.min_freq, cfg.vocab.max_size, cfg.vocab.lowercase))
     # auto: one process tokenises everything up front; under torchrun each tokenises only its slices of the batches
     eager = d.tokenize == "upfront" or (d.tokenize == "auto" and ddp is None)
-    ts = build(df, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed, eager=eager)
+    ts = build(df, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed, eager=eager,
+               val_min_queries=t.val_min_queries)
     world = ddp.world if ddp else 1
-    if t.batch_size * world > ts.n_train:
-        raise UsageError(f"--batch-size {t.batch_size}{f' x {world} processes' if ddp else ''} is larger than the "
-                         f"{ts.n_train} training pairs; use a smaller batch")
+    batch = t.batch_size
+    if batch * world > ts.n_train:
+        if ddp and ts.n_train < 2 * world:
+            raise UsageError(f"{ts.n_train} training pairs cannot be split across {world} processes; train "
+                             "without torchrun")
+        batch = max(1, ts.n_train // world)
+        messages.append(f"--batch-size {t.batch_size} is larger than the {ts.n_train} training pairs"
+                        f"{f' for {world} processes' if ddp else ''}: training with batches of {batch}")
+    if ts.n_train < TOO_SMALL:
+        messages.append(f"only {ts.n_train} training pairs: too few to learn much from; the run is trained, but "
+                        "expect the lexical baseline (BM25) to do as well or better")
     extra = None
     if eval_dir is not None:
         from twotower_cli.evaluation.eval_sets import load_eval
@@ -158,72 +147,119 @@ def train_in_process(cfg, data, hooks, should_stop, resume, eval_dir, ddp, runs_
         extra = SimpleNamespace(q_tokens=torch.from_numpy(vocab.encode(ev.queries, d.max_query_length)),
                                 d_tokens=torch.from_numpy(vocab.encode(ev.documents, d.max_document_length)),
                                 qrels=ev.qrels)
-    mcfg = model_config(cfg, vocab)
-    torch.manual_seed(t.seed)
-    model = TwoTower(mcfg).to(device)
-    if device.type == "cuda":
-        ts.to(device)
-    if mcfg.idf and not resume:  # from the training documents only: validation positives stay unseen
-        val_docs_all = {d for rel in ts.val_qrels for d in rel}
-        rows = torch.tensor([i for i in range(len(ts.documents)) if i not in val_docs_all], dtype=torch.long)
-        model.set_idf(ts.d_tokens, rows)
+    return Prepared(pairs, df, vocab, ts, batch, extra, messages)
 
-    if not resume:
-        run_dir = runs_dir / new_run_id(t.run_name)
-        if ddp:
-            run_dir = Path(ddp.broadcast(str(run_dir)))  # one run folder, named by rank 0
-    if not resume and main:
+
+def open_run(cfg: Config, p: Prepared, mcfg: ModelConfig, data: Path, ddp) -> tuple[Path, Lock | None]:
+    """Create and lock a new run folder (rank 0), write what describes it; every process gets its path."""
+    runs_dir = Path(cfg.train.runs_dir)
+    run_dir = runs_dir / new_run_id(cfg.train.run_name)
+    if ddp:
+        run_dir = Path(ddp.broadcast(str(run_dir)))  # one run folder, named by rank 0
+    lock = None
+    if ddp is None or ddp.main:
         if run_dir.exists():
             raise UsageError(f"{run_dir} already exists; choose another --run-name")
         run_dir.mkdir(parents=True)
-        atomic_write_json(run_dir / "vocab.json", vocab.to_json())
-        write_config(run_dir, mcfg, cfg.to_dict(), {"data": {"path": str(Path(data).resolve()), "rows": pairs.df.height,
-                                                        "train_pairs": ts.n_train, "val_queries": len(ts.val_q),
-                                                        "documents": len(ts.documents)}})
+        lock = Lock(run_dir / ".lock", f"run {run_dir.name}")
+        atomic_write_json(run_dir / "vocab.json", p.vocab.to_json())
+        data_info = {"path": str(Path(data).resolve()), "name": Path(data).name, "rows": p.pairs.df.height,
+                     "train_pairs": p.ts.n_train, "val_queries": len(p.ts.val_q), "documents": len(p.ts.documents)}
+        write_config(run_dir, mcfg, cfg.to_dict(), {"data": data_info})
         atomic_write_json(run_dir / "run.json", {"id": run_dir.name, "complete": False, "created": now()})
-        write_examples(run_dir, df)
+        write_examples(run_dir, p.df)
     if ddp:
         ddp.barrier()  # rank 0 has created the run folder
-    sinks = []
-    if cfg.wandb.enabled and main:
-        sinks.append(wandb_sink(cfg, run_dir, messages, hooks))
+    return run_dir, lock
+
+
+def train_in_process(cfg: Config, data: Path, hooks: Hooks, should_stop, resume_dir: Path | None, eval_dir,
+                     ddp) -> TrainSummary:
+    main = ddp is None or ddp.main
+    lock = Lock(resume_dir / ".lock", f"run {resume_dir.name}") if resume_dir and main else None
+    if lock:
+        remove_stale(resume_dir)  # what a killed process left: half-written checkpoints and files
+    device = ddp.device if ddp else resolve_device(cfg.train.device)
+    p = prepare(cfg, data, ddp, resume_dir, eval_dir)
+    t = cfg.train
+    if p.batch_size != t.batch_size:
+        cfg = cfg.with_overrides({("train", "batch_size"): p.batch_size}, "fitted to the data")
+        t = cfg.train
+    mcfg = model_config(cfg, p.vocab)
+    torch.manual_seed(t.seed)
+    model = TwoTower(mcfg).to(device)
+    ts = p.ts.to(device) if device.type == "cuda" else p.ts
+    if mcfg.idf and not resume_dir:  # from the training documents only: validation positives stay unseen
+        held = {d for rel in ts.val_qrels for d in rel}
+        model.set_idf(ts.d_tokens, torch.tensor([i for i in range(len(ts.documents)) if i not in held],
+                                                dtype=torch.long))
+    hooks.message(plan(p, t, device, ddp, resume_dir))
+    for m in p.messages:  # said before training, where they explain what follows
+        hooks.message(f"note: {m}")
+    if resume_dir:
+        run_dir = resume_dir
+    else:
+        run_dir, lock = open_run(cfg, p, mcfg, data, ddp)
+    try:
+        return train_and_finish(cfg, p, model, run_dir, device, hooks, should_stop, resume_dir is not None, ddp)
+    finally:
+        if lock:
+            lock.release()
+
+
+def train_and_finish(cfg: Config, p: Prepared, model, run_dir: Path, device, hooks: Hooks, should_stop,
+                     resume: bool, ddp) -> TrainSummary:
+    main, t, runs_dir = ddp is None or ddp.main, cfg.train, Path(cfg.train.runs_dir)
+    sinks = [wandb_sink(cfg, run_dir, hooks)] if cfg.wandb.enabled and main else []
     keep_until = checkpoint_step(run_dir) if resume else None  # resume: drop records past the checkpoint
-    tracker = Tracker(MetricsLog(run_dir / "metrics.jsonl", keep_until_step=keep_until), sinks) if main else NullTracker()
-    val_docs, val_qrels = sample_val_corpus(ts, t.val_corpus_size, t.seed)
-    interrupted = True
+    tracker = Tracker(MetricsLog(run_dir / "metrics.jsonl", keep_until_step=keep_until), sinks) if main \
+        else NullTracker()
+    val_docs, val_qrels = sample_val_corpus(p.ts, t.val_corpus_size, t.seed)
+    summary = TrainSummary(run_dir, True, -1, {}, [])
     try:
         try:
-            out = fit(model, ts, t, run_dir, device, tracker, hooks, should_stop, resume=bool(resume),
-                      validation=Validation(val_docs, val_qrels, extra), ddp=ddp)
+            out = fit(model, p.ts, t, run_dir, device, tracker, hooks, should_stop, resume=resume,
+                      validation=Validation(val_docs, val_qrels, p.extra), ddp=ddp)
         except torch.cuda.OutOfMemoryError:
             raise TrainingError(f"the GPU ran out of memory at --batch-size {t.batch_size}; try --batch-size "
                                 f"{max(1, t.batch_size // 2)} (or a smaller --max-document-length); the last "
                                 f"checkpoint in {run_dir} is kept") from None
-        interrupted = out.interrupted
-        summary = TrainSummary(run_dir, out.interrupted, out.best_epoch, out.best, out.history, messages=messages)
+        summary = TrainSummary(run_dir, out.interrupted, out.best_epoch, out.best, out.history)
         if not out.interrupted and main:
-            finish_run(run_dir, runs_dir, model, vocab, ts, device, out, hooks, val_docs, val_qrels,
-                       cfg.search.hybrid_weight)
+            summary.search = finish_run(run_dir, runs_dir, model, p.vocab, p.ts, device, out, hooks, val_docs,
+                                        val_qrels, cfg)
             tracker.log_artifacts(run_dir, {**out.best, "step": out.global_step})
             summary.written = {"run": run_dir, "model": run_dir / "model.safetensors",
                                "metrics": run_dir / "metrics.jsonl", "index": run_dir / "index" / "default",
                                "latest": runs_dir / "latest"}
     finally:
-        tracker.close(interrupted)
+        tracker.close(summary.interrupted)
     for sink in sinks:
         if sink.mode == "offline":
-            messages.append(f"W&B run saved offline in {sink.offline_dir}; upload it later with: "
-                            f"{sink.sync_command()}")
+            summary.messages.append(f"W&B run saved offline in {sink.offline_dir}; upload it later with: "
+                                    f"{sink.sync_command()}")
     if ddp:
         ddp.barrier()  # the others wait until rank 0 has finished the run folder
-    if not out.interrupted and t.report and main:
-        from twotower_cli.tracking.html_report import write_html_report
+    if not summary.interrupted and main:
+        if t.report:
+            from twotower_cli.tracking.html_report import write_html_report
 
-        summary.written["report"] = write_html_report(run_dir)
+            summary.written["report"] = write_html_report(run_dir)
         for sink in sinks:
             if sink.mode == "online":  # the seed published a W&B report after every run
-                messages.append(publish_wandb_report(cfg, run_dir, sink))
+                summary.messages.append(publish_wandb_report(cfg, run_dir, sink))
+        from twotower_cli.runs import folder_size
+
+        summary.size_bytes = folder_size(run_dir)
     return summary
+
+
+def plan(p: Prepared, t, device, ddp, resume_dir) -> str:
+    ts = p.ts
+    where = f"{device}" + (f" x {ddp.world} processes" if ddp else "")
+    return (f"{'resuming' if resume_dir else 'training on'} {ts.n_train:,} pairs ({len(ts.val_q):,} validation "
+            f"queries held out), {len(ts.documents):,} documents, {p.vocab.__len__():,} characters; {where}, "
+            f"batch {t.batch_size}, {t.epochs} epochs" + (f", at most {t.max_steps} steps" if t.max_steps else ""))
 
 
 def publish_wandb_report(cfg: Config, run_dir: Path, sink) -> str:
@@ -242,48 +278,15 @@ def publish_wandb_report(cfg: Config, run_dir: Path, sink) -> str:
                 f"{run_dir.name}")
 
 
-def wandb_sink(cfg: Config, run_dir: Path, messages: list, hooks: Hooks):
+def wandb_sink(cfg: Config, run_dir: Path, hooks: Hooks):
     from twotower_cli.tracking.wandb_sink import WandbSink, choose_mode
 
     w = cfg.wandb
     choice = choose_mode(w.api_key, w.mode)
     if choice.mode == "offline":
         hooks.message(f"W&B: logging offline ({choice.reason})")
-    sink = WandbSink(run_dir, cfg.to_dict(mask_secrets=True), w.project, w.entity, w.run_name, w.api_key, choice,
+    return WandbSink(run_dir, cfg.to_dict(mask_secrets=True), w.project, w.entity, w.run_name, w.api_key, choice,
                      w.init_timeout, notify=hooks.message)
-    return sink
-
-
-def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hooks: Hooks, val_docs=None,
-               val_qrels=None, default_weight: float = 0.5) -> None:
-    """Best weights back in, default index, examples, then mark complete and move runs/latest."""
-    from twotower_cli.retrieval.index import build_index
-    from twotower_cli.training.examples import retrieval_examples
-
-    tensors, _ = read_tensors(run_dir / "model.safetensors")
-    model.load_weights(tensors)
-    model.eval()
-    if model.cfg.lexical_dim and len(ts.val_q):
-        hooks.message("choosing the weight of the lexical half of the embedding on the validation queries")
-        lex = choose_lexical_weight(model, ts, device, val_docs, val_qrels)
-        model.cfg.lexical_weight = lex["weight"]
-        save_model(run_dir, model)
-        cfg = read_json(run_dir / "config.json")
-        cfg["model"] = model.cfg.to_dict()
-        cfg["lexical_choice"] = lex
-        atomic_write_json(run_dir / "config.json", cfg)
-    hooks.message("embedding the training documents into the default index")
-    index = build_index(run_dir, model, vocab, [(ts.documents, None)], "default", device=device)
-    # ts.documents are unique, so the index's rows are ts.documents' rows: reuse them, don't embed twice
-    embeddings = np.load(index / "embeddings.npy")
-    doc_emb = torch.from_numpy(embeddings) if len(embeddings) == len(ts.documents) else None
-    retrieval_examples(run_dir, model, ts, device, doc_emb)
-    hooks.message("choosing the default search on the validation queries (dense, BM25 or both)")
-    search = choose_search(model, ts, device, doc_emb, index, val_docs, val_qrels, default_weight)
-    run = read_json(run_dir / "run.json")
-    run.update(complete=True, finished=now(), best_epoch=out.best_epoch, best=out.best, search=search)
-    atomic_write_json(run_dir / "run.json", run)
-    set_latest(runs_dir, run_dir)
 
 
 def checkpoint_step(run_dir: Path) -> int:
@@ -293,7 +296,7 @@ def checkpoint_step(run_dir: Path) -> int:
     meta = header_metadata(path)  # the counters only: the tensors are loaded once, by fit
     try:
         return int(json.loads(meta["state"])["global_step"])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError):
         raise ArtifactError(f"{path}: checkpoint metadata is damaged; start a new run") from None
 
 

@@ -1,0 +1,30 @@
+"""`twotower serve`: the Python API behind an HTTP JSON service (FastAPI + uvicorn, the `serve` extra)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from twotower_cli.cli.common import command, run_of
+from twotower_cli.cli.console import note
+from twotower_cli.cli.main import app
+from twotower_cli.cli.options import ConfigOpt, RunOpt, RunsDirOpt
+
+Opt = typer.Option
+
+
+@command(app, "serve", help="Serve a run over HTTP: POST /search, POST /embed, GET /health, OpenAPI docs at /docs.")
+def serve_command(
+    run: RunOpt = None,
+    index: Annotated[Optional[str], Opt("--index", metavar="NAME", show_default=False, help="Index searched (default: the one training built).")] = None,
+    host: Annotated[str, Opt("--host", metavar="HOST", help="Address to listen on (only this machine by default).")] = "127.0.0.1",
+    port: Annotated[int, Opt("--port", metavar="PORT", min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
+    runs_dir: RunsDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    from twotower_cli.serve import check_installed, serve
+
+    check_installed()  # before loading anything
+    cfg, run_dir = run_of(runs_dir, run, config)
+    serve(run_dir, index or cfg.search.index, host, port, notify=note)

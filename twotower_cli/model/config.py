@@ -1,0 +1,48 @@
+"""A model's configuration: everything needed to rebuild it (besides its vocabulary and weights), saved in
+`config.json`. No torch here, so the NumPy query path can read it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+MOD = 2147483647  # 2**31 - 1: products of two residues stay inside int64
+MIX = 2654435761  # Knuth's multiplicative hash constant
+BASE = 1000003
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "ngram"
+    vocab_size: int = 256
+    embedding_dim: int = 128
+    hidden_dim: int = 256
+    ngram_buckets: int = 262144
+    cnn_widths: list[int] = field(default_factory=lambda: [3, 5])
+    max_query_length: int = 64
+    max_document_length: int = 512
+    word_chars: list[int] = field(default_factory=list)  # vocabulary ids of characters that form words
+    word_bigrams: bool = False  # ngram encoder: also hash pairs of consecutive words
+    # One embedding table for both towers (each keeps its own norm and projection). False for models saved
+    # before the option existed, so their config.json still rebuilds them.
+    shared_embeddings: bool = False
+    # ngram encoder: weight each feature by its inverse document frequency in the training documents (stored in
+    # the weights file as ``idf``), so that the model starts as a TF-IDF matcher. False for older models.
+    idf: bool = False
+    # ngram encoder: a fixed lexical half of the embedding, the text's TF-IDF n-gram vector hashed (with random
+    # signs) into ``lexical_dim`` dimensions; no parameters, so training cannot destroy it. The embedding is
+    # [sqrt(w) x lexical, sqrt(1 - w) x learned], each half unit length, so its cosine is w x the lexical cosine +
+    # (1 - w) x the learned one. 0: no lexical half (older models).
+    lexical_dim: int = 0
+    lexical_weight: float = 0.5
+    word_share: float = 0.3  # idf models: the words' share of a text's squared feature norm (trigrams: the rest)
+    # lexical half of a document: its unit vector times (words / mean words)^length_power. 0 is the cosine, which
+    # penalises long documents much more than BM25 does (measured: 0.25 helps definitions and manuals).
+    length_power: float = 0.0
+
+    @property
+    def output_dim(self) -> int:
+        """Size of the embeddings the towers output (what an index stores)."""
+        return self.embedding_dim + (self.lexical_dim if self.encoder == "ngram" else 0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

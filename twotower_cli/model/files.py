@@ -1,0 +1,122 @@
+"""Reading a saved model without torch: its configuration, the header of its safetensors file (the fingerprint),
+and its tensors as read-only NumPy arrays mapped from the file (only the rows a query touches are read).
+
+Nothing here unpickles: safetensors is a JSON header followed by raw little-endian arrays."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from twotower_cli.errors import ArtifactError
+from twotower_cli.model.config import ModelConfig
+from twotower_cli.runs import read_json
+
+FORMAT_VERSION = 1
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64, "I64": np.int64, "I32": np.int32,
+          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_config(run_dir: Path) -> dict:
+    """`config.json` of a run, checked: its format version, and a 'model' section whose every value has the type
+    the model expects (a damaged file is an error naming it, never a failure later)."""
+    path = Path(run_dir) / "config.json"
+    cfg = read_json(path, "model configuration")
+    version = cfg.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(f"{path}: format_version is {version!r}, not a number; the file is corrupt")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format version {version} is newer than this twotower understands "
+                            f"({FORMAT_VERSION}); upgrade twotower (pip install -U twotower-cli)")
+    model = cfg.get("model")
+    try:
+        if not isinstance(model, dict):
+            raise TypeError("missing or not an object")
+        ModelConfig(**model)
+        for key, default in ModelConfig().to_dict().items():
+            value = model.get(key, default)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float) \
+                else isinstance(value, type(default))
+            if not ok or (isinstance(default, int) and not isinstance(default, bool) and isinstance(value, bool)):
+                raise TypeError(f"{key} is {value!r}")
+    except TypeError as exc:
+        raise ArtifactError(f"{path}: 'model' section is invalid ({exc}); the file is corrupt") from None
+    return cfg
+
+
+def header_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, reading its header only (not the tensors)."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n < 100_000_000:
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(n))
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("bad metadata")
+        return meta
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; the run folder is incomplete (was training interrupted?)") from None
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise ArtifactError(f"{path}: header is corrupt or not a twotower file; retrain or restore it") from None
+
+
+def fingerprint(run_dir: Path) -> str:
+    """The fingerprint stored in model.safetensors' header (reads the header only)."""
+    path = Path(run_dir) / "model.safetensors"
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing; the run has no trained model yet")
+    digest = header_metadata(path).get("fingerprint")
+    if not digest:
+        raise ArtifactError(f"{path}: header is corrupt or not a twotower model; retrain or restore the file")
+    return digest
+
+
+def mapped_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only array mapped from the file (no copy, nothing decoded)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n < 100_000_000:
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(n))
+        size = path.stat().st_size
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = DTYPES.get(info["dtype"])
+            start, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+            if dtype is None or 8 + n + end > size or end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+                raise ValueError(f"tensor {name} is out of the file or of an unknown type")
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape) if end > start \
+                else np.zeros(shape, dtype=dtype)
+        return out
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; the run folder is incomplete (was training interrupted?)") from None
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not a valid safetensors file ({exc}); it is truncated or corrupt") from None
+
+
+def with_settings(weights_digest: str, cfg: ModelConfig) -> str:
+    """The model's fingerprint from its weights' digest: the settings outside the weights that change its
+    embeddings (the lexical half) are part of it, when the model has them."""
+    if not cfg.lexical_dim:
+        return weights_digest
+    extra = json.dumps({"lexical_dim": cfg.lexical_dim, "lexical_weight": cfg.lexical_weight}, sort_keys=True)
+    return hashlib.sha256((weights_digest + extra).encode()).hexdigest()
+
+
+def numpy_digest(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> str:
+    """``artifacts.model_digest`` over arrays mapped from the file: the same bytes, the same order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(memoryview(np.ascontiguousarray(tensors[name])).cast("B"))
+    return with_settings(h.hexdigest(), cfg)

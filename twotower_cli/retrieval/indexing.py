@@ -1,0 +1,171 @@
+"""Building an index (`index.py` reads them): embed a corpus chunk by chunk into a temporary folder, then swap it in.
+
+Only one chunk of text is in memory at a time: embeddings are appended to `embeddings.npy` (its header written
+last), documents to one Parquet part per chunk and to `texts.bin`/`ids.bin`. Identical documents are stored once
+(texts compared, not only their 64-bit hashes). Embeddings that are not finite are refused. The writer holds the
+index's lock, removes what killed writers left, checks free disk space first, and names the file a full disk stopped.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from twotower_cli.errors import TrainingError, UsageError
+from twotower_cli.model.files import fingerprint
+from twotower_cli.retrieval.index import INDEX_FORMAT, index_dir, lock_path, read_strings, recover
+from twotower_cli.runs import Lock, atomic_write_json, check_free_space, disk_full, remove_stale
+
+HEADER = 128  # bytes reserved for the .npy header, written once the row count is known
+
+
+def npy_header(shape: tuple[int, int], dtype: str) -> bytes:
+    text = repr({"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape})
+    body = text.encode("latin1")
+    pad = HEADER - 10 - len(body) - 1
+    if pad < 0:
+        raise ValueError("shape too large for the reserved header")
+    return b"\x93NUMPY\x01\x00" + (HEADER - 10).to_bytes(2, "little") + body + b" " * pad + b"\n"
+
+
+class Strings:
+    """An append-only file of UTF-8 strings and their offsets (rows can be read back by number)."""
+
+    def __init__(self, folder: Path, name: str):
+        self.folder, self.name = folder, name
+        self.fh = open(folder / f"{name}.bin", "wb")
+        self.offsets = [0]
+
+    def add(self, values: list[str]) -> None:
+        for v in values:
+            b = v.encode("utf-8")
+            self.fh.write(b)
+            self.offsets.append(self.offsets[-1] + len(b))
+
+    def close(self) -> None:
+        self.fh.close()
+        np.save(self.folder / f"{self.name}.offsets.npy", np.asarray(self.offsets, dtype=np.int64))
+
+
+@torch.no_grad()
+def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", device="cpu", dtype: str = "float32",
+                backend: str = "exact", batch_size: int = 2048, progress=None, total: int | None = None) -> Path:
+    """Embed ``chunks`` (an iterable of (documents Series, ids list or None)) into ``index/<name>/``."""
+    if dtype not in ("float32", "float16"):
+        raise UsageError(f"--dtype {dtype!r}: use float32 or float16")
+    final = index_dir(run_dir, name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with Lock(lock_path(run_dir, name), f"index '{name}' of {Path(run_dir).name}"):
+        remove_stale(final.parent)  # temporary folders of killed writers (never a complete old copy: see recover)
+        recover(run_dir, name)
+        tmp = final.parent / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            n, dim, digest = write_folder(tmp, model, vocab, chunks, device, dtype, batch_size, progress, total)
+            meta = {"format_version": INDEX_FORMAT, "model_fingerprint": fingerprint(run_dir), "dim": dim,
+                    "count": n, "dtype": dtype, "backend": backend, "sha256": digest,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if backend == "faiss":
+                meta["faiss"] = build_faiss(tmp, n, dim)
+            atomic_write_json(tmp / "meta.json", meta)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise disk_full(Path(exc.filename or tmp), exc) from None
+            raise
+        old = final.parent / f".{name}.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)  # a kill between the two renames is undone by recover()
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size: int, progress, total):
+    (tmp / "documents").mkdir(parents=True)
+    dim, max_len = model.cfg.output_dim, model.cfg.max_document_length
+    if total:
+        check_free_space(tmp / "embeddings.npy", HEADER + int(total) * dim * np.dtype(dtype).itemsize)
+    seen_h, seen_row = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    n = offset = 0
+    digest = hashlib.sha256()
+    was = model.training
+    model.eval()
+    texts, ids_out = Strings(tmp, "texts"), Strings(tmp, "ids")
+    with open(tmp / "embeddings.npy", "wb") as raw:
+        raw.write(b"\0" * HEADER)
+        for part, (docs, ids) in enumerate(chunks):
+            docs = docs.fill_null("").cast(pl.String)
+            ids = ids if ids is not None else [str(offset + i) for i in range(len(docs))]
+            offset += len(docs)
+            frame = pl.DataFrame({"id": pl.Series(ids, dtype=pl.String), "document": docs})
+            frame = frame.filter(pl.col("document").is_first_distinct())  # exact texts, not hashes
+            h = frame["document"].hash(seed=0).to_numpy()
+            repeat = np.isin(h, seen_h)
+            if repeat.any():  # a hash seen in an earlier chunk: the same text only if the texts are equal
+                texts.fh.flush()
+                rows = seen_row[np.searchsorted(seen_h, h[repeat])]
+                earlier = read_strings(tmp, "texts", rows.tolist(), texts.offsets)
+                same = np.zeros(len(h), dtype=bool)
+                same[np.flatnonzero(repeat)] = [a == b for a, b in zip(frame["document"].filter(pl.Series(repeat))
+                                                                         .to_list(), earlier)]
+                frame, h = frame.filter(pl.Series(~same)), h[~same]
+            for s in range(0, frame.height, batch_size):
+                chunk = frame["document"].slice(s, batch_size)
+                tokens = torch.from_numpy(vocab.encode(chunk, max_len)).to(device)
+                emb = model.encode_documents(tokens).float()
+                if not bool(torch.isfinite(emb).all()):
+                    raise TrainingError(f"the model gives non-finite embeddings (NaN or infinity) for documents "
+                                        f"{n + s + 1}..{n + s + len(chunk)}; its weights are damaged: retrain")
+                data = emb.cpu().numpy().astype(dtype).tobytes()
+                digest.update(data)
+                raw.write(data)
+            frame.write_parquet(tmp / "documents" / f"part-{part:05d}.parquet")
+            texts.add(frame["document"].to_list())
+            ids_out.add(frame["id"].to_list())
+            order = np.argsort(np.concatenate([seen_h, h]), kind="stable")
+            seen_h = np.concatenate([seen_h, h])[order]
+            seen_row = np.concatenate([seen_row, np.arange(n, n + frame.height)])[order]
+            n += frame.height
+            if progress:
+                progress(offset, total)
+        if n == 0:
+            raise UsageError("the corpus has no documents to index")
+        raw.seek(0)
+        raw.write(npy_header((n, dim), dtype))
+        raw.flush()
+        os.fsync(raw.fileno())
+    texts.close()
+    ids_out.close()
+    model.train(was)
+    return n, dim, digest.hexdigest()
+
+
+def build_faiss(folder: Path, n: int, dim: int) -> dict:
+    try:
+        import faiss
+    except ImportError:
+        raise UsageError("--backend faiss needs faiss-cpu: pip install 'twotower-cli[faiss]'") from None
+    x = np.load(folder / "embeddings.npy").astype(np.float32)
+    index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 80
+    index.add(x)
+    faiss.write_index(index, str(folder / "faiss.index"))
+    return {"type": "HNSW32", "ef_search": 128}
+
+
+def faiss_available() -> None:
+    """Check before any work that --backend faiss can run."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        raise UsageError("--backend faiss needs faiss-cpu: pip install 'twotower-cli[faiss]'") from None
+

@@ -1,0 +1,76 @@
+"""Finishing a run: the best weights back in, the choices made on validation, the default index, the examples the
+report shows, then `complete` and `runs/latest`. A model that collapsed is never marked complete."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from twotower_cli.errors import TrainingError
+from twotower_cli.model.artifacts import read_tensors, save_model
+from twotower_cli.runs import atomic_write_json, read_json, set_latest
+from twotower_cli.training.choices import choose_lexical_weight, choose_search
+
+HARMONIC_10 = sum(1.0 / r for r in range(1, 11))
+
+
+def chance_mrr(n_docs: int) -> float:
+    """MRR@10 of a random ranking with one relevant document among ``n_docs``."""
+    return min(1.0, HARMONIC_10 / max(n_docs, 1))
+
+
+def check_not_collapsed(run_dir: Path, out, doc_emb: torch.Tensor | None, n_docs: int) -> None:
+    """Refuse to mark a run complete when its model maps every document to the same point, or when its best
+    validation MRR@10 is at the level of a random ranking (with enough documents for that to mean something)."""
+    why = None
+    if n_docs < 50:  # too few documents to tell a collapse from tiny data (training already said it is tiny)
+        return
+    if doc_emb is not None and float(doc_emb.float().std(0).max()) < 1e-6:
+        why = "every document has the same embedding"
+    mrr = out.best.get("val/mrr@10")
+    if why is None and mrr is not None and mrr <= 2 * chance_mrr(n_docs):
+        why = f"its best val/mrr@10 {mrr:.4f} is at the level of a random ranking ({chance_mrr(n_docs):.4f})"
+    if why:
+        raise TrainingError(f"the model collapsed: {why}. {run_dir} is kept but not marked complete, and "
+                            "runs/latest is unchanged; lower --learning-rate (for --encoder cnn try 1e-3) or check "
+                            "the data with twotower validate-data")
+
+
+def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hooks, val_docs, val_qrels,
+               cfg) -> dict:
+    """Returns the default search chosen on validation (also stored in run.json)."""
+    from twotower_cli.retrieval.indexing import build_index
+    from twotower_cli.training.examples import retrieval_examples
+
+    tensors, _ = read_tensors(run_dir / "model.safetensors")
+    model.load_weights(tensors)
+    model.eval()
+    if model.cfg.lexical_dim and len(ts.val_q):
+        hooks.message("choosing the weight of the lexical half of the embedding on the validation queries")
+        lex = choose_lexical_weight(model, ts, device, val_docs, val_qrels)
+        model.cfg.lexical_weight = lex["weight"]
+        save_model(run_dir, model)
+        config = read_json(run_dir / "config.json")
+        config["model"] = model.cfg.to_dict()
+        config["lexical_choice"] = lex
+        atomic_write_json(run_dir / "config.json", config)
+    hooks.message("embedding the training documents into the default index")
+    index = build_index(run_dir, model, vocab, [(ts.documents, None)], "default", device=device)
+    # ts.documents are unique, so the index's rows are ts.documents' rows: reuse them, don't embed twice
+    embeddings = np.load(index / "embeddings.npy")
+    doc_emb = torch.from_numpy(embeddings) if len(embeddings) == len(ts.documents) else None
+    check_not_collapsed(run_dir, out, doc_emb, len(ts.documents) if val_docs is None else len(val_docs))
+    retrieval_examples(run_dir, model, ts, device, doc_emb)
+    hooks.message("choosing the default search on the validation queries (dense, BM25 or both)")
+    search = choose_search(model, ts, device, doc_emb, index, val_docs, val_qrels, cfg.search.hybrid_weight)
+    run = read_json(run_dir / "run.json")
+    run.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), best_epoch=out.best_epoch,
+               best=out.best, search=search)
+    atomic_write_json(run_dir / "run.json", run)
+    set_latest(runs_dir, run_dir)
+    if not cfg.train.keep_checkpoint:  # the model is complete; the resumable state is not needed any more
+        (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)
+    return search
