@@ -31,7 +31,6 @@ import argparse
 import ast
 import gzip
 import re
-import shutil
 import subprocess
 import sysconfig
 import tempfile

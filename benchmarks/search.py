@@ -20,7 +20,6 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import argparse
 import platform
-import resource
 import statistics
 import subprocess
 import tempfile

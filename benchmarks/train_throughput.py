@@ -108,7 +108,7 @@ def main() -> None:
     lazy = pipeline(Path(args.data), args, ["--tokenize", "on-demand"])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"\nTraining throughput ({args.encoder}, batch {args.batch_size}, {args.precision}, {device.type}: {name})")
-    print(f"| measure | pairs/s | ratio |\n|---|---|---|")
+    print("| measure | pairs/s | ratio |\n|---|---|---|")
     print(f"| model-only step loop (tokens in memory) | {ref:,.0f} | 1.00 |")
     print(f"| `twotower train` (epoch, validation excluded) | {full:,.0f} | {full / ref:.2f} |")
     print(f"| `twotower train --tokenize on-demand` (as each torchrun process) | {lazy:,.0f} | {lazy / ref:.2f} |")

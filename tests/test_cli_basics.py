@@ -2,8 +2,6 @@ import json
 import subprocess
 import sys
 
-import polars as pl
-
 from tests.conftest import write
 
 
@@ -82,6 +80,10 @@ def test_inspect_vocab_builds_from_data(cli, tmp_path, monkeypatch):
 
 
 def test_debug_variable_shows_traceback(cli, monkeypatch):
+    from twotower_cli.errors import DataError
+
+    res = cli("validate-data", "missing.tsv")
+    assert isinstance(res.exception, SystemExit) and res.stderr.startswith("error: missing.tsv")
     monkeypatch.setenv("TWOTOWER_DEBUG", "1")
     res = cli("validate-data", "missing.tsv")
-    assert res.exit_code != 0 and res.exception is not None
+    assert isinstance(res.exception, DataError), res.exception  # raised as is: the traceback is shown

@@ -41,20 +41,22 @@ def grads_of(model) -> dict[str, torch.Tensor]:
 
 def worker(rank, world, init_file, tiny_pairs, out_dir):
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     from twotower_cli.training.batches import make_batch
-    from twotower_cli.training.distributed import Dist
+    from twotower_cli.training.distributed import Dist, reduce_sparse, wrap
     from twotower_cli.training.loop import batch_loss
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     cfg, ts, model, negs = setup_training(tiny_pairs, eager=False)  # as under torchrun: tokenise on demand
-    net = DistributedDataParallel(model)
+    net = wrap(model, torch.device("cpu"))  # what training does under NCCL too: the table is reduced by gathering
     idx = torch.arange(rank * B, (rank + 1) * B)
     batch = make_batch(ts, idx, negs, cfg.train.loss)
     loss, _ = batch_loss(net, batch, cfg.train, Dist(rank, world, 0, torch.device("cpu"), "gloo"))
     loss.backward()
+    table = model.query_tower.bag.weight
+    assert table.grad.is_sparse and table.grad._indices().shape[1] < table.shape[0]  # this process's rows only
+    reduce_sparse(model, world)
     torch.save(grads_of(model), Path(out_dir) / f"grads{rank}.pt")
     # this process tokenised its own slice of the global batch, nothing else
     tokenised = {"queries": ts.q_tokens.rows_tokenised, "documents": ts.d_tokens.rows_tokenised,
@@ -80,14 +82,37 @@ def test_gathered_negatives_give_the_combined_batch_gradients(tiny_pairs, tmp_pa
         assert seen["queries"] == B and seen["documents"] == seen["batch_documents"] < seen["all_documents"]
 
 
-def test_without_gathering_each_process_sees_only_its_own_batch(tiny_pairs):
+def loss_worker(rank, world, init_file, tiny_pairs, out_dir):
+    """Without gathering, each process's InfoNCE loss is over its own batch only."""
+    import torch.distributed as dist
+
+    from twotower_cli.training.batches import make_batch
+    from twotower_cli.training.distributed import Dist, wrap
+    from twotower_cli.training.loop import batch_loss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cfg, ts, model, negs = setup_training(tiny_pairs, eager=False)
+    cfg = cfg.with_overrides({("train", "gather_negatives"): False})
+    batch = make_batch(ts, torch.arange(rank * B, (rank + 1) * B), negs, cfg.train.loss)
+    loss, _ = batch_loss(wrap(model, torch.device("cpu")), batch, cfg.train, Dist(rank, world, 0, torch.device("cpu"), "gloo"))
+    (Path(out_dir) / f"loss{rank}.json").write_text(json.dumps(float(loss.detach())))
+    dist.destroy_process_group()
+
+
+def test_without_gathering_each_process_sees_only_its_own_batch(tiny_pairs, tmp_path):
     from twotower_cli.training.batches import make_batch
     from twotower_cli.training.loop import batch_loss
 
+    mp.spawn(loss_worker, args=(2, str(tmp_path / "init"), str(tiny_pairs), str(tmp_path)), nprocs=2, join=True)
     cfg, ts, model, negs = setup_training(tiny_pairs)
-    small, _ = batch_loss(model, make_batch(ts, torch.arange(B), negs, cfg.train.loss), cfg.train)
-    big, _ = batch_loss(model, make_batch(ts, torch.arange(2 * B), negs, cfg.train.loss), cfg.train)
-    assert float(small.detach()) != pytest.approx(float(big.detach()))  # the combined batch is a different (harder) problem
+    for rank in range(2):
+        own, _ = batch_loss(model, make_batch(ts, torch.arange(rank * B, (rank + 1) * B), negs, cfg.train.loss),
+                            cfg.train)
+        assert json.loads((tmp_path / f"loss{rank}.json").read_text()) == pytest.approx(float(own.detach()),
+                                                                                         rel=1e-5, abs=1e-6)
+    both, _ = batch_loss(model, make_batch(ts, torch.arange(2 * B), negs, cfg.train.loss), cfg.train)
+    assert float(both.detach()) > float(own.detach())  # the combined batch would be a harder problem
 
 
 @pytest.mark.slow

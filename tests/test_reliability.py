@@ -59,7 +59,7 @@ def test_every_bad_input_is_one_clear_line(cli, bad_files, tmp_path, command, mo
                                   if command == "train" else [])
         res = cli(*args)
         want = expected(path, outcome)
-        assert "Traceback" not in res.stderr and res.exception is None or isinstance(res.exception, SystemExit), path
+        assert "Traceback" not in res.stderr and (res.exception is None or isinstance(res.exception, SystemExit)), path
         if want == "error":
             assert res.exit_code == 1, (path.name, res.exit_code, res.stderr)
             lines = res.stderr.strip().splitlines()

@@ -59,6 +59,11 @@ def cases() -> list[tuple[str, object, str, str]]:
         ("a_directory.tsv", "DIR", "error", "is a directory"),
         ("unreadable.tsv", "NOREAD", "error", "permission denied"),
         ("dangling.tsv", "DANGLING", "error", "dangling symbolic link"),
+        ("fifo.tsv", "FIFO", "error", "not a regular file"),
+        ("duplicate_header.tsv", b"query\tquery\tdocument\tlabel\nq\tq2\td\t1\n", "error", "names column 'query' twice"),
+        ("quoted_multiline.tsv", b'query\tdocument\tlabel\n"two lines"\t"first line\nsecond line"\t1\n'
+                                 b'tabbed\t"a\tb"\t1\nplain\tplain text\t1\n', "ok", ""),
+        ("two_rows.tsv", "".join(GOOD.splitlines(True)[:2]).encode(), "ok", ""),
     ]
 
 
@@ -67,7 +72,7 @@ def write_all(out: Path) -> list[tuple[Path, str, str]]:
     made = []
     for name, content, expected, phrase in cases():
         path = out / name
-        if path.is_symlink() or path.is_file():
+        if path.is_symlink() or path.is_file() or path.is_fifo():
             path.unlink()
         if isinstance(content, pl.DataFrame):
             content.write_parquet(path)
@@ -83,6 +88,8 @@ def write_all(out: Path) -> list[tuple[Path, str, str]]:
             os.chmod(path, 0)
         elif content == "DANGLING":
             os.symlink(out / "does-not-exist.tsv", path)
+        elif content == "FIFO":
+            os.mkfifo(path)
         else:
             path.write_bytes(content)
         made.append((path, expected, phrase))

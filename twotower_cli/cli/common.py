@@ -12,7 +12,9 @@ def command(app, name: str, **kwargs):
     """Register ``fn`` as a command, wrapped by the one error handler."""
 
     def deco(fn):
-        app.command(name, **kwargs)(guarded(fn))
+        from twotower_cli.cli.main import Command
+
+        app.command(name, cls=Command, **kwargs)(guarded(fn))
         return fn
 
     return deco

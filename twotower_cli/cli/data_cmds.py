@@ -101,7 +101,7 @@ def plural(n: int, word: str) -> str:
 @command(app, "inspect-vocab", help="Show the character vocabulary of a run (or the one a file would build).")
 def inspect_vocab(
     run: RunOpt = None,
-    data: Annotated[Optional[Path], typer.Option("--data", metavar="FILE", help="Pairs file: its out-of-vocabulary rate, or the "
+    data: Annotated[Optional[Path], typer.Option("--data", readable=False, metavar="FILE", help="Pairs file: its out-of-vocabulary rate, or the "
                                                  "vocabulary training would build from it when there is no run.",
                                                  show_default=False)] = None,
     top: Annotated[int, typer.Option("--top", min=0, metavar="N", help="Characters to list (0: all).")] = 40,

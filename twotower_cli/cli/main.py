@@ -13,13 +13,27 @@ import sys
 from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from twotower_cli import __version__
 
 
+def no_label(opt):
+    if opt is not None:
+        opt.metavar = ""  # -h/--help shows no type label, like every other flag
+    return opt
+
+
+class Command(TyperCommand):
+    def get_help_option(self, ctx):
+        return no_label(super().get_help_option(ctx))
+
+
 class Group(TyperGroup):
     """The command group, with one place that turns Typer's parse errors into one line and exit code 2."""
+
+    def get_help_option(self, ctx):
+        return no_label(super().get_help_option(ctx))
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:

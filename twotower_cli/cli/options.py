@@ -25,15 +25,15 @@ def setting(section: str, key: str, *decls: str, help: str | None = None, metava
                         show_default=False)
 
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", metavar="PATH", show_default=False,
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", readable=False, metavar="PATH", show_default=False,
                                                    help="config.toml to read (default: ./config.toml or TWOTOWER_CONFIG).")]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print machine-readable JSON on stdout instead of tables.")]
 RunOpt = Annotated[Optional[str], typer.Option("--run", "--run-id", metavar="RUN", show_default=False,
                                                help="Run id, id prefix, W&B id or run folder (default: runs/latest).")]
-RunsDirOpt = Annotated[Optional[Path], typer.Option("--runs-dir", metavar="PATH", show_default=False,
+RunsDirOpt = Annotated[Optional[Path], typer.Option("--runs-dir", readable=False, metavar="PATH", show_default=False,
                                                     help="Folder holding the runs. [default: runs]")]
 QueryColOpt = Annotated[Optional[str], setting("data", "query_col", "--query-col", metavar="NAME")]
 DocumentColOpt = Annotated[Optional[str], setting("data", "document_col", "--document-col", metavar="NAME")]
 LabelColOpt = Annotated[Optional[str], setting("data", "label_col", "--label-col", metavar="NAME")]
-DataArg = Annotated[Path, typer.Argument(metavar="DATA", show_default=False,
+DataArg = Annotated[Path, typer.Argument(readable=False, metavar="DATA", show_default=False,
                                          help="Pairs file: .tsv, .csv, .parquet or .jsonl with query, document[, label].")]

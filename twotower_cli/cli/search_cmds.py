@@ -55,7 +55,7 @@ def search_mode(cfg, mode: str | None, hybrid: bool, weight: float | None) -> tu
 
 @command(app, "index", help="Embed a corpus file into a named index of a run (for `search`).")
 def index_command(
-    corpus: Annotated[Path, typer.Argument(metavar="CORPUS", show_default=False, help="Corpus: .parquet, .tsv, .csv, .jsonl (a 'document' or 'text' column) or .txt (one document per line).")],
+    corpus: Annotated[Path, typer.Argument(readable=False, metavar="CORPUS", show_default=False, help="Corpus: .parquet, .tsv, .csv, .jsonl (a 'document' or 'text' column) or .txt (one document per line).")],
     run: RunOpt = None,
     name: Annotated[str, Opt("--name", metavar="NAME", help="Index name.")] = "default",
     document_col: DocumentColOpt = None,
@@ -114,7 +114,7 @@ def snippet(text: str, query: str, width: int | None = 160):
 @command(app, "search", help="Search a run's index with one query or a file of queries.")
 def search_command(
     query: Annotated[Optional[str], typer.Argument(metavar="QUERY", show_default=False, help="The query text.")] = None,
-    queries: Annotated[Optional[Path], Opt("--queries", metavar="FILE", show_default=False, help="File of queries ('-': standard input): one per line, or a 'query'/'text' column of .parquet/.jsonl/.csv/.tsv.")] = None,
+    queries: Annotated[Optional[Path], Opt("--queries", readable=False, metavar="FILE", show_default=False, help="File of queries ('-': standard input): one per line, or a 'query'/'text' column of .parquet/.jsonl/.csv/.tsv.")] = None,
     run: RunOpt = None,
     index: IndexOpt = None,
     top_k: TopKOpt = None,
@@ -172,7 +172,7 @@ def search_command(
 
 @command(app, "evaluate", help="Measure retrieval (MRR@10, nDCG@10, Recall@k, MAP@100) on an evaluation folder.")
 def evaluate_command(
-    eval_dir: Annotated[Path, typer.Argument(metavar="EVAL", show_default=False, help="Folder in BEIR layout or the Parquet layout (queries/corpus/qrels .parquet).")],
+    eval_dir: Annotated[Path, typer.Argument(readable=False, metavar="EVAL", show_default=False, help="Folder in BEIR layout or the Parquet layout (queries/corpus/qrels .parquet).")],
     run: RunOpt = None,
     baseline: Annotated[Optional[str], Opt("--baseline", metavar="bm25", show_default=False, help="Also score a baseline on the same data: bm25.")] = None,
     mode: ModeOpt = None,

@@ -118,7 +118,7 @@ Opt = typer.Option
 
 @command(app, "train", help="Train a two-tower model on a pairs file; writes runs/<id>/ and moves runs/latest.")
 def train(
-    data: Annotated[Optional[Path], typer.Argument(metavar="DATA", show_default=False, help="Pairs file (.tsv, .csv, .parquet, .jsonl); not needed with --resume.")] = None,
+    data: Annotated[Optional[Path], typer.Argument(readable=False, metavar="DATA", show_default=False, help="Pairs file (.tsv, .csv, .parquet, .jsonl); not needed with --resume.")] = None,
     epochs: Annotated[Optional[int], setting("train", "epochs", "--epochs")] = None,
     batch_size: Annotated[Optional[int], setting("train", "batch_size", "--batch-size", "--batch_size", help="Positive pairs per step; fitted to small files.")] = None,
     learning_rate: Annotated[Optional[float], setting("train", "learning_rate", "--learning-rate", "--learning_rate", "--lr", help="Peak learning rate.", metavar="LR")] = None,
@@ -138,7 +138,7 @@ def train(
     seed: Annotated[Optional[int], setting("train", "seed", "--seed", help="Seed of the split, batch order, negatives and initial weights.")] = None,
     val_fraction: Annotated[Optional[float], setting("train", "val_fraction", "--val-fraction", help="Share of queries held out for validation.")] = None,
     val_corpus_size: Annotated[Optional[int], setting("train", "val_corpus_size", "--val-corpus-size", help="Documents searched in validation (0: all).")] = None,
-    eval_dir: Annotated[Optional[Path], Opt("--eval", metavar="EVAL", show_default=False, help="Extra evaluation folder (BEIR or Parquet layout), scored each epoch.")] = None,
+    eval_dir: Annotated[Optional[Path], Opt("--eval", readable=False, metavar="EVAL", show_default=False, help="Extra evaluation folder (BEIR or Parquet layout), scored each epoch.")] = None,
     runs_dir: RunsDirOpt = None,
     run_name: Annotated[Optional[str], setting("train", "run_name", "--run-name", metavar="NAME", help="Name prefix of the run folder (letters, digits, . _ -).")] = None,
     resume: Annotated[Optional[str], Opt("--resume", metavar="RUN", show_default=False, help="Continue an interrupted run (id or folder).")] = None,

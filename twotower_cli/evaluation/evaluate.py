@@ -64,7 +64,7 @@ def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, mod
     ds, di = exact_topk(qe, de, max(K, CANDIDATES))
     dense_time = time.perf_counter() - t0
     rows = [row(f"two-tower ({run_dir.name})", di[:, :K].numpy(), ev, dense_time)]
-    rows[0]["default"] = mode == "dense"
+    rows[0]["default"] = choice["mode"] == "dense"
     if baseline == "bm25" or mode != "dense":
         from twotower_cli.retrieval.bm25 import BM25
 
@@ -83,8 +83,9 @@ def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, mod
             _, fi = fuse(ds.numpy(), di.numpy(), ls, li, w, K)
             rows.append(row(f"hybrid (dense weight {w:g}; {why})", pad(fi), ev,
                             bm_time + dense_time + time.perf_counter() - t0))
-        if mode != "dense":
-            rows[-1]["default"] = True
+        if mode != "dense":  # the row of the run's own default search, unless a forced one differs from it
+            rows[-1]["default"] = mode == choice["mode"] and (mode == "bm25" or
+                                                            w == float(choice.get("hybrid_weight", 0.5)))
     for r in rows:
         r["notes"] = ev.notes
     return rows

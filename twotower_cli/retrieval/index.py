@@ -101,7 +101,11 @@ class Index:
             return s, i.astype(np.int64)  # rows the graph could not fill are -1
         from twotower_cli.retrieval.topk_numpy import numpy_topk
 
-        return numpy_topk(queries, self.embeddings, k)
+        try:
+            return numpy_topk(queries, self.embeddings, k)
+        except FloatingPointError as exc:
+            raise ArtifactError(f"{self.path / 'embeddings.npy'}: {exc} (NaN or infinity); rebuild the index: "
+                                f"twotower index CORPUS --name {self.path.name}") from None
 
 
 def read_strings(folder: Path, name: str, rows: list[int], offsets=None) -> list[str]:

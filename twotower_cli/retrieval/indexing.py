@@ -110,13 +110,14 @@ def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size
             frame = frame.filter(pl.col("document").is_first_distinct())  # exact texts, not hashes
             h = frame["document"].hash(seed=0).to_numpy()
             repeat = np.isin(h, seen_h)
-            if repeat.any():  # a hash seen in an earlier chunk: the same text only if the texts are equal
+            if repeat.any():  # a hash seen in an earlier chunk: the same text only if one of its texts is equal
                 texts.fh.flush()
-                rows = seen_row[np.searchsorted(seen_h, h[repeat])]
-                earlier = read_strings(tmp, "texts", rows.tolist(), texts.offsets)
                 same = np.zeros(len(h), dtype=bool)
-                same[np.flatnonzero(repeat)] = [a == b for a, b in zip(frame["document"].filter(pl.Series(repeat))
-                                                                         .to_list(), earlier)]
+                docs_now = frame["document"].to_list()
+                for i in np.flatnonzero(repeat).tolist():
+                    lo, hi = np.searchsorted(seen_h, h[i], "left"), np.searchsorted(seen_h, h[i], "right")
+                    earlier = read_strings(tmp, "texts", seen_row[lo:hi].tolist(), texts.offsets)
+                    same[i] = docs_now[i] in earlier
                 frame, h = frame.filter(pl.Series(~same)), h[~same]
             for s in range(0, frame.height, batch_size):
                 chunk = frame["document"].slice(s, batch_size)

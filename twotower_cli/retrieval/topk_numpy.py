@@ -51,6 +51,9 @@ def cpu_topk(q: np.ndarray, corpus, k: int, chunk: int = 65536, block: int = 64)
             part = part.astype(np.float32)
         out = buf[: part.shape[0]]
         np.matmul(part, qn, out=out)
+        if not np.isfinite(out).all():  # a damaged index: never rank (or serve) NaN or infinite scores
+            bad = start + int(np.flatnonzero(~np.isfinite(out).all(1))[0])
+            raise FloatingPointError(f"row {bad} of the index has non-finite values")
         s, i = np_chunk_topk_cols(out, k, block)
         i = i + start
         if best_s is not None:

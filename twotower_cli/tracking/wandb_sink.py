@@ -32,11 +32,13 @@ def netrc_has_key(host: str) -> bool:
         return False
 
 
-def server_reachable(base_url: str, timeout: float = PROBE_TIMEOUT) -> bool:
-    """True when the server answers an HTTP request within ``timeout`` (any status counts as an answer).
+def server_reachable(base_url: str, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
+    """Whether the server answers an HTTP request within ``timeout`` (any status counts as an answer), and if not,
+    why: a refused connection and a server that never answers are told apart.
 
     A bare TCP connect is not enough: a server that accepts but never answers would make wandb.init hang."""
     import http.client
+    import socket
 
     u = urlparse(base_url)
     conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
@@ -45,9 +47,15 @@ def server_reachable(base_url: str, timeout: float = PROBE_TIMEOUT) -> bool:
         conn.request("GET", "/healthz")
         conn.getresponse().read(0)
         conn.close()
-        return True
-    except (OSError, http.client.HTTPException):
-        return False
+        return True, ""
+    except ConnectionRefusedError:
+        return False, f"the W&B server {base_url} refused the connection"
+    except (socket.timeout, TimeoutError):
+        return False, f"the W&B server {base_url} did not answer within {timeout:g} s"
+    except socket.gaierror:
+        return False, f"the W&B server's name {u.hostname} could not be resolved"
+    except (OSError, http.client.HTTPException) as exc:
+        return False, f"the W&B server {base_url} could not be reached ({type(exc).__name__})"
 
 
 def choose_mode(api_key: str, configured_mode: str = "", env=None, timeout: float = PROBE_TIMEOUT) -> ModeChoice:
@@ -63,8 +71,9 @@ def choose_mode(api_key: str, configured_mode: str = "", env=None, timeout: floa
     base = env.get("WANDB_BASE_URL", "https://api.wandb.ai")
     if not (api_key or netrc_has_key(urlparse(base).hostname or "")):
         return ModeChoice("offline", "no W&B API key is configured")
-    if not server_reachable(base, timeout):
-        return ModeChoice("offline", f"the W&B server {base} did not answer within {timeout:g} s")
+    reachable, why = server_reachable(base, timeout)
+    if not reachable:
+        return ModeChoice("offline", why)
     return ModeChoice("online", "API key configured and server reachable")
 
 
@@ -94,6 +103,10 @@ class WandbSink:
                 raise
             self.notify(f"W&B online init failed ({type(exc).__name__}); logging offline instead")
             self.mode = "offline"
+            try:  # wandb's service still holds the failed online run under this id: start a fresh service
+                wandb.teardown()
+            except Exception:
+                pass
             self.run = wandb.init(mode="offline", settings=wandb.Settings(console="off", silent=True), **kwargs)
         self.offline_dir = Path(self.run.dir).parent if self.mode == "offline" else None
         self.record_run_id()

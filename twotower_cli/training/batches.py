@@ -66,6 +66,9 @@ class TrainingSet:
         return self
 
 
+MIN_FOR_VALIDATION = 10  # fewer queries with a positive: no validation split (the lowest loss picks the epoch)
+
+
 def build(df: pl.DataFrame, vocab, max_query_length: int, max_document_length: int, val_fraction: float,
           seed: int, eager: bool = True, val_min_queries: int = 0) -> TrainingSet:
     """``eager``: tokenise every text now (one process); else only the rows a step uses, when it uses them."""
@@ -77,8 +80,8 @@ def build(df: pl.DataFrame, vocab, max_query_length: int, max_document_length: i
 
     pos = rows.filter(pl.col("label") == 1).unique(["qid", "did"], maintain_order=True)
     candidates = np.unique(pos["qid"].to_numpy())
-    n_val = 0 if val_fraction <= 0 else max(1, int(round(val_fraction * len(candidates))),
-                                            min(val_min_queries, len(candidates) // 5))
+    n_val = 0 if val_fraction <= 0 or len(candidates) < MIN_FOR_VALIDATION else \
+        max(1, int(round(val_fraction * len(candidates))), min(val_min_queries, len(candidates) // 5))
     if n_val >= len(candidates):
         raise DataError(f"validation would take all {len(candidates)} queries with a positive; "
                         "lower --val-fraction or use more data")

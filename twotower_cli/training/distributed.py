@@ -1,9 +1,12 @@
 """Multi-process training with PyTorch's own engine: torchrun + DistributedDataParallel.
 
 Under torchrun (WORLD_SIZE > 1) every process trains on its slice of each global batch (--batch-size per
-process); DDP averages the gradients (sparse ones too, with gloo). With --gather-negatives the InfoNCE loss scores
-each query against the documents of every process's batch, gathered with an all_gather that carries gradients
-back to their owners. Only rank 0 writes anything.
+process). DDP averages the dense gradients. The n-gram table's gradient is sparse, which NCCL cannot reduce
+("Tensors must be CUDA and dense"), so DDP leaves the table out and `reduce_sparse` averages it after backward:
+every process all-gathers the rows it touched and their gradients, and all build the same sum. The same code runs
+under gloo and NCCL, so the CPU tests exercise what a GPU run does. With --gather-negatives the InfoNCE loss
+scores each query against the documents of every process's batch, gathered with an all_gather that carries
+gradients back to their owners. Only rank 0 writes anything.
 """
 
 from __future__ import annotations
@@ -111,3 +114,40 @@ def gather_ids(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+def wrap(model, device: torch.device):
+    """DistributedDataParallel over the dense parameters. The sparse tables (and the constant buffers, never
+    broadcast) are left to ``reduce_sparse``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    sparse = {id(p) for p in model.sparse_parameters()}
+    ignore = [n for n, p in model.named_parameters() if id(p) in sparse]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of ``x`` (no gradient), ragged row counts allowed, in rank order."""
+    sizes = row_counts(x)
+    most = max(sizes)
+    padded = torch.cat([x, x.new_zeros((most - x.shape[0],) + tuple(x.shape[1:]))])
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded.contiguous())
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+def reduce_sparse(model, world: int) -> None:
+    """Average the sparse gradients of the tables across processes: gather every process's (row, gradient) pairs
+    and sum them (coalesce) in the same order everywhere, so every process steps its table identically."""
+    for p in model.sparse_parameters():
+        g = p.grad
+        if g is None:  # every process must take part in the collectives: an untouched table sends nothing
+            idx = torch.zeros(0, dtype=torch.long, device=p.device)
+            val = p.new_zeros((0,) + tuple(p.shape[1:]))
+        else:
+            g = g.coalesce() if not g.is_coalesced() else g
+            idx, val = g._indices()[0], g._values()
+        idx, val = all_gather_rows(idx), all_gather_rows(val)
+        p.grad = torch.sparse_coo_tensor(idx.unsqueeze(0), val / world, p.shape).coalesce()

@@ -179,9 +179,9 @@ class Loop:
                                  f"(torchrun --nproc_per_node {n}), not {self.world}")
         self.net = model
         if ddp:
-            from torch.nn.parallel import DistributedDataParallel
+            from twotower_cli.training.distributed import wrap
 
-            self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.net = wrap(model, device)
         # bf16 autocast on CUDA only: bf16 matmuls on a CPU are hundreds of times slower
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if tcfg.precision == "bf16" and device.type == "cuda" else nullcontext())
@@ -224,8 +224,12 @@ class Loop:
         for opt in self.opts.values():
             opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.ddp:  # the tables' sparse gradients: NCCL cannot reduce them, so they are gathered (distributed.py)
+            from twotower_cli.training.distributed import reduce_sparse
+
+            reduce_sparse(self.model, self.world)
         log.mark(log_now)
-        gnorm = grad_norm(self.model, coalesce=self.ddp is not None) if log_now else None
+        gnorm = grad_norm(self.model) if log_now else None
         if check_now and not (math.isfinite(value) and (gnorm is None or math.isfinite(gnorm))):
             self.diverged(epoch, f"loss {value}, gradient norm {gnorm}")
         for opt in self.opts.values():

@@ -136,6 +136,9 @@ def prepare(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: Pat
         batch = max(1, ts.n_train // world)
         messages.append(f"--batch-size {t.batch_size} is larger than the {ts.n_train} training pairs"
                         f"{f' for {world} processes' if ddp else ''}: training with batches of {batch}")
+    if t.val_fraction > 0 and len(ts.val_q) == 0:
+        messages.append("too few queries for a validation split: none is held out, and the epoch with the lowest "
+                        "loss is kept")
     if ts.n_train < TOO_SMALL:
         messages.append(f"only {ts.n_train} training pairs: too few to learn much from; the run is trained, but "
                         "expect the lexical baseline (BM25) to do as well or better")

@@ -1,0 +1,241 @@
+"""The Python API, its torch-free query path, and `twotower serve` as a real server on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from tests.conftest import ROOT, SAMPLE
+
+TEXTS = ["", " ", "a", "GNU C compiler", "İstanbul ﬁne straße", "日本語のテキスト", "x" * 500, "tab\there\nnewline",
+         "nul\x00byte", "émoji 🙂 and ümlauts"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """One small run with the default model (its lexical half and idf included), trained once for the module."""
+    folder = tmp_path_factory.mktemp("api")
+    df = pl.read_parquet(SAMPLE)
+    pos = df.filter(pl.col("label") == 1).head(500)
+    pl.concat([pos, df.filter((pl.col("label") == 0) & pl.col("query").is_in(pos["query"].implode()))]).write_parquet(
+        folder / "pairs.parquet")
+    env = {**os.environ, "TWOTOWER_MODEL_NGRAM_BUCKETS": "16384", "TWOTOWER_MODEL_HIDDEN_DIM": "32",
+           "TWOTOWER_MODEL_EMBEDDING_DIM": "16"}
+    res = subprocess.run([sys.executable, "-m", "twotower_cli", "train", "pairs.parquet", "--epochs", "2",
+                          "--no-report", "--max-document-length", "256"], cwd=folder, env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    return (folder / "runs" / "latest").resolve()
+
+
+def random_texts(n: int = 60) -> list[str]:
+    rng = random.Random(7)
+    alphabet = list("abcdefghijklmnopqrstuvwxyz     0123456789-.,'ÄéüßñçøÅ日本語中文") + ["🙂", "\t", "\n", "İ", "ﬁ"]
+    return TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300))) for _ in range(n)]
+
+
+def test_numpy_and_torch_embeddings_agree(run):
+    import torch
+
+    import twotower_cli
+    from twotower_cli.model.artifacts import load_model
+
+    api = twotower_cli.load(run)
+    assert api.uses_numpy() and api.config.lexical_dim > 0 and api.config.idf  # the default model
+    model, vocab, _ = load_model(run)
+    texts = random_texts()
+    for side, max_len in (("query", api.config.max_query_length), ("document", api.config.max_document_length)):
+        ids = torch.from_numpy(vocab.encode(pl.Series(texts).str.normalize("NFKC"), max_len))
+        with torch.no_grad():
+            ref = (model.encode_queries if side == "query" else model.encode_documents)(ids).numpy()
+        got = api.encode_queries(texts) if side == "query" else api.encode_documents(texts)
+        assert got.shape == ref.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=side)
+
+
+def test_api_search_is_what_the_cli_prints(run, cli):
+    import twotower_cli
+
+    api = twotower_cli.load(run)
+    hits = api.search(["GNU C compiler", "text editor"], k=5)
+    res = cli("search", "--queries", "-", "--run", run.name, "--runs-dir", run.parent, "-k", "5", "--json",
+              input="GNU C compiler\ntext editor\n")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert [[h.to_dict() for h in q] for q in hits] == [r["hits"] for r in doc["results"]]
+    assert doc["mode"] == api.choice["mode"] and len(hits[0]) == 5 and hits[0][0].rank == 1
+    dense = api.search("GNU C compiler", k=3, hybrid=False)[0]
+    assert [h.score for h in dense] == sorted((h.score for h in dense), reverse=True)
+
+
+def test_a_cold_search_never_imports_torch(run):
+    code = ("import sys, twotower_cli; m = twotower_cli.load(sys.argv[1]); m.search('gnu compiler', k=3, "
+            "hybrid=True); print('torch' in sys.modules, 'polars' in sys.modules, 'bm25s' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "False"], out.stdout
+    log = subprocess.run([sys.executable, "-X", "importtime", "-m", "twotower_cli", "search", "gnu compiler",
+                          "--run", run.name, "--runs-dir", str(run.parent)], capture_output=True, text=True)
+    assert log.returncode == 0, log.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in log.stderr.splitlines() if line.startswith("import time")}
+    assert "torch" not in imported and "polars" not in imported
+
+
+def test_index_documents_and_search_the_new_index(run, tmp_path):
+    import shutil
+
+    import twotower_cli
+
+    copy = tmp_path / "runs" / run.name
+    shutil.copytree(run, copy)
+    api = twotower_cli.load(copy)
+    docs = ["the vim text editor", "emacs, an extensible editor", "a tool to compress files with gzip"]
+    path = api.index_documents(docs, name="tools", ids=["v", "e", "g"])
+    assert (path / "meta.json").exists()
+    hits = twotower_cli.load(copy, index="tools").search("compress files", k=3)[0]
+    assert hits[0].id == "g" and {h.id for h in hits} == {"v", "e", "g"}
+    with pytest.raises(twotower_cli.api.UsageError):
+        api.search("x", k=0)
+
+
+def test_numpy_bm25_scores_equal_bm25s():
+    import bm25s
+
+    from twotower_cli.retrieval.bm25 import BM25
+
+    docs = pl.read_parquet(SAMPLE)["document"].unique().sort().head(800).to_list()
+    queries = pl.read_parquet(SAMPLE)["query"].unique().sort().head(100).to_list()
+    ours = BM25.build(docs)
+    ref = bm25s.BM25(k1=1.5, b=0.75, method="lucene")
+    ref.index(bm25s.tokenize(docs, stopwords="en", show_progress=False), show_progress=False)
+    for q in queries:
+        want = ref.get_scores(bm25s.tokenize([q], stopwords="en", show_progress=False, return_ids=False)[0])
+        np.testing.assert_allclose(ours.scores(q), want, rtol=1e-5, atol=1e-6, err_msg=q)
+
+
+# -- the server ---------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "twotower_cli", "serve", "--run", run.name, "--runs-dir",
+                             str(run.parent), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("server did not start: " + proc.stderr.read())
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_server_answers_like_the_cli(server, run, cli):
+    import httpx
+
+    health = httpx.get(server + "/health").json()
+    from twotower_cli.model.files import fingerprint
+
+    assert health["model_fingerprint"] == fingerprint(run) and health["documents"] > 0 and health["status"] == "ok"
+    body = httpx.post(server + "/search", json={"queries": ["GNU C compiler"], "k": 4, "hybrid": None}).json()
+    res = cli("search", "GNU C compiler", "--run", run.name, "--runs-dir", run.parent, "-k", "4", "--json")
+    assert body["results"][0]["hits"] == json.loads(res.stdout)["results"][0]["hits"]
+    emb = httpx.post(server + "/embed", json={"texts": ["a", "b c"]}).json()
+    assert emb["dim"] == len(emb["embeddings"][0]) and len(emb["embeddings"]) == 2
+    assert httpx.get(server + "/docs").status_code == 200
+    assert "/search" in httpx.get(server + "/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"queries": [], "k": 3}, 422),
+    ({"queries": ["x"], "k": 10**9}, 422),
+    ({"queries": ["x"] * 10_000}, 422),
+    ({"queries": ["   "]}, 422),
+    ({"queries": "not a list"}, 422),
+    ({"k": 3}, 422),
+    ({"queries": ["x"], "mode": "magic"}, 422),
+    ({"queries": ["y" * 2_000_000]}, 413),
+])
+def test_bad_requests_are_4xx_json_and_the_server_stays_up(server, body, status):
+    import httpx
+
+    r = httpx.post(server + "/search", json=body, timeout=30)
+    assert r.status_code == status and "error" in r.json(), r.text
+    r = httpx.post(server + "/search", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["error"]
+    assert httpx.get(server + "/health").status_code == 200
+
+
+def test_concurrent_requests_are_safe(server):
+    import httpx
+
+    want = httpx.post(server + "/search", json={"queries": ["text editor"], "k": 5}).json()
+    results, errors = [], []
+
+    def client():
+        with httpx.Client() as c:
+            for _ in range(5):
+                try:
+                    results.append(c.post(server + "/search", json={"queries": ["text editor"], "k": 5}).json())
+                except Exception as exc:  # pragma: no cover - reported below
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(results) == 80 and all(r == want for r in results)
+
+
+def test_serve_without_the_extra_is_one_line(run, monkeypatch, cli):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_fastapi(name, *a, **k):
+        if name.split(".")[0] in ("fastapi", "uvicorn"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_fastapi)
+    res = cli("serve", "--run", run.name, "--runs-dir", run.parent)
+    assert res.exit_code == 2 and "pip install 'twotower-cli[serve]'" in res.stderr
+
+
+def test_readme_api_example_runs(run, tmp_path):
+    """The README's Python example, as written, against a run in ./runs."""
+    import re
+    import shutil
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- api-example -->\s*```python\n(.*?)```", text, re.S).group(1)
+    shutil.copytree(run, tmp_path / "runs" / run.name)
+    os.symlink(run.name, tmp_path / "runs" / "latest")
+    out = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

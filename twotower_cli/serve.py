@@ -1,0 +1,208 @@
+"""`twotower serve`: the Python API behind an HTTP JSON service (FastAPI on uvicorn; the `serve` extra).
+
+    POST /search  {"queries": ["..."], "k": 10, "hybrid": null}   -> {"results": [{"query", "hits": [...]}]}
+    POST /embed   {"texts": ["..."], "kind": "query"}              -> {"dim", "embeddings": [[...]]}
+    GET  /health                                                    -> run, model fingerprint, index size
+    GET  /docs, /openapi.json                                       -> the OpenAPI description
+
+The model and index are loaded once, before the port opens; requests only read them, so concurrent requests are
+safe (FastAPI runs these handlers in its thread pool). Every limit (body size, queries per request, k, text length)
+is a 4xx with a JSON error; nothing a client sends can make a 500 or stop the server.
+"""
+
+# no "from __future__ import annotations": FastAPI reads these annotations at run time (local models)
+
+import json
+import socket
+from pathlib import Path
+from typing import Literal
+
+from twotower_cli.errors import UsageError
+
+MAX_BODY = 1 << 20  # bytes of a request body
+MAX_TEXTS = 256  # queries (or texts) per request
+MAX_K = 1000
+MAX_CHARS = 10_000  # characters of one query or text
+
+
+def check_installed() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UsageError("twotower serve needs FastAPI and uvicorn: pip install 'twotower-cli[serve]'") from None
+
+
+class TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 before the app parses it."""
+
+    def __init__(self, app, limit: int = MAX_BODY):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await json_response(send, 413, f"request body over {self.limit:,} bytes")
+        received, started = 0, False
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise TooLarge
+            return message
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, watch)
+        except TooLarge:
+            if not started:
+                await json_response(send, 413, f"request body over {self.limit:,} bytes")
+
+
+async def json_response(send, status: int, error: str) -> None:
+    body = json.dumps({"error": error}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(model):
+    """The FastAPI application serving ``model`` (a loaded `TwoTowerModel`)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel, Field, field_validator
+    from starlette.exceptions import HTTPException
+
+    from twotower_cli import __version__
+    from twotower_cli.errors import ArtifactError, TwotowerError
+
+    class SearchRequest(BaseModel):
+        queries: list[str] = Field(min_length=1, max_length=MAX_TEXTS, description="The queries.")
+        k: int = Field(10, ge=1, le=MAX_K, description="Results per query.")
+        hybrid: bool | None = Field(None, description="null: the run's default search; true: BM25 + model; "
+                                                      "false: the model alone.")
+        mode: Literal["dense", "hybrid", "bm25"] | None = Field(None, description="Names the search directly.")
+
+        @field_validator("queries")
+        @classmethod
+        def texts_ok(cls, v):
+            return check_texts(v)
+
+    class EmbedRequest(BaseModel):
+        texts: list[str] = Field(min_length=1, max_length=MAX_TEXTS)
+        kind: Literal["query", "document"] = "query"
+
+        @field_validator("texts")
+        @classmethod
+        def texts_ok(cls, v):
+            return check_texts(v)
+
+    class Hit(BaseModel):
+        rank: int
+        score: float
+        id: str
+        document: str
+
+    class Result(BaseModel):
+        query: str
+        hits: list[Hit]
+
+    class SearchResponse(BaseModel):
+        mode: str
+        results: list[Result]
+
+    class EmbedResponse(BaseModel):
+        dim: int
+        embeddings: list[list[float]]
+
+    app = FastAPI(title="twotower", version=__version__,
+                  description=f"Search and embed with the two-tower model of run {model.run_dir.name}.")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = first.get("msg", "invalid request")
+        if first.get("type") in ("model_attributes_type", "json_invalid", "dict_type") or "JSON" in msg:
+            msg = (f"the body must be a JSON object sent with Content-Type: application/json ({msg}); "
+                   'for example {"queries": ["text"], "k": 10}')
+            where = ""
+        return JSONResponse({"error": f"{where + ': ' if where else ''}{msg}"}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(TwotowerError)
+    async def ours(request: Request, exc: TwotowerError):  # a damaged index: the server's problem, said plainly
+        return JSONResponse({"error": str(exc)}, status_code=400 if isinstance(exc, UsageError) else 503
+                            if isinstance(exc, ArtifactError) else 500)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "run": model.run_dir.name, "model_fingerprint": model.fingerprint,
+                "index": model.index_name, "documents": model.index.count, "dim": model.dim,
+                "search": model.choice.get("mode")}
+
+    @app.post("/search", response_model=SearchResponse)
+    def search(req: SearchRequest):
+        mode, _ = model.resolve_mode(req.hybrid, req.mode)
+        results = model.search(req.queries, k=req.k, mode=mode)
+        return {"mode": mode, "results": [{"query": q, "hits": [h.to_dict() for h in hits]}
+                                          for q, hits in zip(req.queries, results)]}
+
+    @app.post("/embed", response_model=EmbedResponse)
+    def embed(req: EmbedRequest):
+        e = model.encode_queries(req.texts) if req.kind == "query" else model.encode_documents(req.texts)
+        return {"dim": int(e.shape[1]), "embeddings": e.tolist()}
+
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
+    return app
+
+
+def check_texts(texts: list[str]) -> list[str]:
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise ValueError(f"text {i + 1} is empty")
+        if len(t) > MAX_CHARS:
+            raise ValueError(f"text {i + 1} has {len(t):,} characters; at most {MAX_CHARS:,}")
+    return texts
+
+
+def serve(run_dir: Path, index: str, host: str, port: int, notify=print) -> None:
+    """Load the run once, open the port, serve until interrupted."""
+    import uvicorn
+
+    from twotower_cli.api import TwoTowerModel
+
+    model = TwoTowerModel(run_dir, index)
+    model.search("warm up", k=1)  # load the index, the weights (and BM25) before the first request
+    app = create_app(model)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+    sock.listen(128)
+    bound = sock.getsockname()[1]
+    notify(f"serving run {model.run_dir.name} (index {model.index_name}, {model.index.count:,} documents) on "
+           f"http://{host}:{bound}  (API docs: http://{host}:{bound}/docs; Ctrl-C stops)")
+    config = uvicorn.Config(app, log_level="warning", access_log=False, limit_concurrency=256,
+                            timeout_keep_alive=5)
+    uvicorn.Server(config).run(sockets=[sock])
