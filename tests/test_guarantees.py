@@ -424,9 +424,9 @@ def test_new_models_hash_kinds_apart():
 
     m = TwoTower(ModelConfig(vocab_size=30, ngram_buckets=1024, word_chars=list(range(2, 30)), idf=True,
                              embedding_dim=8, hidden_dim=8, max_query_length=8, max_document_length=8))
-    raw = torch.tensor([[5, 5 + 1024, 5 + 2048, 7]])
-    ok = torch.tensor([[True, True, True, True]])
-    buckets, _, _ = m.query_tower.tfidf_features(torch.cat([raw, raw], 1), torch.cat([ok, ok], 1))
+    raw = torch.tensor([5, 5 + 1024, 5 + 2048, 7] * 2)
+    kind = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])  # the same values as trigrams and as words
+    buckets, _, _ = m.query_tower.tfidf_features(raw, kind, torch.zeros(8, dtype=torch.long), 1)
     assert len(set(buckets.tolist())) == 8  # no two of {x, x + 1024, x + 2048} collide, and words != trigrams
 
 
@@ -451,7 +451,7 @@ def test_index_dedup_compares_texts_not_only_hashes(tmp_path, monkeypatch):
         return pl.Series(np.zeros(len(self), dtype=np.uint64))
 
     monkeypatch.setattr(pl.Series, "hash", same_hash)  # every text collides
-    from twotower_cli.retrieval.indexing import write_folder
+    from twotower_cli.retrieval.build import write_folder
 
     class Tiny:
         class cfg:

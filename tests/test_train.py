@@ -123,14 +123,16 @@ def test_shared_table_is_looked_up_once_for_both_towers():
 def test_tokenising_on_demand_trains_the_same_model(tiny_pairs, tmp_path):
     """On demand (what each torchrun process does, with its prefetch thread) gives the same batches as up front."""
     runs = {}
-    for mode in ("upfront", "on-demand"):
-        cfg = small_cfg(tmp_path / mode, epochs=2).with_overrides({("data", "tokenize"): mode})
-        runs[mode] = run_train(cfg, tiny_pairs, Hooks(), lambda: False)
-    a, _, _ = load_model(runs["upfront"].run_dir)
-    b, _, _ = load_model(runs["on-demand"].run_dir)
-    for name, t in a.weights().items():
-        torch.testing.assert_close(t, b.weights()[name], atol=1e-6, rtol=0, msg=name)
-    assert runs["upfront"].best["val/mrr@10"] == pytest.approx(runs["on-demand"].best["val/mrr@10"], abs=1e-6)
+    for mode, workers in (("upfront", 0), ("on-demand", 0), ("on-demand", 2)):  # 2: worker processes (GPU default)
+        cfg = small_cfg(tmp_path / f"{mode}{workers}", epochs=2, loader_workers=workers).with_overrides(
+            {("data", "tokenize"): mode})
+        runs[mode, workers] = run_train(cfg, tiny_pairs, Hooks(), lambda: False)
+    a, _, _ = load_model(runs["upfront", 0].run_dir)
+    for key in (("on-demand", 0), ("on-demand", 2)):
+        b, _, _ = load_model(runs[key].run_dir)
+        for name, t in a.weights().items():
+            torch.testing.assert_close(t, b.weights()[name], atol=1e-6, rtol=0, msg=f"{key} {name}")
+        assert runs["upfront", 0].best["val/mrr@10"] == pytest.approx(runs[key].best["val/mrr@10"], abs=1e-6)
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_pairs, tmp_path):

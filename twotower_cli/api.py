@@ -13,7 +13,6 @@ and indexing load the torch model when first needed.
 
 from __future__ import annotations
 
-import math
 import threading
 import unicodedata
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ import numpy as np
 
 from twotower_cli.errors import ArtifactError, UsageError
 from twotower_cli.retrieval.hybrid import CANDIDATES
+from twotower_cli.runs import search_choice
 
 MODES = ("dense", "hybrid", "bm25")
 
@@ -184,7 +184,7 @@ class TwoTowerModel:
             s, i = self.bm25().search(queries, k)
             return s.tolist(), i.tolist()
         qe = self.encode_queries(queries)
-        ds, di = self.index.search(qe, max(k, CANDIDATES) if mode == "hybrid" else k)
+        ds, di = self.index.search(qe, max(k, CANDIDATES) if mode == "hybrid" else k, self.device)
         if not np.isfinite(ds[di >= 0]).all():
             raise ArtifactError(f"{self.index.path / 'embeddings.npy'}: holds non-finite values (NaN or "
                                 "infinity); rebuild the index: twotower index CORPUS --name " + self.index_name)
@@ -220,7 +220,7 @@ class TwoTowerModel:
         also gets the BM25 side. Use ``load(run, index=name)`` (or ``use_index``) to search it."""
         import polars as pl
 
-        from twotower_cli.retrieval.indexing import build_index
+        from twotower_cli.retrieval.build import build_index
 
         docs = pl.Series("document", [unicodedata.normalize("NFKC", str(d)) for d in documents], dtype=pl.String)
         if ids is not None and len(ids) != len(docs):
@@ -299,15 +299,3 @@ class Verification:
         self.done.wait()
         if self.error:
             raise ArtifactError(self.error)
-
-
-def search_choice(run_dir: Path) -> dict:
-    """What training chose as the run's default search (run.json); runs from before the choice: dense."""
-    from twotower_cli.runs import read_json_or
-
-    choice = read_json_or(Path(run_dir) / "run.json", {}).get("search")
-    if isinstance(choice, dict) and choice.get("mode") in MODES:
-        w = choice.get("hybrid_weight", 0.5)
-        if isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and 0 <= w <= 1:
-            return choice
-    return {"mode": "dense", "hybrid_weight": 0.5}

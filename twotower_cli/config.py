@@ -62,6 +62,7 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "precision": ("fp32", "fp32 or bf16 (bf16 autocast on CUDA only)"),
         "runs_dir": ("runs", "folder holding the run folders and runs/latest"),
         "run_name": ("", "name of the run folder (default: a timestamp)"),
+        "loader_workers": (-1, "processes tokenising on demand (-1: none on a CPU, several on a GPU; 0: a background thread)"),
         "max_steps": (0, "stop after this many optimiser steps (0: the epochs decide), as the Hugging Face trainer"),
         "log_every": (10, "steps between train/* records in metrics.jsonl"),
         "checkpoint_minutes": (10.0, "also checkpoint mid-epoch at this interval (0: epoch ends only)"),

@@ -83,6 +83,7 @@ RULES: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("train", "precision"): one_of("fp32", "bf16"),
     ("train", "run_name"): name_or_empty,
     ("train", "max_steps"): at_least(0),
+    ("train", "loader_workers"): at_least(-1, 64),
     ("train", "log_every"): at_least(1),
     ("train", "checkpoint_minutes"): at_least(0),
     ("train", "hard_negatives"): one_of("none", "bm25", "model"),

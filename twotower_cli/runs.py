@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import secrets
 import shutil
@@ -242,3 +243,13 @@ def wandb_id(run_dir: Path) -> str | None:
 
 def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def search_choice(run_dir: Path) -> dict:
+    """What training chose as the run's default search (run.json); runs from before the choice: dense."""
+    choice = read_json_or(Path(run_dir) / "run.json", {}).get("search")
+    if isinstance(choice, dict) and choice.get("mode") in ("dense", "hybrid", "bm25"):
+        w = choice.get("hybrid_weight", 0.5)
+        if isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and 0 <= w <= 1:
+            return choice
+    return {"mode": "dense", "hybrid_weight": 0.5}

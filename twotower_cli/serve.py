@@ -183,13 +183,13 @@ def check_texts(texts: list[str]) -> list[str]:
     return texts
 
 
-def serve(run_dir: Path, index: str, host: str, port: int, notify=print) -> None:
+def serve(run_dir: Path, index: str, host: str, port: int, notify=print, device: str = "cpu") -> None:
     """Load the run once, open the port, serve until interrupted."""
     import uvicorn
 
     from twotower_cli.api import TwoTowerModel
 
-    model = TwoTowerModel(run_dir, index)
+    model = TwoTowerModel(run_dir, index, device)
     model.search("warm up", k=1)  # load the index, the weights (and BM25) before the first request
     app = create_app(model)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -21,6 +21,8 @@ IndexOpt = Annotated[Optional[str], setting("search", "index", "--index", metava
 TopKOpt = Annotated[Optional[int], setting("search", "top_k", "--top-k", "-k")]
 ModeOpt = Annotated[Optional[str], setting("search", "mode", "--mode", metavar="MODE")]
 HybridOpt = Annotated[bool, Opt("--hybrid", metavar="", help="Fuse BM25 and the model (same as --mode hybrid).")]
+DeviceOpt = Annotated[str, Opt("--device", metavar="DEVICE", help="auto (a GPU when there is one), cpu, cuda or cuda:N.")]
+QueryDeviceOpt = Annotated[str, Opt("--device", metavar="DEVICE", help="cpu (the NumPy query path, no torch) or cuda[:N].")]
 WeightOpt = Annotated[Optional[float], Opt("--hybrid-weight", metavar="W", show_default=False,
                                            help="Weight of the model's score in a hybrid search, 0..1 (default: the "
                                                 "weight chosen on validation).")]
@@ -37,6 +39,13 @@ def bar(description: str, total: int):
     p = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err)
     task = p.add_task(description, total=total)
     return p, (lambda done, total=None: p.update(task, completed=done, total=total))  # total None: unchanged
+
+
+def resolve(device: str):
+    """The torch device a command embeds on (imports torch: index and evaluate need it anyway)."""
+    from twotower_cli.training.loop import resolve_device
+
+    return resolve_device(device)
 
 
 def search_mode(cfg, mode: str | None, hybrid: bool, weight: float | None) -> tuple[str | None, float | None]:
@@ -62,14 +71,15 @@ def index_command(
     id_col: Annotated[Optional[str], Opt("--id-col", metavar="NAME", show_default=False, help="Column of document ids (default: row numbers).")] = None,
     dtype: Annotated[str, Opt("--dtype", metavar="float32|float16", help="Precision of the stored embeddings.")] = "float32",
     backend: Annotated[str, Opt("--backend", metavar="exact|faiss", help="Exact search, or FAISS HNSW (approximate).")] = "exact",
+    device: DeviceOpt = "auto",
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     from twotower_cli.api import TwoTowerModel
     from twotower_cli.data.corpus import corpus_chunks
     from twotower_cli.errors import UsageError
+    from twotower_cli.retrieval.build import build_index, faiss_available
     from twotower_cli.retrieval.index import index_dir
-    from twotower_cli.retrieval.indexing import build_index, faiss_available
 
     if backend not in ("exact", "faiss"):
         raise UsageError(f"--backend {backend!r}: use exact or faiss")
@@ -80,11 +90,13 @@ def index_command(
         faiss_available()
     cfg, run_dir = run_of(runs_dir, run, config)
     total, chunks = corpus_chunks(corpus, document_col or cfg.data.document_col, id_col)
-    model = TwoTowerModel(run_dir, name)
+    dev = str(resolve(device))
+    model = TwoTowerModel(run_dir, name, dev)
     progress, update = bar(f"indexing {corpus.name}", total)
     with progress:
-        path = build_index(run_dir, model.torch_model(), model.vocab, chunks, name, dtype=dtype, backend=backend,
-                           progress=update, total=total)
+        path = build_index(run_dir, model.torch_model(), model.vocab, chunks, name, device=dev, dtype=dtype,
+                           backend=backend, progress=update, total=total,
+                           batch_size=8192 if dev.startswith("cuda") else 2048)
     model.after_indexing(name)
     from twotower_cli.runs import read_json
 
@@ -121,6 +133,7 @@ def search_command(
     mode: ModeOpt = None,
     hybrid: HybridOpt = False,
     hybrid_weight: WeightOpt = None,
+    device: QueryDeviceOpt = "cpu",
     json_out: JsonOpt = False,
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
@@ -128,6 +141,8 @@ def search_command(
     from twotower_cli.api import TwoTowerModel
     from twotower_cli.errors import UsageError
 
+    if device != "cpu":
+        device = str(resolve(device))
     if (query is None) == (queries is None):
         raise UsageError("give one QUERY or --queries FILE")
     if query is not None:
@@ -142,7 +157,7 @@ def search_command(
         raise UsageError(f"{where} is empty; give some words to search for")
     cfg, run_dir = run_of(runs_dir, run, config, {("search", "top_k"): top_k})
     mode, weight = search_mode(cfg, mode, hybrid, hybrid_weight)
-    model = TwoTowerModel(run_dir, index or cfg.search.index)
+    model = TwoTowerModel(run_dir, index or cfg.search.index, device)
     if weight is not None:
         model.choice = {**model.choice, "hybrid_weight": weight}
     t0 = time.perf_counter()
@@ -178,6 +193,7 @@ def evaluate_command(
     mode: ModeOpt = None,
     hybrid: HybridOpt = False,
     hybrid_weight: WeightOpt = None,
+    device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
@@ -193,7 +209,8 @@ def evaluate_command(
     ev = load_eval(eval_dir)  # a mistyped folder fails here, before any bar or model
     progress, update = bar("embedding the corpus", len(ev.documents))
     with progress:
-        rows = evaluate_run(run_dir, eval_dir, baseline=baseline, mode=mode, weight=weight, progress=update, ev=ev)
+        rows = evaluate_run(run_dir, eval_dir, baseline=baseline, mode=mode, weight=weight, progress=update, ev=ev,
+                            device=str(resolve(device)))
     for n in ev.notes:
         note(f"[yellow]note:[/] {eval_dir}: {n}")
     if json_out:

@@ -20,6 +20,7 @@ def serve_command(
     index: Annotated[Optional[str], Opt("--index", metavar="NAME", show_default=False, help="Index searched (default: the one training built).")] = None,
     host: Annotated[str, Opt("--host", metavar="HOST", help="Address to listen on (only this machine by default).")] = "127.0.0.1",
     port: Annotated[int, Opt("--port", metavar="PORT", min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
+    device: Annotated[str, Opt("--device", metavar="DEVICE", help="cpu (the NumPy query path) or cuda[:N] (the index on the GPU).")] = "cpu",
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -27,4 +28,8 @@ def serve_command(
 
     check_installed()  # before loading anything
     cfg, run_dir = run_of(runs_dir, run, config)
-    serve(run_dir, index or cfg.search.index, host, port, notify=note)
+    if device != "cpu":
+        from twotower_cli.training.loop import resolve_device
+
+        device = str(resolve_device(device))
+    serve(run_dir, index or cfg.search.index, host, port, notify=note, device=device)

@@ -39,14 +39,14 @@ def evaluate_model(model, q_tokens: torch.Tensor, d_tokens: torch.Tensor, qrels:
 
 @torch.no_grad()
 def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, mode: str | None = None,
-                 weight: float | None = None, progress=None, ev=None) -> list[dict]:
+                 weight: float | None = None, progress=None, ev=None, device: str = "cpu") -> list[dict]:
     """Rows: the dense model alone (always), BM25 (``baseline``), and the run's default search when it is not the
     dense model alone (what training chose on validation), or the search ``mode`` forced (with ``weight`` for
     hybrid). Each row has ``default``: whether it is what `twotower search` does."""
-    from twotower_cli.api import search_choice
+    from twotower_cli.runs import search_choice
 
     ev = ev or load_eval(eval_dir)
-    model, vocab, _ = load_model(run_dir)
+    model, vocab, _ = load_model(run_dir, device)
     cfg = model.cfg
     choice = search_choice(run_dir)
     forced = mode is not None
@@ -56,12 +56,13 @@ def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, mod
         w = 0.5
     d_tokens = torch.from_numpy(vocab.encode(ev.documents, cfg.max_document_length))
     n = d_tokens.shape[0]
-    de = embed_tokens(model.encode_documents, d_tokens, "cpu",
+    de = embed_tokens(model.encode_documents, d_tokens, device, batch_size=8192 if device != "cpu" else 2048,
                       progress=(lambda done: progress(done, n)) if progress else None)
     t0 = time.perf_counter()  # query time: tokenise, embed, search (the corpus is indexed beforehand)
     q_tokens = torch.from_numpy(vocab.encode(ev.queries, cfg.max_query_length))
-    qe = embed_tokens(model.encode_queries, q_tokens, "cpu")
-    ds, di = exact_topk(qe, de, max(K, CANDIDATES))
+    qe = embed_tokens(model.encode_queries, q_tokens, device)
+    ds, di = exact_topk(qe, de, max(K, CANDIDATES))  # on the device when it is a GPU: the corpus fits there
+    ds, di = ds.cpu(), di.cpu()
     dense_time = time.perf_counter() - t0
     rows = [row(f"two-tower ({run_dir.name})", di[:, :K].numpy(), ev, dense_time)]
     rows[0]["default"] = choice["mode"] == "dense"

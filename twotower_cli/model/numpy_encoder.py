@@ -50,7 +50,7 @@ class NumpyTowers:
         start_pos = np.maximum.accumulate(np.where(starts, pos, 0), axis=1)
         before = np.take_along_axis(np.pad(prefix, ((0, 0), (1, 0))), start_pos, axis=1)
         wh = (prefix - before) % MOD * self.inv_pow[start_pos] % MOD + 7919
-        feats, oks = [tri % MOD, wh], [ids > 0, ends]
+        feats, oks = [tri % MOD, wh], [word if self.idf is not None else ids > 0, ends]
         if self.cfg.word_bigrams:
             last_end = np.maximum.accumulate(np.where(ends, pos, -1), axis=1)
             prev_end = np.take_along_axis(np.pad(last_end, ((0, 0), (1, 0)), constant_values=-1), start_pos, axis=1)
@@ -72,9 +72,7 @@ class NumpyTowers:
             return hashes, w, text, words
         L = n // (3 if self.cfg.word_bigrams else 2)
         kind = np.broadcast_to(np.arange(n)[None, :] // L, (B, n))[ok]
-        h = (raw[ok] + kind * 0x3C6EF372) % MOD
-        h = (h * 0x5BD1E995 % MOD) ^ (h >> 13)
-        buckets = (h * 0x27D4EB2F % MOD) % buckets_n
+        buckets = (raw[ok] + kind * 0x3C6EF372) * 0x5BD1E995 % MOD % buckets_n
         group = text * 3 + kind
         key, tf = np.unique(group * buckets_n + buckets, return_counts=True)
         group, buckets = key // buckets_n, key % buckets_n

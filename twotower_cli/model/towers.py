@@ -96,12 +96,14 @@ class NgramEncoder(nn.Module):
         """Every trigram and word of each text as one 1-D bag: bucket ids and weights of the real features
         (padded positions, most of a [B, 2L] matrix for short texts, are dropped), and where each text starts."""
         ids = ids.long()
+        if self.idf is not None:
+            return self.tfidf_features(*self.selected_features(ids))
         B, L = ids.shape
         ext = F.pad(ids, (1, 1))  # padding doubles as the boundary mark before and after the text
         tri = (ext[:, :-2] * BASE + ext[:, 1:-1]) * BASE + ext[:, 2:]
-        tri_ok = ids > 0
         # Words: polynomial prefix hashes; a word's hash is read off at its last character.
         word = self.is_word[ids]
+        tri_ok = ids > 0
         pw = self.pow[:L]
         prefix = torch.cumsum(ids * pw % MOD, 1) % MOD
         prev_word = F.pad(word, (1, 0))[:, :L]
@@ -120,25 +122,49 @@ class NgramEncoder(nn.Module):
             feats.append((prev_wh * 1000033 + wh) % MOD + 104729)
             oks.append(ends & (prev_end >= 0))
         ok = torch.cat(oks, 1)
-        if self.idf is not None:
-            return self.tfidf_features(torch.cat(feats, 1), ok)
         counts = ok.sum(1)
         hashes = torch.cat(feats, 1)[ok] * MIX % (1 << 32) % self.buckets
         weights = (ok / counts.unsqueeze(1).clamp(min=1).sqrt())[ok]  # 1/sqrt(features of the text)
         return hashes, weights, F.pad(counts.cumsum(0)[:-1], (1, 0))
 
-    def tfidf_features(self, raw: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def selected_features(self, ids: torch.Tensor):
+        """The n-grams of an idf model, computed at the positions that have one only (the same values as
+        ``features`` of older models, which computes every position of a [B, 2L] matrix, then selects): trigrams
+        centred on a word character (within a word and its boundaries, as scikit-learn's char_wb: spans across words
+        measured as noise), words, and with ``word_bigrams`` pairs of consecutive words. Returns the raw values,
+        their kind (0, 1, 2) and their text, and the batch size."""
+        B, L = ids.shape
+        word = self.is_word[ids]
+        ext = F.pad(ids, (1, 1))  # padding doubles as the boundary mark before and after the text
+        tr, tc = word.nonzero(as_tuple=True)
+        tri = ((ext[tr, tc] * BASE + ext[tr, tc + 1]) * BASE + ext[tr, tc + 2]) % MOD
+        # words: polynomial prefix hashes, read off at a word's last character. Without the modulus inside the
+        # sum, ids x powers < 2**42 and a row's sum < 2**52: exact, and one modulus per word instead of per position
+        prefix = torch.cumsum(ids * self.pow[:L], 1)
+        starts = word & ~F.pad(word, (1, 0))[:, :L]
+        ends = word & ~F.pad(word, (0, 1))[:, 1:]
+        pos = torch.arange(L, device=ids.device).expand(B, L)
+        start_pos = torch.where(starts, pos, torch.zeros_like(pos)).cummax(1).values
+        er, ec = ends.nonzero(as_tuple=True)
+        sp = start_pos[er, ec]
+        before = torch.where(sp > 0, prefix[er, (sp - 1).clamp(min=0)], torch.zeros_like(sp))
+        wh = (prefix[er, ec] - before) % MOD * self.inv_pow[sp] % MOD + 7919
+        raws, kinds, texts = [tri, wh], [torch.zeros_like(tr), torch.ones_like(er)], [tr, er]
+        if self.word_bigrams:  # a word and the one before it in the same text (ends are listed in text order)
+            same = F.pad(er[1:] == er[:-1], (1, 0))
+            raws.append(((F.pad(wh, (1, 0))[:-1] * 1000033 + wh) % MOD + 104729)[same])
+            kinds.append(torch.full_like(er[same], 2))
+            texts.append(er[same])
+        return torch.cat(raws), torch.cat(kinds), torch.cat(texts), B
+
+    def tfidf_features(self, raw: torch.Tensor, kind: torch.Tensor, text: torch.Tensor, B: int):
         """The bag of an idf model: each distinct feature of a text once, weighted by (1 + ln tf) x idf; the
         trigrams and the words of a text are each scaled to unit length, then weighted so that words carry
         ``word_share`` of the squared norm (words are what BM25 matches; trigrams catch spelling and morphology).
         Buckets come from a mix that separates the kinds of feature (the older hash did not)."""
-        B, n = ok.shape
-        L = n // (3 if self.word_bigrams else 2)
-        kind = (torch.arange(n, device=ok.device) // L).expand(B, n)[ok]  # 0 trigram, 1 word, 2 word pair
-        text = torch.arange(B, device=ok.device).unsqueeze(1).expand(B, n)[ok]
-        h = (raw[ok] + kind * 0x3C6EF372) % MOD
-        h = (h * 0x5BD1E995 % MOD) ^ (h >> 13)
-        buckets = (h * 0x27D4EB2F % MOD) % self.buckets
+        # a multiplication modulo the prime 2**31 - 1 spreads every bit of the value over the low bits that pick the
+        # bucket (the older x * MIX % 2**32 % buckets kept x % buckets for power-of-two buckets: no mixing at all)
+        buckets = (raw + kind * 0x3C6EF372) * 0x5BD1E995 % MOD % self.buckets
         group = text * 3 + kind
         key, tf = torch.unique(group * self.buckets + buckets, return_counts=True)  # sorted: grouped by text
         group, buckets = key // self.buckets, key % self.buckets
@@ -148,7 +174,7 @@ class NgramEncoder(nn.Module):
         if self.word_bigrams:
             share = torch.tensor([1.0 - self.word_share, self.word_share / 2, self.word_share / 2], device=w.device)
         w = w / norm[group].clamp(min=1e-6) * share.sqrt()[group % 3]
-        counts = torch.bincount(group // 3, minlength=B)
+        counts = torch.bincount(group // 3, minlength=B)  # (the unique keys above are sorted: grouped by text)
         return buckets, w, F.pad(counts.cumsum(0)[:-1], (1, 0))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Documents are kept twice: `documents/*.parquet` (ids and texts, for any tool) and `texts.bin`/`ids.bin` with their
 offsets (`*.offsets.npy`), which a search reads a few rows of without Polars. An index is written into a temporary
-folder and renamed into place (`indexing.py`); `meta.json`, written last, records the model's fingerprint (searching
+folder and renamed into place (`build.py`); `meta.json`, written last, records the model's fingerprint (searching
 with another model is refused), the count, the dimension and a checksum of the embeddings.
 
 Reading needs no torch and never needs write access. A writer killed between moving the old index aside and the
@@ -65,6 +65,7 @@ class Index:
     path: Path
     meta: dict
     embeddings: np.ndarray
+    on_device: object = None  # the embeddings copied once to a GPU (``search(..., device="cuda")``)
 
     @property
     def count(self) -> int:
@@ -89,9 +90,12 @@ class Index:
             raise ArtifactError(f"{p}: has no document for row {missing[0]} of the embeddings; rebuild the index")
         return [by_row[r] for r in rows]
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and rows [Q, min(k, count)], best first; exact in NumPy, or FAISS HNSW when built with it."""
+    def search(self, queries: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+        """Scores and rows [Q, min(k, count)], best first; exact in NumPy (or on a GPU, the embeddings copied there
+        once), or FAISS HNSW when built with it."""
         k = min(k, self.count)
+        if device != "cpu" and self.meta.get("backend") != "faiss":
+            return self.search_on(queries, k, device)
         if self.meta.get("backend") == "faiss":
             import faiss
 
@@ -106,6 +110,21 @@ class Index:
         except FloatingPointError as exc:
             raise ArtifactError(f"{self.path / 'embeddings.npy'}: {exc} (NaN or infinity); rebuild the index: "
                                 f"twotower index CORPUS --name {self.path.name}") from None
+
+
+    def search_on(self, queries: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        from twotower_cli.retrieval.topk import exact_topk
+
+        if self.on_device is None:
+            self.on_device = torch.from_numpy(np.ascontiguousarray(self.embeddings)).to(device)
+        s, i = exact_topk(torch.from_numpy(np.asarray(queries, dtype=np.float32)).to(device), self.on_device, k)
+        s, i = s.cpu().numpy(), i.cpu().numpy()
+        if not np.isfinite(s).all():
+            raise ArtifactError(f"{self.path / 'embeddings.npy'}: holds non-finite values (NaN or infinity); "
+                                f"rebuild the index: twotower index CORPUS --name {self.path.name}")
+        return s, i
 
 
 def read_strings(folder: Path, name: str, rows: list[int], offsets=None) -> list[str]:

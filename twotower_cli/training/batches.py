@@ -41,17 +41,25 @@ class TrainingSet:
     def is_positive(self, q_ids: torch.Tensor, d_ids: torch.Tensor) -> torch.Tensor:
         """[len(q_ids), len(d_ids)]: whether the file pairs the query with the document as relevant (span pairs'
         queries, numbered after the file's, never are)."""
-        keys = q_ids.unsqueeze(1) * len(self.documents) + d_ids.unsqueeze(0)
+        keys = q_ids.unsqueeze(1) * self.n_documents + d_ids.unsqueeze(0)
         keys = keys.masked_fill((d_ids < 0).unsqueeze(0), -1)
         return torch.isin(keys, self.pos_keys.to(keys.device))
 
     def is_pair(self, q_ids: torch.Tensor, d_ids: torch.Tensor) -> torch.Tensor:
         """Element by element: whether (q_ids[i], d_ids[i]) is a known positive."""
-        return torch.isin(q_ids * len(self.documents) + d_ids, self.pos_keys.to(q_ids.device)) & (d_ids >= 0)
+        return torch.isin(q_ids * self.n_documents + d_ids, self.pos_keys.to(q_ids.device)) & (d_ids >= 0)
 
     @property
     def n_train(self) -> int:
         return int(self.pos_q.shape[0])
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.queries)
+
+    @property
+    def n_documents(self) -> int:
+        return len(self.documents)
 
     @property
     def n_epoch(self) -> int:
@@ -205,7 +213,7 @@ def make_batch(ts: TrainingSet, idx: torch.Tensor, negs: torch.Tensor, loss: str
     else:  # span pairs: their query ids follow the file's queries, so none is masked as another's positive
         j = (idx - ts.n_train).clamp(min=0)
         k = idx.clamp(max=ts.n_train - 1)
-        qi = torch.where(real, ts.pos_q[k], len(ts.queries) + j)
+        qi = torch.where(real, ts.pos_q[k], ts.n_queries + j)
         di = torch.where(real, ts.pos_d[k], ts.span_d[j])
         q_tokens = torch.empty((idx.shape[0], ts.span_tokens.shape[1]), dtype=ts.span_tokens.dtype,
                                device=ts.span_tokens.device)

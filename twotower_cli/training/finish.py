@@ -42,7 +42,7 @@ def check_not_collapsed(run_dir: Path, out, doc_emb: torch.Tensor | None, n_docs
 def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hooks, val_docs, val_qrels,
                cfg) -> dict:
     """Returns the default search chosen on validation (also stored in run.json)."""
-    from twotower_cli.retrieval.indexing import build_index
+    from twotower_cli.retrieval.build import build_index
     from twotower_cli.training.examples import retrieval_examples
 
     tensors, _ = read_tensors(run_dir / "model.safetensors")

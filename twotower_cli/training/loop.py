@@ -8,6 +8,7 @@ never prints.
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -187,6 +188,16 @@ class Loop:
                          if tcfg.precision == "bf16" and device.type == "cuda" else nullcontext())
         self.log = StepLog(device)
         self.file_negatives = (ts.neg_ptr, ts.neg_doc)
+        self.stores, self.workers = None, 0
+        if not ts.d_tokens.eager:  # on demand: worker processes when a GPU's step is faster than one core tokenises
+            from twotower_cli.training.loader import Stores, worker_count
+
+            self.workers = worker_count(tcfg.loader_workers, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            if self.workers:
+                import tempfile
+
+                self._texts = tempfile.TemporaryDirectory(prefix="twotower-texts-")
+                self.stores = Stores(ts, self._texts.name)
         self.last_checkpoint = time.monotonic()
 
     @property
@@ -204,6 +215,12 @@ class Loop:
         negs = sample_negatives(ts, cfg.seed, epoch).to(self.device)
         self.hooks.epoch_start(epoch, cfg.epochs, self.spe, self.st["step"])
         self.log.start_epoch()
+        if self.stores is not None:  # on demand, in worker processes
+            from twotower_cli.training.loader import worker_batches
+
+            return self.log.timed(worker_batches(self.stores, ts, order, negs, self.st["step"], self.spe,
+                                                 self.global_batch, self.rank, cfg.batch_size, cfg.loss, self.device,
+                                                 self.workers))
         return self.log.timed(epoch_batches(ts, order, negs, self.st["step"], self.spe, self.global_batch, self.rank,
                                             cfg.batch_size, cfg.loss, self.device, prefetch=not ts.d_tokens.eager))
 

@@ -1,0 +1,113 @@
+"""Tokenising on demand in worker processes: a DataLoader whose item is one step's batch (this process's slice),
+made by `make_batch` in a worker from texts read off a `TextStore`, pinned, the next batches prefetched.
+
+One background thread (the default on a CPU, where the cores train) is enough when a step is slow; a GPU step is
+faster than one host core can tokenise (measured on an H200: 0.41 of the up-front rate at batch 1024), so on a GPU
+several workers tokenise ahead. The batches are the same as up front, step for step: the order, the negatives and
+the span pairs are fixed before the workers start.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from twotower_cli.data.text_store import TextStore, write_store
+from twotower_cli.training.batches import make_batch
+
+
+class StoreTable:
+    """Token rows read from a TextStore of prepared texts (cut and lowercased): indexed like `TokenTable`, in a
+    worker, with NumPy only."""
+
+    def __init__(self, store: TextStore, table: np.ndarray, max_len: int):
+        self.store, self.table, self.max_len = store, table, max_len
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        texts = self.store.rows(idx.numpy())
+        joined = "".join(t.ljust(self.max_len, "\0") for t in texts)
+        cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).reshape(len(texts), self.max_len)
+        return torch.from_numpy(self.table[cps])
+
+
+@dataclass
+class BatchSource:
+    """What `make_batch` reads, without Polars objects (a worker gets a copy of this, not of the TrainingSet)."""
+    pos_q: torch.Tensor
+    pos_d: torch.Tensor
+    n_queries: int
+    n_documents: int
+    pos_keys: torch.Tensor
+    span_d: torch.Tensor | None
+    span_tokens: torch.Tensor | None
+    q_tokens: StoreTable
+    d_tokens: StoreTable
+
+    @property
+    def n_train(self) -> int:
+        return int(self.pos_q.shape[0])
+
+    def is_pair(self, q_ids, d_ids):
+        return torch.isin(q_ids * self.n_documents + d_ids, self.pos_keys) & (d_ids >= 0)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item j: (positions, batch) of step ``first + j`` for process ``rank``."""
+
+    def __init__(self, src: BatchSource, order, negs, first, steps, global_batch, rank, batch_size, loss):
+        self.src, self.order, self.negs = src, order.cpu(), negs.cpu()
+        self.first, self.steps, self.global_batch = first, steps, global_batch
+        self.rank, self.batch_size, self.loss = rank, batch_size, loss
+
+    def __len__(self) -> int:
+        return self.steps - self.first
+
+    def __getitem__(self, j: int):
+        start = (self.first + j) * self.global_batch + self.rank * self.batch_size
+        idx = self.order[start:start + self.batch_size]
+        return idx, make_batch(self.src, idx, self.negs, self.loss)
+
+
+class Stores:
+    """The training set's texts written once (prepared for tokenising) to a temporary folder, for the workers."""
+
+    def __init__(self, ts, folder):
+        self.folder = folder
+        q, d = ts.q_tokens, ts.d_tokens
+        self.queries = write_store(q.vocab.prepare_texts(ts.queries, q.max_len), folder, "queries")
+        self.documents = write_store(d.vocab.prepare_texts(ts.documents, d.max_len), folder, "documents")
+
+    def source(self, ts) -> BatchSource:
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        table = ts.q_tokens.vocab.table()
+        return BatchSource(ts.pos_q.cpu(), ts.pos_d.cpu(), ts.n_queries, ts.n_documents, ts.pos_keys.cpu(),
+                           cpu(ts.span_d), cpu(ts.span_tokens), StoreTable(self.queries, table, ts.q_tokens.max_len),
+                           StoreTable(self.documents, table, ts.d_tokens.max_len))
+
+
+def worker_count(setting: int, device: torch.device, local_world: int = 1) -> int:
+    """-1: automatic. None on a CPU (the cores train; one thread prepares the next step); on a GPU a share of the
+    host's cores among the processes of this machine, at most 8."""
+    if setting >= 0:
+        return setting
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // max(1, local_world) - 1))
+
+
+def worker_batches(stores: Stores, ts, order, negs, first, steps, global_batch, rank, batch_size, loss, device,
+                   workers: int):
+    """(positions, batch) per step, tokenised in ``workers`` processes, pinned and moved to ``device``."""
+    data = StepBatches(stores.source(ts), order, negs, first, steps, global_batch, rank, batch_size, loss)
+    pin = device.type == "cuda"
+    loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+                                         pin_memory=pin, prefetch_factor=4, persistent_workers=False,
+                                         multiprocessing_context="fork")
+    for idx, batch in loader:
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        yield move(idx), type(batch)(move(batch.qi), move(batch.di), move(batch.ni), move(batch.q_tokens),
+                                     move(batch.d_tokens))
+
