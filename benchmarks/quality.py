@@ -90,12 +90,21 @@ def tfidf_row(eval_dir: Path) -> dict:
     return {"system": "char-trigram TF-IDF", "metrics": retrieval_metrics(np.concatenate(ranked), ev.qrels)}
 
 
-def measure(name: str, dev: bool, train_args: list[str], keep: Path | None) -> list[dict]:
+def measure(name: str, dev: bool, train_args: list[str], keep: Path | None, reuse: Path | None = None) -> list[dict]:
     from twotower_cli.evaluation.evaluate import evaluate_run
 
     train, eval_dir = folders(name)
     if dev:
         train, eval_dir = dev_split(name, train)
+    if reuse is not None:  # score runs trained earlier (kept with --keep): no training, the stored minutes
+        run = (reuse / name / "latest").resolve()
+        info = json.loads((run / "run.json").read_text())
+        minutes = info.get("train_minutes")
+        rows = evaluate_run(run, eval_dir, baseline="bm25")
+        rows.append(tfidf_row(eval_dir))
+        for r in rows:
+            r.update(corpus=name, minutes=minutes if not r["system"].startswith(("bm25", "char")) else None)
+        return rows
     with tempfile.TemporaryDirectory() as tmp:
         runs = keep / name if keep else Path(tmp)
         runs.mkdir(parents=True, exist_ok=True)
@@ -105,6 +114,8 @@ def measure(name: str, dev: bool, train_args: list[str], keep: Path | None) -> l
                         "--no-report", "--log-level", "warning", *train_args], check=True, cwd=tmp, env=env)
         minutes = (time.perf_counter() - t) / 60
         run = (runs / "latest").resolve()
+        info = json.loads((run / "run.json").read_text())
+        (run / "run.json").write_text(json.dumps({**info, "train_minutes": minutes}, indent=2))  # for --reuse
         rows = evaluate_run(run, eval_dir, baseline="bm25")
         chosen = json.loads((run / "run.json").read_text()).get("search", {})
     rows.append(tfidf_row(eval_dir))
@@ -137,12 +148,13 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="update the table in benchmarks/RESULTS.md")
     ap.add_argument("--keep", type=Path, help="keep the trained runs under this folder")
     ap.add_argument("--jsonl", type=Path, help="append every row as JSON to this file")
+    ap.add_argument("--reuse", type=Path, help="score the runs kept under this folder by an earlier --keep; no training")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     extra = shlex.split(args.train_args)
     rows = []
     for name in args.corpora:
-        got = measure(name, args.dev, extra, args.keep)
+        got = measure(name, args.dev, extra, args.keep, args.reuse)
         rows += got
         print(table(got).split("\n", 2)[2], flush=True)
         if args.jsonl:

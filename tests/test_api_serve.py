@@ -239,3 +239,31 @@ def test_readme_api_example_runs(run, tmp_path):
     os.symlink(run.name, tmp_path / "runs" / "latest")
     out = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_run_saved_by_session_2_code_loads_and_embeds_bit_for_bit(tmp_path, cli):
+    """A run written before the restructuring (tests/data/session2_runs, trained with the code of commit c5264f2):
+    the new code rebuilds its embeddings bit for bit, the NumPy path agrees, and search, evaluate and index work."""
+    import shutil
+
+    import torch
+
+    import twotower_cli
+    from twotower_cli.model.artifacts import load_model
+
+    runs = tmp_path / "runs"
+    shutil.copytree(ROOT / "tests" / "data" / "session2_runs", runs, symlinks=True)
+    run = (runs / "latest").resolve()
+    model, vocab, _ = load_model(run)
+    docs = pl.read_parquet(run / "index/default/documents/*.parquet")["document"]
+    with torch.no_grad():
+        again = model.encode_documents(torch.from_numpy(vocab.encode(docs, model.cfg.max_document_length))).numpy()
+    assert np.array_equal(again, np.load(run / "index/default/embeddings.npy"))
+    api = twotower_cli.load(run)
+    assert api.choice["mode"] == "dense" and api.config.lexical_dim == 0  # what such a run did: the model alone
+    queries = ["gnu c compiler", "", "ümlaut"]
+    with torch.no_grad():
+        ref = model.encode_queries(torch.from_numpy(vocab.encode(pl.Series(queries), model.cfg.max_query_length)))
+    np.testing.assert_allclose(api.encode_queries(queries), ref.numpy(), atol=1e-5)
+    res = cli("search", "gnu compiler", "--runs-dir", runs, "--json", "--mode", "hybrid")
+    assert res.exit_code == 0 and json.loads(res.stdout)["results"][0]["hits"], res.stderr

@@ -68,6 +68,16 @@ def test_bad_environment_names_the_variable(monkeypatch, cli):
     assert res.exit_code == 1 and "TWOTOWER_TRAIN_EPOCHS" in res.stderr and "int" in res.stderr
 
 
+def test_variables_outside_the_settings_sections_are_left_alone(monkeypatch, cli):
+    """CI and other tools use TWOTOWER_* names of their own (TWOTOWER_REQUIRE_CHROMIUM); only a typo inside a
+    known section is an error."""
+    monkeypatch.setenv("TWOTOWER_REQUIRE_CHROMIUM", "1")
+    assert cli("config").exit_code == 0
+    monkeypatch.setenv("TWOTOWER_MODEL_HIDEN_DIM", "3")
+    res = cli("config")
+    assert res.exit_code == 1 and "TWOTOWER_MODEL_HIDEN_DIM" in res.stderr
+
+
 def test_config_command_json_shows_sources_and_masks_secrets(tmp_path, monkeypatch, cli):
     write(tmp_path / "config.toml", "[model]\nembedding_dim = 32\n")
     write(tmp_path / ".env", "WANDB_API_KEY=abcdef0123456789\n")

@@ -252,6 +252,29 @@ def test_readme_examples_run_as_written(tmp_path):
             if "results.json" in args:
                 args = args[: args.index(">")]
             res = twotower(*args, cwd=work)
-            assert res.returncode == 0, (part, res.stderr[-1500:])
+            if "--strict" in args:  # as its comment says: exit 1 on a warning (this sample has queries without a
+                # positive), with the finding as the one error line
+                assert res.returncode == 1 and res.stderr.startswith("error: pairs.tsv: "), res.stderr
+            else:
+                assert res.returncode == 0, (part, res.stderr[-1500:])
             ran += 1
     assert ran >= 12
+
+
+def test_optional_extras_are_checked_before_any_work(cli, tmp_path, monkeypatch):
+    """FAISS missing: said at once, before the run, the corpus or the model are read (BM25 is a core dependency)."""
+    import builtins
+
+    real = builtins.__import__
+
+    def no_faiss(name, *a, **k):
+        if name.split(".")[0] == "faiss":
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    res = cli("index", "does_not_exist.parquet", "--backend", "faiss")  # no run, no file: neither is looked at
+    assert res.exit_code == 2 and "needs faiss-cpu" in res.stderr, res.stderr
+    import importlib.metadata
+
+    assert any(r.startswith("bm25s") for r in importlib.metadata.requires("twotower-cli") if "extra" not in r)

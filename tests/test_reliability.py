@@ -76,8 +76,13 @@ def test_every_bad_input_is_one_clear_line(cli, bad_files, tmp_path, command, mo
         assert json.loads((run / "run.json").read_text())["complete"]
 
 
+# characters this Python's Unicode database knows: Polars may normalise with a newer Unicode than Python's
+# unicodedata, and a character unassigned in the older one (U+1E030 in Unicode 14) would compare unequal
+ASSIGNED = st.characters(exclude_categories=("Cs", "Cn"))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.text(min_size=1).filter(lambda s: s.strip()), st.text(min_size=1),
+@given(st.lists(st.tuples(st.text(ASSIGNED, min_size=1).filter(lambda s: s.strip()), st.text(ASSIGNED, min_size=1),
                           st.sampled_from([0, 1])), min_size=1, max_size=8))
 def test_loader_round_trips_any_unicode(tmp_path, rows):
     path = tmp_path / "p.parquet"
@@ -288,7 +293,11 @@ def test_resume_with_another_number_of_processes_is_refused(tiny_pairs, tmp_path
 
 def test_committed_corpus_is_what_the_script_writes(bad_files):
     committed = Path(__file__).parent / "data" / "bad"
-    names = {p.name for p in committed.iterdir() if p.suffix != ".parquet" and not p.name.startswith(".")}
+    # the files git cannot hold are listed in .gitignore; a local run of the script may have left them here
+    ignored = {line.strip().rstrip("/") for line in (committed / ".gitignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    names = {p.name for p in committed.iterdir()
+             if p.suffix != ".parquet" and not p.name.startswith(".") and p.name not in ignored}
     assert len(names) >= 25
     made = {p.name: p for p, _, _ in bad_files}
     for name in names - {"EXPECTED.json"}:
