@@ -45,7 +45,7 @@ def load(url: str, clients: int, total: int, k: int, mode: str | None) -> tuple[
     per = total // clients
 
     def client(c: int):
-        with httpx.Client(timeout=30) as h:
+        with httpx.Client(timeout=30) as h:  # a default client: one keep-alive connection per client
             for i in range(per):
                 body = {"queries": [QUERIES[(c + i) % len(QUERIES)]], "k": k, "mode": mode}
                 t = time.perf_counter()

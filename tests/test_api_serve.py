@@ -210,7 +210,38 @@ def test_concurrent_requests_are_safe(server):
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert not errors and len(results) == 80 and all(r == want for r in results)
+    assert not errors and len(results) == 80
+    # requests that wait together are searched together: the same hits; a score may differ in its last float bits
+    # (a batch is multiplied by another BLAS kernel than a single query), hence the tolerance on scores only
+    for r in results:
+        assert [h["id"] for h in r["results"][0]["hits"]] == [h["id"] for h in want["results"][0]["hits"]]
+        assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(r["results"][0]["hits"],
+                                                                       want["results"][0]["hits"]))
+
+
+def test_waiting_requests_are_answered_by_one_search(run):
+    """The server's batcher: 32 jobs queued while its worker is busy cost a few model calls, and each job gets
+    its own answer, the same as searching it alone."""
+    import twotower_cli
+    from twotower_cli.serve import Batcher
+
+    model = twotower_cli.load(run)
+    alone = {q: [h.id for h in model.search(q, k=3, mode="dense")[0]] for q in ("text editor", "gnu compiler", "x")}
+    batcher = Batcher(model)
+    busy, gate = threading.Event(), threading.Event()
+    real = model.encode_queries
+    model.encode_queries = lambda texts, **kw: (busy.set(), gate.wait(10), real(texts, **kw))[2]
+    blocker = batcher.submit(("embed", "query"), ["hold the worker"])
+    assert busy.wait(10)  # the worker is inside the first job: what follows waits in the queue
+    futures = [(q, batcher.submit(("search", 3, "dense"), [q])) for q in list(alone) * 10]
+    futures.append(("bad", batcher.submit(("search", 3, "no-such-mode"), ["text editor"])))
+    gate.set()
+    blocker.result(timeout=30)
+    for q, f in futures[:-1]:
+        assert [h.id for h in f.result(timeout=30)[0]] == alone[q]
+    with pytest.raises(Exception, match="no-such-mode"):
+        futures[-1][1].result(timeout=30)
+    assert batcher.calls == 3  # the blocker, the 30 searches together, the bad one
 
 
 def test_serve_without_the_extra_is_one_line(run, monkeypatch, cli):
@@ -267,3 +298,15 @@ def test_a_run_saved_by_session_2_code_loads_and_embeds_bit_for_bit(tmp_path, cl
     np.testing.assert_allclose(api.encode_queries(queries), ref.numpy(), atol=1e-5)
     res = cli("search", "gnu compiler", "--runs-dir", runs, "--json", "--mode", "hybrid")
     assert res.exit_code == 0 and json.loads(res.stdout)["results"][0]["hits"], res.stderr
+
+
+def test_server_connections_send_without_waiting_for_acks():
+    """Connections the server accepts have Nagle off: a keep-alive client otherwise waits 40 ms (the delayed ACK)
+    for the second segment of every response."""
+    from twotower_cli.serve import listening_socket
+
+    with listening_socket("127.0.0.1", 0) as server, socket.create_connection(server.getsockname()) as client:
+        conn, _ = server.accept()
+        with conn:
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        del client

@@ -80,6 +80,7 @@ def test_logs_in_a_file_are_one_line_per_epoch(tmp_path):
     assert "━" not in res.stderr and "\r" not in res.stderr and "\x1b[" not in res.stderr
 
 
+@pytest.mark.slow
 def test_piped_output_is_never_cut(tmp_path):
     data = seed_tsv(tmp_path / "data.tsv", 600)
     assert twotower("train", data, *FAST, cwd=tmp_path).returncode == 0
@@ -146,6 +147,7 @@ def test_no_run_is_the_same_error_everywhere(cli):
         assert res.exit_code == 1 and "no trained run" in res.stderr, (name, res.stderr)
 
 
+@pytest.mark.slow
 def test_a_finished_run_keeps_no_checkpoint_unless_asked_and_reports_its_size(tmp_path):
     data = seed_tsv(tmp_path / "data.tsv", 400)
     res = twotower("train", data, *FAST, cwd=tmp_path)

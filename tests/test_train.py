@@ -120,6 +120,7 @@ def test_shared_table_is_looked_up_once_for_both_towers():
         torch.testing.assert_close(g.to_dense(), twice[name].to_dense(), atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_tokenising_on_demand_trains_the_same_model(tiny_pairs, tmp_path):
     """On demand (what each torchrun process does, with its prefetch thread) gives the same batches as up front."""
     runs = {}
@@ -135,6 +136,7 @@ def test_tokenising_on_demand_trains_the_same_model(tiny_pairs, tmp_path):
         assert runs["upfront", 0].best["val/mrr@10"] == pytest.approx(runs[key].best["val/mrr@10"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_pairs, tmp_path):
     full = run_train(small_cfg(tmp_path / "a", epochs=3), tiny_pairs, Hooks(), lambda: False)
 

@@ -104,3 +104,19 @@ def test_tokens_on_demand_equal_tokens_up_front(texts):
     assert torch.equal(on_demand[idx], upfront[idx]) and torch.equal(on_demand[1:], upfront[1:])
     assert torch.equal(on_demand.subset(idx)[0:len(texts)], upfront.subset(idx)[0:len(texts)])
     assert on_demand.rows_tokenised == 2 * len(texts) - 1 and on_demand.shape == upfront.shape
+
+
+def test_characters_counted_in_slices_equal_one_count_of_the_whole_column():
+    """Vocab.build counts a slice of rows at a time (bounded memory); slices must change nothing."""
+    import numpy as np
+    import polars as pl
+
+    from twotower_cli.data.vocab import codepoint_counts
+
+    texts = pl.Series(["héllo wörld ☃", "", "abc\tdef", "日本語のテキスト", "x" * 50, "😀 emoji", "line\nbreak"] * 3)
+    whole = np.bincount(np.frombuffer("".join(texts.to_list()).encode("utf-32-le"), dtype=np.uint32),
+                        minlength=0x110000)
+    for rows in (1, 2, 5, 8192):
+        assert (codepoint_counts(texts, rows=rows) == whole).all()
+    vocab = Vocab.build([texts], min_freq=1, max_size=100, lowercase=False)
+    assert vocab.chars[0] == "x" and "☃" in vocab.chars and len(vocab.chars) == len(set("".join(texts.to_list())))

@@ -5,15 +5,18 @@
     GET  /health                                                    -> run, model fingerprint, index size
     GET  /docs, /openapi.json                                       -> the OpenAPI description
 
-The model and index are loaded once, before the port opens; requests only read them, so concurrent requests are
-safe (FastAPI runs these handlers in its thread pool). Every limit (body size, queries per request, k, text length)
+The model and index are loaded once, before the port opens. One worker thread does all the numeric work: requests
+that arrive while it is busy are answered together by one search (one pass over the index for all their queries,
+the way a batch is searched), and NumPy never runs in several threads at once. Every limit (body size, queries per request, k, text length)
 is a 4xx with a JSON error; nothing a client sends can make a 500 or stop the server.
 """
 
 # no "from __future__ import annotations": FastAPI reads these annotations at run time (local models)
 
 import json
+import queue
 import socket
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -79,6 +82,67 @@ async def json_response(send, status: int, error: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class Batcher:
+    """One worker thread that runs the model's searches and embeddings; what queued up while it was busy is done
+    as one call per kind of job (same k and mode, or same tower), so 16 waiting clients cost about one search.
+
+    Why: each search is a pass over the whole index (memory-bound). Sixteen handler threads each doing their own
+    pass, each NumPy call itself threaded, made a 2-core machine 7x slower than one search at a time."""
+
+    MAX_QUERIES = 256  # per combined call: bounds the memory of one pass (queries x index chunk)
+
+    def __init__(self, model):
+        self.model = model
+        self.jobs: queue.Queue = queue.Queue()
+        self.calls = 0  # model calls made: fewer than jobs when requests were combined
+        threading.Thread(target=self.work, name="twotower-batcher", daemon=True).start()
+
+    def submit(self, key: tuple, texts: list[str]):
+        """Queue a job; returns a concurrent Future of its answer (one item per text)."""
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        self.jobs.put((key, texts, done))
+        return done
+
+    def work(self) -> None:
+        while True:
+            batch = [self.jobs.get()]
+            n = len(batch[0][1])
+            while n < self.MAX_QUERIES:
+                try:
+                    batch.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+                n += len(batch[-1][1])
+            groups: dict[tuple, list] = {}
+            for job in batch:
+                groups.setdefault(job[0], []).append(job)
+            for key, jobs in groups.items():
+                self.answer(key, jobs)
+
+    def answer(self, key: tuple, jobs: list) -> None:
+        try:
+            out = self.run(key, [t for _, texts, _ in jobs for t in texts])
+        except Exception as exc:
+            if len(jobs) > 1:  # one job's failure must not fail the others: answer each alone
+                for job in jobs:
+                    self.answer(key, [job])
+                return
+            jobs[0][2].set_exception(exc)
+            return
+        start = 0
+        for _, texts, done in jobs:
+            done.set_result(out[start:start + len(texts)])
+            start += len(texts)
+
+    def run(self, key: tuple, texts: list[str]):
+        self.calls += 1
+        if key[0] == "search":
+            return self.model.search(texts, k=key[1], mode=key[2])
+        return self.model.encode_queries(texts) if key[1] == "query" else self.model.encode_documents(texts)
+
+
 def create_app(model):
     """The FastAPI application serving ``model`` (a loaded `TwoTowerModel`)."""
     from fastapi import FastAPI, Request
@@ -129,6 +193,7 @@ def create_app(model):
         dim: int
         embeddings: list[list[float]]
 
+    batcher = Batcher(model)
     app = FastAPI(title="twotower", version=__version__,
                   description=f"Search and embed with the two-tower model of run {model.run_dir.name}.")
 
@@ -158,19 +223,25 @@ def create_app(model):
                 "index": model.index_name, "documents": model.index.count, "dim": model.dim,
                 "search": model.choice.get("mode")}
 
+    async def answer(key: tuple, texts: list[str]):
+        import asyncio
+
+        return await asyncio.wrap_future(batcher.submit(key, texts))
+
     @app.post("/search", response_model=SearchResponse)
-    def search(req: SearchRequest):
+    async def search(req: SearchRequest):
         mode, _ = model.resolve_mode(req.hybrid, req.mode)
-        results = model.search(req.queries, k=req.k, mode=mode)
+        results = await answer(("search", req.k, mode), req.queries)
         return {"mode": mode, "results": [{"query": q, "hits": [h.to_dict() for h in hits]}
                                           for q, hits in zip(req.queries, results)]}
 
     @app.post("/embed", response_model=EmbedResponse)
-    def embed(req: EmbedRequest):
-        e = model.encode_queries(req.texts) if req.kind == "query" else model.encode_documents(req.texts)
+    async def embed(req: EmbedRequest):
+        e = await answer(("embed", req.kind), req.texts)
         return {"dim": int(e.shape[1]), "embeddings": e.tolist()}
 
     app.add_middleware(BodyLimit, limit=MAX_BODY)
+    app.state.batcher = batcher
     return app
 
 
@@ -183,6 +254,23 @@ def check_texts(texts: list[str]) -> list[str]:
     return texts
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound and listening; a port in use is a one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # accepted connections inherit this (Linux): without it a keep-alive client waits for the delayed ACK of the
+    # response's first segment, 40 ms on every request after the first
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+    sock.listen(128)
+    return sock
+
+
 def serve(run_dir: Path, index: str, host: str, port: int, notify=print, device: str = "cpu") -> None:
     """Load the run once, open the port, serve until interrupted."""
     import uvicorn
@@ -192,14 +280,7 @@ def serve(run_dir: Path, index: str, host: str, port: int, notify=print, device:
     model = TwoTowerModel(run_dir, index, device)
     model.search("warm up", k=1)  # load the index, the weights (and BM25) before the first request
     app = create_app(model)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
-    sock.listen(128)
+    sock = listening_socket(host, port)
     bound = sock.getsockname()[1]
     notify(f"serving run {model.run_dir.name} (index {model.index_name}, {model.index.count:,} documents) on "
            f"http://{host}:{bound}  (API docs: http://{host}:{bound}/docs; Ctrl-C stops)")

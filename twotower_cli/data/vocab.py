@@ -42,8 +42,7 @@ class Vocab:
         """Count characters of Polars string Series; keep those seen ``min_freq`` times, most frequent first."""
         counts = np.zeros(MAX_CODEPOINT + 1, dtype=np.int64)
         for s in columns:
-            cps = codepoints_flat(prepare(s, lowercase))
-            counts += np.bincount(cps, minlength=MAX_CODEPOINT + 1)
+            counts += codepoint_counts(prepare(s, lowercase))
         counts[0] = 0  # NUL never becomes a vocabulary entry (it is the padding value internally)
         seen = np.flatnonzero(counts >= max(min_freq, 1))
         order = seen[np.lexsort((seen, -counts[seen]))][: max(max_size - 2, 0)]
@@ -97,13 +96,15 @@ class Vocab:
 
     def unknown_rate(self, series) -> tuple[float, list[tuple[str, int]]]:
         """Share of characters (untruncated) that map to the unknown id, and the most frequent of them."""
-        cps = codepoints_flat(prepare(series, self.lowercase))
-        if cps.size == 0:
+        counts = codepoint_counts(prepare(series, self.lowercase))
+        total = int(counts.sum())
+        if total == 0:
             return 0.0, []
-        unknown = cps[self._table[cps] < 2]  # known = an id of its own (>= 2); NUL (padding) counts as unknown
-        values, n = np.unique(unknown, return_counts=True)
-        top = sorted(zip(values.tolist(), n.tolist()), key=lambda x: (-x[1], x[0]))[:20]
-        return unknown.size / cps.size, [(chr(c), k) for c, k in top]
+        # known = an id of its own (>= 2); NUL (padding) counts as unknown
+        unknown = np.where(self._table[: counts.size] < 2, counts, 0)
+        values = np.flatnonzero(unknown)
+        top = sorted(zip(values.tolist(), unknown[values].tolist()), key=lambda x: (-x[1], x[0]))[:20]
+        return int(unknown.sum()) / total, [(chr(c), k) for c, k in top]
 
     # -- saving -----------------------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -144,9 +145,14 @@ def prepare(series, lowercase: bool):
     return s.str.to_lowercase() if lowercase else s
 
 
-def codepoints_flat(series) -> np.ndarray:
-    text = "".join(series.to_list())
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+def codepoint_counts(series, rows: int = 8192) -> np.ndarray:
+    """How often each code point occurs in a string Series, [MAX_CODEPOINT + 1] int64. Counted a slice of rows at
+    a time: the whole column as one string, then as 8-byte code points, took 3.5 GB for 225k Debian pairs."""
+    counts = np.zeros(MAX_CODEPOINT + 1, dtype=np.int64)
+    for start in range(0, len(series), rows):
+        text = "".join(series.slice(start, rows).to_list())
+        counts += np.bincount(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), minlength=counts.size)
+    return counts
 
 
 def codepoints_padded(series, max_len: int) -> np.ndarray:
