@@ -164,7 +164,7 @@ def test_server_answers_like_the_cli(server, run, cli):
     assert health["model_fingerprint"] == fingerprint(run) and health["documents"] > 0 and health["status"] == "ok"
     body = httpx.post(server + "/search", json={"queries": ["GNU C compiler"], "k": 4, "hybrid": None}).json()
     res = cli("search", "GNU C compiler", "--run", run.name, "--runs-dir", run.parent, "-k", "4", "--json")
-    assert body["results"][0]["hits"] == json.loads(res.stdout)["results"][0]["hits"]
+    assert body == json.loads(res.stdout)  # the same document, field for field
     emb = httpx.post(server + "/embed", json={"texts": ["a", "b c"]}).json()
     assert emb["dim"] == len(emb["embeddings"][0]) and len(emb["embeddings"]) == 2
     assert httpx.get(server + "/docs").status_code == 200
@@ -180,15 +180,52 @@ def test_server_answers_like_the_cli(server, run, cli):
     ({"k": 3}, 422),
     ({"queries": ["x"], "mode": "magic"}, 422),
     ({"queries": ["y" * 2_000_000]}, 413),
+    ({"queries": ["abc\ud800"]}, 422),  # a lone surrogate: valid JSON, not valid Unicode
+    ({"queries": ["x"], "top_k": 3}, 422),  # an unknown field is named, not ignored
+    ({"queries": ["x"], "k": True}, 422),
+    ({"queries": ["x"], "k": "3"}, 422),
+    ({"queries": ["x"], "hybrid": "yes"}, 422),
+    ({"queries": ["x"], "mode": "dense", "hybrid": True}, 422),
+    ({"queries": ["x"] * 20, "k": 1000}, 422),  # 20,000 hits: over the per-request bound
 ])
 def test_bad_requests_are_4xx_json_and_the_server_stays_up(server, body, status):
     import httpx
 
-    r = httpx.post(server + "/search", json=body, timeout=30)
+    # json.dumps escapes a lone surrogate as \\ud800 (valid JSON); httpx's json= would fail to encode it
+    r = httpx.post(server + "/search", content=json.dumps(body), headers={"content-type": "application/json"},
+                   timeout=30)
     assert r.status_code == status and "error" in r.json(), r.text
     r = httpx.post(server + "/search", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "JSON" in r.json()["error"]
     assert httpx.get(server + "/health").status_code == 200
+
+
+def test_every_http_edge_is_json(server):
+    """Answers that come from outside the handlers are JSON too, with the status that says what happened."""
+    import httpx
+
+    r = httpx.post(server + "/embed", content=json.dumps({"texts": ["ok", "bad \udfff"], "kind": "document"}),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "texts" in r.json()["error"] and "surrogate" in r.json()["error"]
+    r = httpx.post(server + "/search", json={"queries": ["x"], "top_k": 3})
+    assert "top_k" in r.json()["error"] and "queries" in r.json()["error"]
+    r = httpx.post(server + "/search", content=b"", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "empty" in r.json()["error"]
+    chunks = (b'{"queries": ["' + b"y" * 65536 for _ in range(20))  # a chunked body over 1 MiB: no length
+    r = httpx.post(server + "/search", content=chunks, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "over" in r.json()["error"]
+    r = httpx.get(server + "/health/")
+    assert r.status_code == 404 and "error" in r.json()  # no redirect to /health
+    assert httpx.head(server + "/health").status_code == 200
+    assert httpx.get(server + "/health").status_code == 200
+
+
+def test_api_turns_a_lone_surrogate_into_the_replacement_character(run):
+    import twotower_cli
+
+    model = twotower_cli.load(run)
+    assert model.search("gnu \ud800 compiler", k=2)[0]  # no UnicodeEncodeError
+    assert (model.encode_queries(["a\udfffb"]) == model.encode_queries(["a\ufffdb"])).all()
 
 
 def test_concurrent_requests_are_safe(server):
@@ -242,6 +279,17 @@ def test_waiting_requests_are_answered_by_one_search(run):
     with pytest.raises(Exception, match="no-such-mode"):
         futures[-1][1].result(timeout=30)
     assert batcher.calls == 3  # the blocker, the 30 searches together, the bad one
+
+    # a request given up while waiting (its client went away) is skipped, and the worker goes on
+    gate.clear()
+    busy.clear()
+    blocker = batcher.submit(("embed", "query"), ["hold the worker"])
+    assert busy.wait(10)
+    gone = batcher.submit(("search", 3, "dense"), ["text editor"])
+    assert gone.cancel()
+    gate.set()
+    blocker.result(timeout=30)
+    assert [h.id for h in batcher.submit(("search", 3, "dense"), ["x"]).result(timeout=30)[0]] == alone["x"]
 
 
 def test_serve_without_the_extra_is_one_line(run, monkeypatch, cli):

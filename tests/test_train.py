@@ -121,13 +121,23 @@ def test_shared_table_is_looked_up_once_for_both_towers():
 
 
 @pytest.mark.slow
-def test_tokenising_on_demand_trains_the_same_model(tiny_pairs, tmp_path):
-    """On demand (what each torchrun process does, with its prefetch thread) gives the same batches as up front."""
+def test_tokenising_on_demand_trains_the_same_model(tiny_pairs, tmp_path, monkeypatch):
+    """On demand (what each torchrun process does, with its prefetch thread) gives the same batches as up front;
+    worker processes start once and serve every epoch."""
+    loaders = []
+
+    class Counted(torch.utils.data.DataLoader):
+        def __init__(self, *a, **kw):
+            loaders.append(kw.get("num_workers"))
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Counted)
     runs = {}
     for mode, workers in (("upfront", 0), ("on-demand", 0), ("on-demand", 2)):  # 2: worker processes (GPU default)
         cfg = small_cfg(tmp_path / f"{mode}{workers}", epochs=2, loader_workers=workers).with_overrides(
             {("data", "tokenize"): mode})
         runs[mode, workers] = run_train(cfg, tiny_pairs, Hooks(), lambda: False)
+    assert loaders == [2]  # one loader of 2 workers for both epochs
     a, _, _ = load_model(runs["upfront", 0].run_dir)
     for key in (("on-demand", 0), ("on-demand", 2)):
         b, _, _ = load_model(runs[key].run_dir)

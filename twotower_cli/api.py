@@ -51,6 +51,18 @@ def find_run(run: str | Path, runs_dir: str | Path = "runs") -> Path:
     return resolve_run(runs_dir, None if str(run) in ("latest", "") else str(run))
 
 
+def clean(text) -> str:
+    """What files get when read: NFKC. A lone surrogate (possible in a Python str, never in a file) becomes
+    U+FFFD, as an undecodable byte does."""
+    text = unicodedata.normalize("NFKC", str(text))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
+
+
 def load(run: str | Path = "runs/latest", index: str = "default", device: str = "cpu",
          runs_dir: str | Path = "runs") -> "TwoTowerModel":
     """Load a trained run (its model and the named index) for encoding and search."""
@@ -119,7 +131,7 @@ class TwoTowerModel:
     def _encode(self, texts: Sequence[str], side: str, batch_size: int) -> np.ndarray:
         if isinstance(texts, str):
             raise UsageError("give a list of texts (a single string would be read as characters)")
-        texts = [unicodedata.normalize("NFKC", str(t)) for t in texts]
+        texts = [clean(t) for t in texts]
         max_len = self.config.max_query_length if side == "query" else self.config.max_document_length
         parts = []
         for s in range(0, len(texts), max(1, batch_size)):
@@ -205,7 +217,7 @@ class TwoTowerModel:
             queries = [queries]
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise UsageError(f"k must be a positive integer, got {k!r}")
-        queries = [unicodedata.normalize("NFKC", str(q)) for q in queries]
+        queries = [clean(q) for q in queries]
         mode, weight = self.resolve_mode(hybrid, mode)
         scores, rows = self.rank(queries, k, mode, weight)
         wanted = sorted({r for rr in rows for r in rr if r >= 0})
@@ -222,7 +234,7 @@ class TwoTowerModel:
 
         from twotower_cli.retrieval.build import build_index
 
-        docs = pl.Series("document", [unicodedata.normalize("NFKC", str(d)) for d in documents], dtype=pl.String)
+        docs = pl.Series("document", [clean(d) for d in documents], dtype=pl.String)
         if ids is not None and len(ids) != len(docs):
             raise UsageError(f"{len(ids)} ids for {len(docs)} documents")
         path = build_index(self.run_dir, self.torch_model(), self.vocab,

@@ -26,6 +26,7 @@ MAX_BODY = 1 << 20  # bytes of a request body
 MAX_TEXTS = 256  # queries (or texts) per request
 MAX_K = 1000
 MAX_CHARS = 10_000  # characters of one query or text
+MAX_HITS = 10_000  # queries x k of one request: bounds a response (full documents) to a few MB
 
 
 def check_installed() -> None:
@@ -52,19 +53,25 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await json_response(send, 413, f"request body over {self.limit:,} bytes")
-        received, started = 0, False
+        received, started, over = 0, False, False
 
         async def limited():
-            nonlocal received
+            nonlocal received, over
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > self.limit:  # a chunked body has no length to check up front
+                    over = True
                     raise TooLarge
             return message
 
         async def watch(message):
             nonlocal started
+            if over:  # the app answered a body it could not finish reading (FastAPI: a 400): say why instead
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await json_response(send, 413, f"request body over {self.limit:,} bytes")
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
@@ -115,6 +122,9 @@ class Batcher:
                 except queue.Empty:
                     break
                 n += len(batch[-1][1])
+            # a request whose client went away was cancelled: skip it; the rest can no longer be cancelled, so
+            # answering them cannot fail (an answer to a cancelled future would raise and end this thread)
+            batch = [job for job in batch if job[2].set_running_or_notify_cancel()]
             groups: dict[tuple, list] = {}
             for job in batch:
                 groups.setdefault(job[0], []).append(job)
@@ -147,14 +157,17 @@ def create_app(model):
     """The FastAPI application serving ``model`` (a loaded `TwoTowerModel`)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, Field, field_validator
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
     from twotower_cli import __version__
     from twotower_cli.errors import ArtifactError, TwotowerError
 
     class SearchRequest(BaseModel):
+        # strict: "k": true or "hybrid": "yes" are mistakes, not 1 and True; an unknown field ("top_k") is named
+        model_config = ConfigDict(strict=True, extra="forbid")
         queries: list[str] = Field(min_length=1, max_length=MAX_TEXTS, description="The queries.")
         k: int = Field(10, ge=1, le=MAX_K, description="Results per query.")
         hybrid: bool | None = Field(None, description="null: the run's default search; true: BM25 + model; "
@@ -166,7 +179,17 @@ def create_app(model):
         def texts_ok(cls, v):
             return check_texts(v)
 
+        @model_validator(mode="after")
+        def consistent(self):
+            if self.mode is not None and self.hybrid is not None:
+                raise ValueError("give mode or hybrid, not both")
+            if len(self.queries) * self.k > MAX_HITS:
+                raise ValueError(f"{len(self.queries)} queries x k {self.k} asks for more than {MAX_HITS:,} hits; "
+                                 "send fewer queries per request or a smaller k")
+            return self
+
     class EmbedRequest(BaseModel):
+        model_config = ConfigDict(strict=True, extra="forbid")
         texts: list[str] = Field(min_length=1, max_length=MAX_TEXTS)
         kind: Literal["query", "document"] = "query"
 
@@ -185,8 +208,12 @@ def create_app(model):
         query: str
         hits: list[Hit]
 
-    class SearchResponse(BaseModel):
+    class SearchResponse(BaseModel):  # what `twotower search --json` prints
+        run: str
+        index: str
+        top_k: int
         mode: str
+        hybrid_weight: float | None
         results: list[Result]
 
     class EmbedResponse(BaseModel):
@@ -194,14 +221,19 @@ def create_app(model):
         embeddings: list[list[float]]
 
     batcher = Batcher(model)
-    app = FastAPI(title="twotower", version=__version__,
+    app = FastAPI(title="twotower", version=__version__, redirect_slashes=False,
                   description=f"Search and embed with the two-tower model of run {model.run_dir.name}.")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        msg = first.get("msg", "invalid request")
+        msg = first.get("msg", "invalid request").removeprefix("Value error, ")
+        if first.get("type") == "missing" and not where:
+            msg = 'the body is empty; send a JSON object, for example {"queries": ["text"], "k": 10}'
+        elif first.get("type") == "extra_forbidden":
+            msg = "unknown field; the fields are: " + ", ".join(
+                (SearchRequest if request.url.path == "/search" else EmbedRequest).model_fields)
         if first.get("type") in ("model_attributes_type", "json_invalid", "dict_type") or "JSON" in msg:
             msg = (f"the body must be a JSON object sent with Content-Type: application/json ({msg}); "
                    'for example {"queries": ["text"], "k": 10}')
@@ -217,27 +249,44 @@ def create_app(model):
         return JSONResponse({"error": str(exc)}, status_code=400 if isinstance(exc, UsageError) else 503
                             if isinstance(exc, ArtifactError) else 500)
 
-    @app.get("/health")
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):  # a bug: still JSON, and the server goes on
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server goes on"}, status_code=500)
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
     def health() -> dict:
         return {"status": "ok", "run": model.run_dir.name, "model_fingerprint": model.fingerprint,
                 "index": model.index_name, "documents": model.index.count, "dim": model.dim,
                 "search": model.choice.get("mode")}
 
-    async def answer(key: tuple, texts: list[str]):
+    async def answer(request: Request, key: tuple, texts: list[str]):
+        """The batcher's answer; given up (and skipped by the batcher) if the client goes away while it waits:
+        uvicorn does not cancel a handler whose client left, and abandoned work would delay everyone after it."""
         import asyncio
 
-        return await asyncio.wrap_future(batcher.submit(key, texts))
+        job = batcher.submit(key, texts)
+        waiting = asyncio.wrap_future(job)
+        while not (await asyncio.wait({waiting}, timeout=0.25))[0]:
+            if await request.is_disconnected():
+                job.cancel()
+                raise HTTPException(499, "the client went away")
+        return waiting.result()
+
+    def json_bytes(obj) -> Response:  # built in a worker thread: a large answer must not stall the event loop
+        return Response(json.dumps(obj, ensure_ascii=False).encode(), media_type="application/json")
 
     @app.post("/search", response_model=SearchResponse)
-    async def search(req: SearchRequest):
-        mode, _ = model.resolve_mode(req.hybrid, req.mode)
-        results = await answer(("search", req.k, mode), req.queries)
-        return {"mode": mode, "results": [{"query": q, "hits": [h.to_dict() for h in hits]}
-                                          for q, hits in zip(req.queries, results)]}
+    async def search(req: SearchRequest, request: Request):
+        mode, weight = model.resolve_mode(req.hybrid, req.mode)
+        results = await answer(request, ("search", req.k, mode), req.queries)
+        body = {"run": model.run_dir.name, "index": model.index_name, "top_k": req.k, "mode": mode,
+                "hybrid_weight": weight if mode == "hybrid" else None,
+                "results": [{"query": q, "hits": [h.to_dict() for h in hits]} for q, hits in zip(req.queries, results)]}
+        return await run_in_threadpool(json_bytes, body)
 
     @app.post("/embed", response_model=EmbedResponse)
-    async def embed(req: EmbedRequest):
-        e = await answer(("embed", req.kind), req.texts)
+    async def embed(req: EmbedRequest, request: Request):
+        e = await answer(request, ("embed", req.kind), req.texts)
         return {"dim": int(e.shape[1]), "embeddings": e.tolist()}
 
     app.add_middleware(BodyLimit, limit=MAX_BODY)
@@ -249,6 +298,12 @@ def check_texts(texts: list[str]) -> list[str]:
     for i, t in enumerate(texts):
         if not t.strip():
             raise ValueError(f"text {i + 1} is empty")
+        if not t.isascii():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as exc:  # JSON can carry a lone surrogate ("\ud800"); Unicode text cannot
+                raise ValueError(f"text {i + 1} holds a lone surrogate (U+{ord(t[exc.start]):04X} at character "
+                                 f"{exc.start + 1}); send valid Unicode") from None
         if len(t) > MAX_CHARS:
             raise ValueError(f"text {i + 1} has {len(t):,} characters; at most {MAX_CHARS:,}")
     return texts

@@ -55,18 +55,28 @@ class BatchSource:
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item j: (positions, batch) of step ``first + j`` for process ``rank``."""
+    """Item j: (positions, batch) of step ``first + j`` for process ``rank``. The epoch's order, negatives and
+    first step live in shared memory, so one set of worker processes serves every epoch: `next_epoch` rewrites
+    them between epochs, when no worker is reading."""
 
-    def __init__(self, src: BatchSource, order, negs, first, steps, global_batch, rank, batch_size, loss):
-        self.src, self.order, self.negs = src, order.cpu(), negs.cpu()
-        self.first, self.steps, self.global_batch = first, steps, global_batch
+    def __init__(self, src: BatchSource, n_order: int, steps, global_batch, rank, batch_size, loss):
+        self.src = src
+        self.order = torch.zeros(n_order, dtype=torch.long).share_memory_()
+        self.negs = torch.zeros(src.n_train, dtype=torch.long).share_memory_()
+        self.first = torch.zeros(1, dtype=torch.long).share_memory_()
+        self.steps, self.global_batch = steps, global_batch
         self.rank, self.batch_size, self.loss = rank, batch_size, loss
 
+    def next_epoch(self, order: torch.Tensor, negs: torch.Tensor, first: int) -> None:
+        self.order.copy_(order.cpu())
+        self.negs.copy_(negs.cpu())
+        self.first.fill_(first)
+
     def __len__(self) -> int:
-        return self.steps - self.first
+        return self.steps - int(self.first)
 
     def __getitem__(self, j: int):
-        start = (self.first + j) * self.global_batch + self.rank * self.batch_size
+        start = (int(self.first) + j) * self.global_batch + self.rank * self.batch_size
         idx = self.order[start:start + self.batch_size]
         return idx, make_batch(self.src, idx, self.negs, self.loss)
 
@@ -98,16 +108,26 @@ def worker_count(setting: int, device: torch.device, local_world: int = 1) -> in
     return max(1, min(8, (os.cpu_count() or 2) // max(1, local_world) - 1))
 
 
-def worker_batches(stores: Stores, ts, order, negs, first, steps, global_batch, rank, batch_size, loss, device,
-                   workers: int):
-    """(positions, batch) per step, tokenised in ``workers`` processes, pinned and moved to ``device``."""
-    data = StepBatches(stores.source(ts), order, negs, first, steps, global_batch, rank, batch_size, loss)
-    pin = device.type == "cuda"
-    loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
-                                         pin_memory=pin, prefetch_factor=4, persistent_workers=False,
-                                         multiprocessing_context="fork")
-    for idx, batch in loader:
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        yield move(idx), type(batch)(move(batch.qi), move(batch.di), move(batch.ni), move(batch.q_tokens),
-                                     move(batch.d_tokens))
+class WorkerBatches:
+    """(positions, batch) per step, tokenised in ``workers`` processes, pinned and moved to ``device``.
 
+    The workers start once and live across epochs (a fork of 8 per epoch cost about an epoch of the Debian set on
+    an H200). Span pairs change the training set itself every epoch: with them, workers start anew each epoch."""
+
+    def __init__(self, stores: Stores, ts, steps, global_batch, rank, batch_size, loss, device, workers: int):
+        self.stores, self.ts, self.device = stores, ts, device
+        self.args = (steps, global_batch, rank, batch_size, loss)
+        self.workers = workers
+        self.loader = None
+
+    def epoch(self, order: torch.Tensor, negs: torch.Tensor, first: int):
+        if self.loader is None or self.ts.span_d is not None:
+            data = StepBatches(self.stores.source(self.ts), len(order), *self.args)
+            self.loader = torch.utils.data.DataLoader(
+                data, batch_size=None, shuffle=False, num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                prefetch_factor=4, persistent_workers=True, multiprocessing_context="fork")
+        self.loader.dataset.next_epoch(order, negs, first)
+        move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        for idx, batch in self.loader:
+            yield move(idx), type(batch)(move(batch.qi), move(batch.di), move(batch.ni), move(batch.q_tokens),
+                                         move(batch.d_tokens))

@@ -188,16 +188,17 @@ class Loop:
                          if tcfg.precision == "bf16" and device.type == "cuda" else nullcontext())
         self.log = StepLog(device)
         self.file_negatives = (ts.neg_ptr, ts.neg_doc)
-        self.stores, self.workers = None, 0
+        self.worker_batches = None
         if not ts.d_tokens.eager:  # on demand: worker processes when a GPU's step is faster than one core tokenises
-            from twotower_cli.training.loader import Stores, worker_count
+            from twotower_cli.training.loader import Stores, WorkerBatches, worker_count
 
-            self.workers = worker_count(tcfg.loader_workers, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-            if self.workers:
+            workers = worker_count(tcfg.loader_workers, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            if workers:
                 import tempfile
 
                 self._texts = tempfile.TemporaryDirectory(prefix="twotower-texts-")
-                self.stores = Stores(ts, self._texts.name)
+                self.worker_batches = WorkerBatches(Stores(ts, self._texts.name), ts, self.spe, self.global_batch,
+                                                    self.rank, tcfg.batch_size, tcfg.loss, device, workers)
         self.last_checkpoint = time.monotonic()
 
     @property
@@ -215,12 +216,8 @@ class Loop:
         negs = sample_negatives(ts, cfg.seed, epoch).to(self.device)
         self.hooks.epoch_start(epoch, cfg.epochs, self.spe, self.st["step"])
         self.log.start_epoch()
-        if self.stores is not None:  # on demand, in worker processes
-            from twotower_cli.training.loader import worker_batches
-
-            return self.log.timed(worker_batches(self.stores, ts, order, negs, self.st["step"], self.spe,
-                                                 self.global_batch, self.rank, cfg.batch_size, cfg.loss, self.device,
-                                                 self.workers))
+        if self.worker_batches is not None:  # on demand, in worker processes that live across epochs
+            return self.log.timed(self.worker_batches.epoch(order, negs, self.st["step"]))
         return self.log.timed(epoch_batches(ts, order, negs, self.st["step"], self.spe, self.global_batch, self.rank,
                                             cfg.batch_size, cfg.loss, self.device, prefetch=not ts.d_tokens.eager))
 
