@@ -167,6 +167,11 @@ def test_server_answers_like_the_cli(server, run, cli):
     assert body == json.loads(res.stdout)  # the same document, field for field
     emb = httpx.post(server + "/embed", json={"texts": ["a", "b c"]}).json()
     assert emb["dim"] == len(emb["embeddings"][0]) and len(emb["embeddings"]) == 2
+    import numpy as np
+
+    import twotower_cli
+
+    assert np.allclose(emb["embeddings"], twotower_cli.load(run).encode_queries(["a", "b c"]), atol=1e-6, rtol=0)
     assert httpx.get(server + "/docs").status_code == 200
     assert "/search" in httpx.get(server + "/openapi.json").json()["paths"]
 

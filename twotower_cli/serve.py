@@ -287,7 +287,7 @@ def create_app(model):
     @app.post("/embed", response_model=EmbedResponse)
     async def embed(req: EmbedRequest, request: Request):
         e = await answer(request, ("embed", req.kind), req.texts)
-        return {"dim": int(e.shape[1]), "embeddings": e.tolist()}
+        return await run_in_threadpool(lambda: json_bytes({"dim": int(e.shape[1]), "embeddings": e.tolist()}))
 
     app.add_middleware(BodyLimit, limit=MAX_BODY)
     app.state.batcher = batcher
