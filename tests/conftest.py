@@ -45,14 +45,19 @@ def sample_df() -> pl.DataFrame:
     return pl.read_parquet(SAMPLE)
 
 
-@pytest.fixture
-def tiny_pairs(tmp_path, sample_df) -> Path:
-    """600 positive pairs (plus their negatives) of real Debian text."""
-    pos = sample_df.filter(pl.col("label") == 1).head(600)
-    neg = sample_df.filter((pl.col("label") == 0) & pl.col("query").is_in(pos["query"].implode()))
-    path = tmp_path / "tiny.parquet"
+def sample_pairs(path: Path, positives: int) -> Path:
+    """The first ``positives`` positive pairs of the shipped sample, plus their queries' negatives, as Parquet."""
+    df = pl.read_parquet(SAMPLE)
+    pos = df.filter(pl.col("label") == 1).head(positives)
+    neg = df.filter((pl.col("label") == 0) & pl.col("query").is_in(pos["query"].implode()))
     pl.concat([pos, neg]).write_parquet(path)
     return path
+
+
+@pytest.fixture
+def tiny_pairs(tmp_path) -> Path:
+    """600 positive pairs (plus their negatives) of real Debian text."""
+    return sample_pairs(tmp_path / "tiny.parquet", 600)
 
 
 def write(path: Path, text: str | bytes) -> Path:

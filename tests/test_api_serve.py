@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import ROOT, SAMPLE, sample_pairs
 
 TEXTS = ["", " ", "a", "GNU C compiler", "İstanbul ﬁne straße", "日本語のテキスト", "x" * 500, "tab\there\nnewline",
          "nul\x00byte", "émoji 🙂 and ümlauts"]
@@ -26,10 +26,7 @@ TEXTS = ["", " ", "a", "GNU C compiler", "İstanbul ﬁne straße", "日本語�
 def run(tmp_path_factory) -> Path:
     """One small run with the default model (its lexical half and idf included), trained once for the module."""
     folder = tmp_path_factory.mktemp("api")
-    df = pl.read_parquet(SAMPLE)
-    pos = df.filter(pl.col("label") == 1).head(500)
-    pl.concat([pos, df.filter((pl.col("label") == 0) & pl.col("query").is_in(pos["query"].implode()))]).write_parquet(
-        folder / "pairs.parquet")
+    sample_pairs(folder / "pairs.parquet", 500)
     env = {**os.environ, "TWOTOWER_MODEL_NGRAM_BUCKETS": "16384", "TWOTOWER_MODEL_HIDDEN_DIM": "32",
            "TWOTOWER_MODEL_EMBEDDING_DIM": "16"}
     res = subprocess.run([sys.executable, "-m", "twotower_cli", "train", "pairs.parquet", "--epochs", "2",

@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 import torch
 
-from tests.conftest import SAMPLE, write
+from tests.conftest import SAMPLE, sample_pairs, write
 
 ENV = {"TWOTOWER_MODEL_NGRAM_BUCKETS": "8192", "TWOTOWER_MODEL_HIDDEN_DIM": "32", "TWOTOWER_MODEL_EMBEDDING_DIM": "16",
        "TWOTOWER_MODEL_LEXICAL_DIM": "64", "TWOTOWER_DATA_MAX_DOCUMENT_LENGTH": "128"}
@@ -26,10 +26,7 @@ ENV = {"TWOTOWER_MODEL_NGRAM_BUCKETS": "8192", "TWOTOWER_MODEL_HIDDEN_DIM": "32"
 def trained(tmp_path_factory) -> Path:
     """A runs folder with one small complete run (copied by tests that damage it)."""
     folder = tmp_path_factory.mktemp("g")
-    df = pl.read_parquet(SAMPLE)
-    pos = df.filter(pl.col("label") == 1).head(400)
-    pl.concat([pos, df.filter((pl.col("label") == 0) & pl.col("query").is_in(pos["query"].implode()))]).write_parquet(
-        folder / "pairs.parquet")
+    sample_pairs(folder / "pairs.parquet", 400)
     res = subprocess.run([sys.executable, "-m", "twotower_cli", "train", "pairs.parquet", "--epochs", "2",
                           "--no-report"], cwd=folder, env={**os.environ, **ENV}, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -7,8 +7,9 @@
 
 The model and index are loaded once, before the port opens. One worker thread does all the numeric work: requests
 that arrive while it is busy are answered together by one search (one pass over the index for all their queries,
-the way a batch is searched), and NumPy never runs in several threads at once. Every limit (body size, queries per request, k, text length)
-is a 4xx with a JSON error; nothing a client sends can make a 500 or stop the server.
+the way a batch is searched), and NumPy never runs in several threads at once. Every limit (body size, queries
+per request, k, hits, text length) is a 4xx with a JSON error; nothing a client sends can make a 500 or stop the
+server.
 """
 
 # no "from __future__ import annotations": FastAPI reads these annotations at run time (local models)
@@ -234,7 +235,7 @@ def create_app(model):
         elif first.get("type") == "extra_forbidden":
             msg = "unknown field; the fields are: " + ", ".join(
                 (SearchRequest if request.url.path == "/search" else EmbedRequest).model_fields)
-        if first.get("type") in ("model_attributes_type", "json_invalid", "dict_type") or "JSON" in msg:
+        elif first.get("type") in ("model_attributes_type", "json_invalid", "dict_type") or "JSON" in msg:
             msg = (f"the body must be a JSON object sent with Content-Type: application/json ({msg}); "
                    'for example {"queries": ["text"], "k": 10}')
             where = ""

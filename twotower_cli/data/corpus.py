@@ -6,7 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
-from twotower_cli.data.pairs import as_text, check_file, first_line, read_table, read_text, read_tsv
+from twotower_cli.data.pairs import as_text, check_file, first_line, read_lines, read_table, read_text, read_tsv
 from twotower_cli.errors import DataError
 
 
@@ -27,13 +27,7 @@ def document_column(names: list[str], document_col: str, id_col: str | None, p: 
 def read_tsv_table(p: Path, header_names: tuple[str, ...]) -> tuple[pl.DataFrame, bool]:
     """A TSV corpus or query file: with a header when its first line names one of ``header_names``; without one,
     one text a line, or the seed's pairs layout (query<TAB>document[<TAB>label]). Returns (frame, has header)."""
-    text = read_text(p)
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if not lines:
-        raise DataError(f"{p}: file is empty")
-    first = [f.strip('"') for f in lines[0].split("\t")]
+    text, lines, first = read_lines(p, "\t")
     header = any(name in first for name in header_names)
     if not header and all("\t" not in ln for ln in lines):
         return pl.DataFrame({"text": lines}), False

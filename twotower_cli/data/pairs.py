@@ -77,15 +77,21 @@ def read_text(p: Path) -> str:
     return text.replace("\r\n", "\n")
 
 
-def read_delimited(p: Path, sep: str, wanted: list[str]) -> tuple[pl.DataFrame, int]:
-    """Read TSV/CSV; a header is detected from the wanted column names. Returns (frame, line offset)."""
+def read_lines(p: Path, sep: str, empty_hint: str = "") -> tuple[str, list[str], list[str]]:
+    """A delimited file's text, its lines (less a final empty one) and its first line's fields, unquoted; an
+    empty file is an error (``empty_hint`` says what was expected)."""
     text = read_text(p)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if not lines:
-        raise DataError(f"{p}: file is empty; expected rows of query{sep!r}document{sep!r}label")
-    first = [f.strip('"') for f in lines[0].split(sep)]
+        raise DataError(f"{p}: file is empty{empty_hint}")
+    return text, lines, [f.strip('"') for f in lines[0].split(sep)]
+
+
+def read_delimited(p: Path, sep: str, wanted: list[str]) -> tuple[pl.DataFrame, int]:
+    """Read TSV/CSV; a header is detected from the wanted column names. Returns (frame, line offset)."""
+    text, lines, first = read_lines(p, sep, f"; expected rows of query{sep!r}document{sep!r}label")
     has_header = wanted[0] in first and wanted[1] in first
     if has_header:
         dup = sorted({c for c in first if first.count(c) > 1})

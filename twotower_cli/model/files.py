@@ -47,14 +47,19 @@ def read_config(run_dir: Path) -> dict:
     return cfg
 
 
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header and its length in bytes; ValueError when it cannot be one."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if not 0 < n < 100_000_000:
+            raise ValueError("bad header length")
+        return json.loads(fh.read(n)), n
+
+
 def header_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file, reading its header only (not the tensors)."""
     try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if not 0 < n < 100_000_000:
-                raise ValueError("bad header length")
-            header = json.loads(fh.read(n))
+        header, _ = read_header(path)
         meta = header.get("__metadata__") or {}
         if not isinstance(meta, dict):
             raise ValueError("bad metadata")
@@ -80,11 +85,7 @@ def mapped_tensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as a read-only array mapped from the file (no copy, nothing decoded)."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if not 0 < n < 100_000_000:
-                raise ValueError("bad header length")
-            header = json.loads(fh.read(n))
+        header, n = read_header(path)
         size = path.stat().st_size
         out = {}
         for name, info in header.items():

@@ -4,7 +4,7 @@ made by `make_batch` in a worker from texts read off a `TextStore`, pinned, the 
 One background thread (the default on a CPU, where the cores train) is enough when a step is slow; a GPU step is
 faster than one host core can tokenise (measured on an H200: 0.41 of the up-front rate at batch 1024), so on a GPU
 several workers tokenise ahead. The batches are the same as up front, step for step: the order, the negatives and
-the span pairs are fixed before the workers start.
+the span pairs of an epoch are fixed before it starts.
 """
 
 from __future__ import annotations
@@ -111,8 +111,9 @@ def worker_count(setting: int, device: torch.device, local_world: int = 1) -> in
 class WorkerBatches:
     """(positions, batch) per step, tokenised in ``workers`` processes, pinned and moved to ``device``.
 
-    The workers start once and live across epochs (a fork of 8 per epoch cost about an epoch of the Debian set on
-    an H200). Span pairs change the training set itself every epoch: with them, workers start anew each epoch."""
+    The workers start once and live across epochs (no epoch pays for forking them; on an H200 the rate did not
+    change: tokenising, not starting, is the limit). Span pairs change the training set itself every epoch: with
+    them, workers start anew each epoch."""
 
     def __init__(self, stores: Stores, ts, steps, global_batch, rank, batch_size, loss, device, workers: int):
         self.stores, self.ts, self.device = stores, ts, device

@@ -213,13 +213,14 @@ class Loop:
                                self.file_negatives, self.ddp)
         span_pairs(ts, ts.q_tokens.vocab, ts.q_tokens.max_len, cfg.span_pairs, cfg.seed, epoch)
         order = epoch_order(ts.n_epoch, cfg.seed, epoch)
-        negs = sample_negatives(ts, cfg.seed, epoch).to(self.device)
+        negs = sample_negatives(ts, cfg.seed, epoch)  # on the CPU: worker processes read it from shared memory
         self.hooks.epoch_start(epoch, cfg.epochs, self.spe, self.st["step"])
         self.log.start_epoch()
         if self.worker_batches is not None:  # on demand, in worker processes that live across epochs
             return self.log.timed(self.worker_batches.epoch(order, negs, self.st["step"]))
-        return self.log.timed(epoch_batches(ts, order, negs, self.st["step"], self.spe, self.global_batch, self.rank,
-                                            cfg.batch_size, cfg.loss, self.device, prefetch=not ts.d_tokens.eager))
+        return self.log.timed(epoch_batches(ts, order, negs.to(self.device), self.st["step"], self.spe,
+                                            self.global_batch, self.rank, cfg.batch_size, cfg.loss, self.device,
+                                            prefetch=not ts.d_tokens.eager))
 
     def train_step(self, idx: torch.Tensor, batch: Batch, epoch: int, i: int) -> dict:
         """One optimiser step on one batch; returns the record that progress and the logs show."""
