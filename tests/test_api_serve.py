@@ -61,6 +61,59 @@ def test_numpy_and_torch_embeddings_agree(run):
         np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=side)
 
 
+def test_exact_lexical_rows_numpy_and_torch_agree(run):
+    import torch
+
+    import twotower_cli
+    from twotower_cli.model.artifacts import load_model
+    from twotower_cli.model.encode import lexical_rows
+
+    api = twotower_cli.load(run)
+    assert api.config.lexical_exact  # the default model
+    model, vocab, _ = load_model(run)
+    texts = random_texts()
+    for side, max_len in (("query", api.config.max_query_length), ("document", api.config.max_document_length)):
+        ids = vocab.encode(pl.Series(texts).str.normalize("NFKC"), max_len)
+        ref = lexical_rows(model, torch.from_numpy(ids), side, "cpu")
+        got = api._numpy_towers().lexical_rows(ids, side)
+        np.testing.assert_array_equal(got.indptr, ref.indptr)
+        np.testing.assert_array_equal(got.buckets, ref.buckets)
+        np.testing.assert_allclose(got.weights, ref.weights, atol=1e-6, rtol=0, err_msg=side)
+
+
+def test_search_scores_are_the_learned_half_plus_the_exact_lexical_half(run):
+    """Brute force over every document, sparse vectors as Python dicts: what the index's re-scoring must give."""
+    import twotower_cli
+    from twotower_cli.retrieval.bm25 import read_all_documents
+
+    api = twotower_cli.load(run)
+    index, cfg = api.index, api.config
+    assert index.lexical is not None and index.count <= 1000  # every row is re-scored: the result is exact
+    docs = read_all_documents(index)
+    towers = api._numpy_towers()
+
+    def dicts(texts, side):
+        max_len = cfg.max_query_length if side == "query" else cfg.max_document_length
+        r = towers.lexical_rows(api.vocab.encode_list(texts, max_len), side)
+        return [dict(zip(r.buckets[a:b].tolist(), r.weights[a:b].tolist()))
+                for a, b in zip(r.indptr[:-1], r.indptr[1:])]
+
+    d_vecs = dicts(docs, "document")
+    emb = np.asarray(index.embeddings)
+    queries = ["GNU C compiler", "text editor", "python library for images", "zzqx"]
+    hashed_gap = 0.0
+    for q, qv, qe in zip(queries, dicts(queries, "query"), api.encode_queries(queries)):
+        learned = emb[:, cfg.lexical_dim:] @ qe[cfg.lexical_dim:]
+        exact = np.array([sum(w * d.get(b, 0.0) for b, w in qv.items()) for d in d_vecs])
+        brute = learned + exact
+        order = np.lexsort((np.arange(len(brute)), -brute))[:10]
+        hits = api.search(q, k=10, mode="dense")[0]
+        assert [int(h.id) for h in hits] == order.tolist(), q
+        np.testing.assert_allclose([h.score for h in hits], brute[order], atol=1e-5)
+        hashed_gap = max(hashed_gap, float(np.abs(emb @ qe - brute).max()))
+    assert hashed_gap > 1e-3  # the sketch alone would have scored differently
+
+
 def test_api_search_is_what_the_cli_prints(run, cli):
     import twotower_cli
 

@@ -182,3 +182,41 @@ def test_sigterm_stops_every_process_with_a_checkpoint_and_torchrun_resumes(tiny
     assert json.loads((run / "run.json").read_text())["complete"] is True
     epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines() if "epoch/loss" in x]
     assert epochs == list(range(1, 31))  # every epoch once, across the stop
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun is not installed")
+def test_torchrun_index_is_the_index_one_process_builds(tiny_pairs, tmp_path):
+    """Chunks of 7 rows dealt to 2 processes (a repeated document in chunks of both ranks), rank 0 assembling:
+    the same rows, texts, ids, embeddings and exact lexical rows as `twotower index` in one process."""
+    import numpy as np
+    import polars as pl
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "TWOTOWER_MODEL_NGRAM_BUCKETS": "4096", "OMP_NUM_THREADS": "1"}
+    train = subprocess.run([sys.executable, "-m", "twotower_cli", "train", str(tiny_pairs), "--epochs", "1",
+                            "--embedding-dim", "16", "--hidden-dim", "32", "--max-document-length", "64",
+                            "--no-report", "--device", "cpu", "--runs-dir", str(tmp_path / "runs")],
+                           capture_output=True, text=True, env=env)
+    assert train.returncode == 0, train.stderr[-3000:]
+    docs = pl.read_parquet(tiny_pairs)["document"].unique(maintain_order=True).head(40).to_list()
+    docs = docs + docs[3:5] + ["a document only once"] + docs[10:12]  # repeats in chunks that rank 1 embeds
+    corpus = tmp_path / "corpus.parquet"
+    pl.DataFrame({"id": [f"d{i}" for i in range(len(docs))], "document": docs}).write_parquet(corpus)
+    args = ["-m", "twotower_cli", "index", str(corpus), "--id-col", "id", "--chunk-rows", "7", "--device", "cpu",
+            "--runs-dir", str(tmp_path / "runs")]
+    one = subprocess.run([sys.executable, *args, "--name", "one"], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", *args, "--name", "two"], capture_output=True,
+                         text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "with 2 processes" in two.stderr
+    base = (tmp_path / "runs" / "latest").resolve() / "index"
+    a, b = base / "one", base / "two"
+    assert not [p.name for p in base.iterdir() if ".shards-" in p.name]  # no shard folder left behind
+    meta_a, meta_b = (json.loads((p / "meta.json").read_text()) for p in (a, b))
+    assert meta_a["count"] == meta_b["count"] == 41 and meta_a["lexical"]["nnz"] == meta_b["lexical"]["nnz"]
+    for name in ("texts.bin", "ids.bin", "texts.offsets.npy", "lexical.indptr.npy", "lexical.buckets.npy"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    for name in ("embeddings.npy", "lexical.weights.npy"):
+        np.testing.assert_allclose(np.load(a / name), np.load(b / name), atol=1e-6, err_msg=name)

@@ -468,7 +468,7 @@ def test_index_dedup_compares_texts_not_only_hashes(tmp_path, monkeypatch):
 
     vocab = Vocab.build([pl.Series(["abc"])], 1, 10)
     chunks = [(pl.Series(["alpha", "beta", "alpha"]), None), (pl.Series(["beta", "gamma"]), None)]
-    n, _, _ = write_folder(tmp_path / "ix", Tiny(), vocab, chunks, "cpu", "float32", 8, None, None)
+    n, _, _, _ = write_folder(tmp_path / "ix", Tiny(), vocab, chunks, "cpu", "float32", 8, None, None)
     assert n == 3  # alpha, beta, gamma: hash collisions kept apart, true copies dropped
     assert TwoTowerModel  # the API reads such an index like any other
 

@@ -134,16 +134,19 @@ def test_index_command_and_stale_index(cli, trained, tmp_path, tiny_pairs):
     new_model = cli("train", tiny_pairs, *SMALL, "--runs-dir", trained, "--seed", "99")
     assert new_model.exit_code == 0
     new = (trained / "latest").resolve()
-    (old / "model.safetensors").write_bytes((new / "model.safetensors").read_bytes())
+    for name in ("model.safetensors", "config.json"):  # the other model, whole (its weights match its config)
+        (old / name).write_bytes((new / name).read_bytes())
     res = cli("search", "vim", "--index", "mine", "--run", old.name, "--runs-dir", trained)
     assert res.exit_code == 1 and "another model" in res.stderr
 
 
-def test_corrupt_index_names_the_file(cli, trained):
-    emb = (trained / "latest").resolve() / "index/default/embeddings.npy"
-    emb.write_bytes(emb.read_bytes()[: 200])
+@pytest.mark.parametrize("name", ["embeddings.npy", "lexical.weights.npy", "lexical.indptr.npy"])
+def test_corrupt_index_names_the_file(cli, trained, name):
+    path = (trained / "latest").resolve() / "index/default" / name
+    path.write_bytes(path.read_bytes()[: 200])
     res = cli("search", "vim", "--runs-dir", trained)
-    assert res.exit_code == 1 and "embeddings.npy" in res.stderr
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert (name in res.stderr or "lexical rows" in res.stderr) and "rebuild" in res.stderr, res.stderr
 
 
 def make_eval(tmp_path, sample_df, layout):

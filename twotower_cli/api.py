@@ -151,6 +151,17 @@ class TwoTowerModel:
             self._verified.check()
         return out
 
+    def query_lexical(self, texts: Sequence[str]):
+        """The queries' exact lexical rows (`retrieval.lexical.SparseRows`), for an index that re-scores with them."""
+        ids = self.vocab.encode_list([clean(t) for t in texts], self.config.max_query_length)
+        if self.uses_numpy():
+            return self._numpy_towers().lexical_rows(ids, "query")
+        import torch
+
+        from twotower_cli.model.encode import lexical_rows
+
+        return lexical_rows(self.torch_model(), torch.from_numpy(ids), "query", self.device)
+
     def encode_queries(self, texts: Sequence[str], batch_size: int = 1024) -> np.ndarray:
         """Query embeddings, float32 [len(texts), dim]."""
         return self._encode(texts, "query", batch_size)
@@ -196,7 +207,9 @@ class TwoTowerModel:
             s, i = self.bm25().search(queries, k)
             return s.tolist(), i.tolist()
         qe = self.encode_queries(queries)
-        ds, di = self.index.search(qe, max(k, CANDIDATES) if mode == "hybrid" else k, self.device)
+        index = self.index
+        rows = self.query_lexical(queries) if index.lexical is not None else None
+        ds, di = index.search(qe, max(k, CANDIDATES) if mode == "hybrid" else k, self.device, rows)
         if not np.isfinite(ds[di >= 0]).all():
             raise ArtifactError(f"{self.index.path / 'embeddings.npy'}: holds non-finite values (NaN or "
                                 "infinity); rebuild the index: twotower index CORPUS --name " + self.index_name)

@@ -72,6 +72,7 @@ def index_command(
     dtype: Annotated[str, Opt("--dtype", metavar="float32|float16", help="Precision of the stored embeddings.")] = "float32",
     backend: Annotated[str, Opt("--backend", metavar="exact|faiss", help="Exact search, or FAISS HNSW (approximate).")] = "exact",
     device: DeviceOpt = "auto",
+    chunk_rows: Annotated[int, Opt("--chunk-rows", metavar="N", min=1, help="Documents read and embedded at a time (memory holds one chunk); under torchrun the chunks are dealt to the processes in turn.")] = 65536,
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -89,7 +90,12 @@ def index_command(
     if backend == "faiss":
         faiss_available()
     cfg, run_dir = run_of(runs_dir, run, config)
-    total, chunks = corpus_chunks(corpus, document_col or cfg.data.document_col, id_col)
+    total, chunks = corpus_chunks(corpus, document_col or cfg.data.document_col, id_col, chunk_rows)
+    from twotower_cli.training.distributed import launched
+
+    if launched():  # torchrun: every process embeds its share of the chunks, rank 0 writes the index
+        return index_sharded(corpus, cfg, run_dir, name, document_col, id_col, chunk_rows, dtype, backend, device,
+                             total)
     dev = str(resolve(device))
     model = TwoTowerModel(run_dir, name, dev)
     progress, update = bar(f"indexing {corpus.name}", total)
@@ -102,6 +108,34 @@ def index_command(
 
     meta = read_json(path / "meta.json")
     note(f"indexed {meta['count']:,} documents ({meta['dim']}-d {meta['dtype']}, {backend}) into {path}")
+
+
+def index_sharded(corpus, cfg, run_dir, name, document_col, id_col, chunk_rows, dtype, backend, device, total):
+    from contextlib import nullcontext
+
+    from twotower_cli.api import TwoTowerModel
+    from twotower_cli.data.corpus import corpus_chunks
+    from twotower_cli.retrieval.sharded import build_sharded
+    from twotower_cli.runs import read_json
+    from twotower_cli.training.distributed import setup
+
+    d = setup(device)
+    try:
+        model = TwoTowerModel(run_dir, name, str(d.device))
+        progress, update = bar(f"indexing {corpus.name} ({d.world} processes)", total)
+        with progress if d.main else nullcontext():
+            path = build_sharded(run_dir, model.torch_model(), model.vocab,
+                                 lambda: corpus_chunks(corpus, document_col or cfg.data.document_col, id_col,
+                                                       chunk_rows)[1],
+                                 name, d, dtype=dtype, backend=backend, progress=update, total=total,
+                                 batch_size=8192 if d.device.type == "cuda" else 2048)
+        if d.main:
+            model.after_indexing(name)
+            meta = read_json(path / "meta.json")
+            note(f"indexed {meta['count']:,} documents ({meta['dim']}-d {meta['dtype']}, {backend}) into {path} "
+                 f"with {d.world} processes")
+    finally:
+        d.close()
 
 
 def snippet(text: str, query: str, width: int | None = 160):

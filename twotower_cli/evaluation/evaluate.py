@@ -11,8 +11,9 @@ import torch
 from twotower_cli.evaluation.eval_sets import load_eval
 from twotower_cli.evaluation.metrics import retrieval_metrics
 from twotower_cli.model.artifacts import load_model
-from twotower_cli.model.encode import embed_tokens
+from twotower_cli.model.encode import embed_tokens, lexical_rows
 from twotower_cli.retrieval.hybrid import CANDIDATES, fuse
+from twotower_cli.retrieval.lexical import search_tokens
 from twotower_cli.retrieval.topk import exact_topk
 
 K = 100
@@ -58,11 +59,12 @@ def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, mod
     n = d_tokens.shape[0]
     de = embed_tokens(model.encode_documents, d_tokens, device, batch_size=8192 if device != "cpu" else 2048,
                       progress=(lambda done: progress(done, n)) if progress else None)
+    d_rows = lexical_rows(model, d_tokens, "document", device) if cfg.lexical_exact else None  # (part of the index)
     t0 = time.perf_counter()  # query time: tokenise, embed, search (the corpus is indexed beforehand)
     q_tokens = torch.from_numpy(vocab.encode(ev.queries, cfg.max_query_length))
     qe = embed_tokens(model.encode_queries, q_tokens, device)
-    ds, di = exact_topk(qe, de, max(K, CANDIDATES))  # on the device when it is a GPU: the corpus fits there
-    ds, di = ds.cpu(), di.cpu()
+    # exact top-k on the device when it is a GPU (the corpus fits there); re-scored with the exact lexical half
+    ds, di = search_tokens(model, qe, de, q_tokens, lambda: d_rows, max(K, CANDIDATES), device)
     dense_time = time.perf_counter() - t0
     rows = [row(f"two-tower ({run_dir.name})", di[:, :K].numpy(), ev, dense_time)]
     rows[0]["default"] = choice["mode"] == "dense"

@@ -38,6 +38,9 @@ class ModelConfig:
     # lexical half of a document: its unit vector times (words / mean words)^length_power. 0 is the cosine, which
     # penalises long documents much more than BM25 does (measured: 0.25 helps definitions and manuals).
     length_power: float = 0.0
+    # search re-scores the best rows with the exact, sparse lexical half (`retrieval/lexical.py`) instead of its
+    # hashed sketch alone; the index stores the documents' sparse rows. False for older models.
+    lexical_exact: bool = False
 
     @property
     def output_dim(self) -> int:

@@ -14,3 +14,26 @@ def embed_tokens(encode, tokens: torch.Tensor, device, batch_size: int = 2048, p
         if progress:
             progress(min(s + batch_size, tokens.shape[0]))
     return torch.cat(parts) if parts else torch.zeros(0, 1, device=device)
+
+
+@torch.no_grad()
+def lexical_rows(model, tokens, side: str, device, batch_size: int = 2048):
+    """The exact lexical half of token rows (a `SparseRows`, weighted as in the embedding): the sparse TF-IDF
+    vectors that `model.towers.lexical` sketches, for models with ``lexical_exact``."""
+    import math
+
+    from twotower_cli.model.sparse_rows import SparseRows
+
+    tower = model.query_tower if side == "query" else model.document_tower
+    cfg, parts = model.cfg, []
+    for s in range(0, tokens.shape[0], batch_size):
+        ids = tokens[s:s + batch_size].to(device)
+        hashes, weights, offsets = tower.features(ids)
+        counts = torch.diff(offsets, append=torch.tensor([hashes.numel()], device=offsets.device))
+        text = torch.repeat_interleave(torch.arange(ids.shape[0], device=ids.device), counts)
+        scale = None
+        if side == "document" and cfg.length_power:
+            scale = (tower.word_counts(ids).clamp(min=1.0) / tower.mean_words).pow(cfg.length_power).cpu().numpy()
+        parts.append(SparseRows.from_features(hashes.cpu().numpy(), weights.float().cpu().numpy(),
+                                              text.cpu().numpy(), ids.shape[0], scale, math.sqrt(cfg.lexical_weight)))
+    return SparseRows.concat(parts)

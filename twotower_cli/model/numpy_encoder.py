@@ -84,6 +84,17 @@ class NumpyTowers:
         w = w / np.maximum(norm[group], 1e-6) * np.sqrt(shares)[group % 3]
         return buckets, w.astype(np.float32), group // 3, words
 
+    def lexical_rows(self, ids: np.ndarray, side: str):
+        """The exact lexical half (`retrieval.lexical.SparseRows`), as `encode.lexical_rows` computes it."""
+        from twotower_cli.model.sparse_rows import SparseRows
+
+        buckets, w, text, words = self.features(ids)
+        cfg = self.cfg
+        scale = None
+        if side == "document" and cfg.length_power:
+            scale = (np.maximum(words, 1) / self.mean_words) ** cfg.length_power
+        return SparseRows.from_features(buckets, w, text, ids.shape[0], scale, math.sqrt(cfg.lexical_weight))
+
     # -- the towers --------------------------------------------------------------------------------------------------
     def encode(self, ids: np.ndarray, side: str) -> np.ndarray:
         """Embeddings [B, output_dim] (float32) of token rows ``ids`` for ``side`` "query" or "document"."""

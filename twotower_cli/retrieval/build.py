@@ -20,6 +20,7 @@ import polars as pl
 import torch
 
 from twotower_cli.errors import TrainingError, UsageError
+from twotower_cli.model.encode import lexical_rows
 from twotower_cli.model.files import fingerprint
 from twotower_cli.retrieval.index import INDEX_FORMAT, index_dir, lock_path, read_strings, recover
 from twotower_cli.runs import Lock, atomic_write_json, check_free_space, disk_full, remove_stale
@@ -57,8 +58,11 @@ class Strings:
 
 @torch.no_grad()
 def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", device="cpu", dtype: str = "float32",
-                backend: str = "exact", batch_size: int = 2048, progress=None, total: int | None = None) -> Path:
-    """Embed ``chunks`` (an iterable of (documents Series, ids list or None)) into ``index/<name>/``."""
+                backend: str = "exact", batch_size: int = 2048, progress=None, total: int | None = None,
+                precomputed=None) -> Path:
+    """Embed ``chunks`` (an iterable of (documents Series, ids list or None)) into ``index/<name>/``.
+    ``precomputed(i)``: the embeddings and lexical rows of every row of chunk ``i``, computed elsewhere (by the
+    processes of a sharded build, `sharded.py`); what is stored is the same as when computed here."""
     if dtype not in ("float32", "float16"):
         raise UsageError(f"--dtype {dtype!r}: use float32 or float16")
     final = index_dir(run_dir, name)
@@ -69,10 +73,13 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
         tmp = final.parent / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            n, dim, digest = write_folder(tmp, model, vocab, chunks, device, dtype, batch_size, progress, total)
+            n, dim, digest, nnz = write_folder(tmp, model, vocab, chunks, device, dtype, batch_size, progress, total,
+                                               precomputed)
             meta = {"format_version": INDEX_FORMAT, "model_fingerprint": fingerprint(run_dir), "dim": dim,
                     "count": n, "dtype": dtype, "backend": backend, "sha256": digest,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if nnz is not None:
+                meta["lexical"] = {"dim": model.cfg.lexical_dim, "buckets": model.cfg.ngram_buckets, "nnz": nnz}
             if backend == "faiss":
                 meta["faiss"] = build_faiss(tmp, n, dim)
             atomic_write_json(tmp / "meta.json", meta)
@@ -89,7 +96,8 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
     return final
 
 
-def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size: int, progress, total):
+def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size: int, progress, total,
+                 precomputed=None):
     (tmp / "documents").mkdir(parents=True)
     dim, max_len = model.cfg.output_dim, model.cfg.max_document_length
     if total:
@@ -100,13 +108,16 @@ def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size
     was = model.training
     model.eval()
     texts, ids_out = Strings(tmp, "texts"), Strings(tmp, "ids")
+    lexical = LexicalWriter(tmp) if getattr(model.cfg, "lexical_exact", False) else None
     with open(tmp / "embeddings.npy", "wb") as raw:
         raw.write(b"\0" * HEADER)
         for part, (docs, ids) in enumerate(chunks):
             docs = docs.fill_null("").cast(pl.String)
             ids = ids if ids is not None else [str(offset + i) for i in range(len(docs))]
             offset += len(docs)
-            frame = pl.DataFrame({"id": pl.Series(ids, dtype=pl.String), "document": docs})
+            frame = pl.DataFrame({"id": pl.Series(ids, dtype=pl.String), "document": docs,
+                                  "row": np.arange(len(docs), dtype=np.int64)})
+            pre = precomputed(part) if precomputed is not None else None
             frame = frame.filter(pl.col("document").is_first_distinct())  # exact texts, not hashes
             h = frame["document"].hash(seed=0).to_numpy()
             repeat = np.isin(h, seen_h)
@@ -120,15 +131,18 @@ def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size
                     same[i] = docs_now[i] in earlier
                 frame, h = frame.filter(pl.Series(~same)), h[~same]
             for s in range(0, frame.height, batch_size):
-                chunk = frame["document"].slice(s, batch_size)
-                tokens = torch.from_numpy(vocab.encode(chunk, max_len)).to(device)
-                emb = model.encode_documents(tokens).float()
-                if not bool(torch.isfinite(emb).all()):
-                    raise TrainingError(f"the model gives non-finite embeddings (NaN or infinity) for documents "
-                                        f"{n + s + 1}..{n + s + len(chunk)}; its weights are damaged: retrain")
-                data = emb.cpu().numpy().astype(dtype).tobytes()
+                if pre is not None:  # rows of the chunk as read (the kept ones), computed by a sharded build
+                    keep = frame["row"].slice(s, batch_size).to_numpy()
+                    emb, rows = pre[0][keep], pre[1].take(keep) if lexical is not None else None
+                else:
+                    emb, rows = embed_batch(model, vocab, frame["document"].slice(s, batch_size), max_len, device,
+                                            lexical is not None, n + s)
+                data = emb.astype(dtype).tobytes()
                 digest.update(data)
                 raw.write(data)
+                if lexical is not None:
+                    lexical.add(rows)
+            frame = frame.drop("row")
             frame.write_parquet(tmp / "documents" / f"part-{part:05d}.parquet")
             texts.add(frame["document"].to_list())
             ids_out.add(frame["id"].to_list())
@@ -147,7 +161,46 @@ def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size
     texts.close()
     ids_out.close()
     model.train(was)
-    return n, dim, digest.hexdigest()
+    return n, dim, digest.hexdigest(), lexical.close() if lexical is not None else None
+
+
+def embed_batch(model, vocab, docs, max_len: int, device, lexical: bool, first: int = 0):
+    """Embeddings (float32 NumPy) and, with ``lexical``, the exact lexical rows of a Series of documents."""
+    tokens = torch.from_numpy(vocab.encode(docs, max_len)).to(device)
+    emb = model.encode_documents(tokens).float()
+    if not bool(torch.isfinite(emb).all()):
+        raise TrainingError(f"the model gives non-finite embeddings (NaN or infinity) for documents "
+                            f"{first + 1}..{first + len(docs)}; its weights are damaged: retrain")
+    return emb.cpu().numpy(), lexical_rows(model, tokens, "document", device) if lexical else None
+
+
+class LexicalWriter:
+    """The documents' exact lexical rows, appended batch by batch to `lexical.buckets.npy` and
+    `lexical.weights.npy` (headers written last, as for the embeddings); the row offsets are kept in memory."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files = {name: open(folder / f"lexical.{name}.npy", "wb") for name in ("buckets", "weights")}
+        for fh in self.files.values():
+            fh.write(b"\0" * HEADER)
+        self.indptr = [np.zeros(1, dtype=np.int64)]
+        self.nnz = 0
+
+    def add(self, rows) -> None:
+        self.files["buckets"].write(np.ascontiguousarray(rows.buckets, dtype=np.int32).tobytes())
+        self.files["weights"].write(np.ascontiguousarray(rows.weights, dtype=np.float32).tobytes())
+        self.indptr.append(rows.indptr[1:] + self.nnz)
+        self.nnz += int(rows.indptr[-1])
+
+    def close(self) -> int:
+        for name, fh in self.files.items():
+            fh.seek(0)
+            fh.write(npy_header((self.nnz,), "int32" if name == "buckets" else "float32"))
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+        np.save(self.folder / "lexical.indptr.npy", np.concatenate(self.indptr))
+        return self.nnz
 
 
 def build_faiss(folder: Path, n: int, dim: int) -> dict:

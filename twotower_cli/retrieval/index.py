@@ -66,6 +66,7 @@ class Index:
     meta: dict
     embeddings: np.ndarray
     on_device: object = None  # the embeddings copied once to a GPU (``search(..., device="cuda")``)
+    lexical: object = None  # the documents' exact lexical rows (`lexical.SparseRows`), for models that have them
 
     @property
     def count(self) -> int:
@@ -90,9 +91,22 @@ class Index:
             raise ArtifactError(f"{p}: has no document for row {missing[0]} of the embeddings; rebuild the index")
         return [by_row[r] for r in rows]
 
-    def search(self, queries: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, device: str = "cpu",
+               query_rows=None) -> tuple[np.ndarray, np.ndarray]:
         """Scores and rows [Q, min(k, count)], best first; exact in NumPy (or on a GPU, the embeddings copied there
-        once), or FAISS HNSW when built with it."""
+        once), or FAISS HNSW when built with it. With the queries' exact lexical rows (``query_rows``) and an index
+        that has the documents', the best ``RERANK`` rows are re-scored with them (`lexical.rescore`)."""
+        k = min(k, self.count)
+        if query_rows is not None and self.lexical is not None:
+            from twotower_cli.retrieval.lexical import RERANK, rescore
+
+            _, rows = self.dense_search(queries, max(k, RERANK), device)
+            lex = self.meta["lexical"]
+            return rescore(queries, query_rows, self.embeddings, self.lexical, rows, int(lex["dim"]), k,
+                           int(lex["buckets"]))
+        return self.dense_search(queries, k, device)
+
+    def dense_search(self, queries: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.count)
         if device != "cpu" and self.meta.get("backend") != "faiss":
             return self.search_on(queries, k, device)
@@ -174,7 +188,21 @@ def load_index(run_dir: Path, name: str = "default", check_model: bool = True) -
     if meta.get("backend") == "faiss" and not (folder / "faiss.index").is_file():
         raise ArtifactError(f"{folder / 'faiss.index'}: missing, but meta.json says the index uses FAISS; "
                             "rebuild the index")
-    return Index(folder, meta, emb)
+    return Index(folder, meta, emb, lexical=load_lexical(folder, meta))
+
+
+def load_lexical(folder: Path, meta: dict):
+    if "lexical" not in meta:
+        return None
+    from twotower_cli.model.sparse_rows import SparseRows
+
+    try:
+        return SparseRows.load(folder, int(meta["count"]))
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{exc.filename}: missing, but meta.json says the index has exact lexical rows; "
+                            "rebuild the index") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise ArtifactError(f"{folder}: the exact lexical rows are damaged ({exc}); rebuild the index") from None
 
 
 def check_documents(folder: Path, meta: dict) -> None:

@@ -13,6 +13,7 @@ from twotower_cli.evaluation.metrics import retrieval_metrics
 from twotower_cli.model.encode import embed_tokens
 from twotower_cli.retrieval.bm25 import save_bm25
 from twotower_cli.retrieval.hybrid import WEIGHTS, fused, fusion_candidates
+from twotower_cli.retrieval.lexical import search_tokens
 from twotower_cli.retrieval.topk import exact_topk
 
 
@@ -46,16 +47,44 @@ def choose_lexical_weight(model, ts, device, val_docs, val_qrels, chunk: int = 2
     qrels = ts.val_qrels if val_docs is None else val_qrels
     de = embed_tokens(model.encode_documents, corpus, device)
     qe = embed_tokens(model.encode_queries, ts.q_tokens[ts.val_q], device)
-    halves = [(qe[:, :n_lex] / math.sqrt(w0), de[:, :n_lex] / math.sqrt(w0)),
-              (qe[:, n_lex:] / math.sqrt(1 - w0), de[:, n_lex:] / math.sqrt(1 - w0))]
-    ranked = {w: [] for w in WEIGHTS}
-    for s in range(0, qe.shape[0], chunk):
-        lex, learned = ((q[s:s + chunk] @ d.T) for q, d in halves)
-        for w in WEIGHTS:
-            ranked[w].append(torch.topk(w * lex + (1 - w) * learned, min(10, de.shape[0]), dim=1).indices.cpu())
+    if model.cfg.lexical_exact:  # the lexical half as search scores it: exact, on the sketch's best rows
+        ranked = exact_halves(model, qe, de, ts.q_tokens[ts.val_q], corpus, device, chunk)
+    else:
+        halves = [(qe[:, :n_lex] / math.sqrt(w0), de[:, :n_lex] / math.sqrt(w0)),
+                  (qe[:, n_lex:] / math.sqrt(1 - w0), de[:, n_lex:] / math.sqrt(1 - w0))]
+        ranked = {w: [] for w in WEIGHTS}
+        for s in range(0, qe.shape[0], chunk):
+            lex, learned = ((q[s:s + chunk] @ d.T) for q, d in halves)
+            for w in WEIGHTS:
+                ranked[w].append(torch.topk(w * lex + (1 - w) * learned, min(10, de.shape[0]), dim=1).indices.cpu())
     scores = {w: retrieval_metrics(torch.cat(r).numpy(), qrels, ("mrr@10",))["mrr@10"] for w, r in ranked.items()}
     best = max(WEIGHTS, key=lambda w: (round(scores[w], 4), -abs(w - w0)))
     return {"weight": best, "val_mrr@10": {str(w): v for w, v in scores.items()}}
+
+
+def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[float, list[torch.Tensor]]:
+    """Top 10 rows per query at every weight of the grid, the lexical half exact (`retrieval.lexical`), among the
+    ``RERANK`` best rows of the embeddings as trained."""
+    import numpy as np
+
+    from twotower_cli.model.encode import lexical_rows
+    from twotower_cli.retrieval.lexical import RERANK
+
+    n_lex, w0 = model.cfg.lexical_dim, model.cfg.lexical_weight
+    cand = torch.cat([exact_topk(qe[s:s + chunk], de, min(RERANK, de.shape[0]))[1].cpu()
+                      for s in range(0, qe.shape[0], chunk)]).numpy()
+    d_rows, q_rows = lexical_rows(model, d_tokens, "document", device), lexical_rows(model, q_tokens, "query", device)
+    learned_d, learned_q = de[:, n_lex:].float().cpu().numpy(), qe[:, n_lex:].float().cpu().numpy()
+    table = np.zeros(model.cfg.ngram_buckets, dtype=np.float32)
+    ranked = {w: [] for w in WEIGHTS}
+    for s in range(0, cand.shape[0], chunk):
+        c = cand[s:s + chunk]  # [q, K]: every query has K candidates
+        learned = torch.from_numpy(np.einsum("qkd,qd->qk", learned_d[c], learned_q[s:s + chunk]) / (1 - w0))
+        lex = torch.from_numpy(np.stack([d_rows.dots(q_rows, s + j, c[j], table) for j in range(len(c))]) / w0)
+        for w in WEIGHTS:
+            top = torch.topk(w * lex + (1 - w) * learned, min(10, c.shape[1]), dim=1).indices
+            ranked[w].append(torch.gather(torch.from_numpy(c), 1, top))
+    return ranked
 
 
 @torch.no_grad()
@@ -76,7 +105,8 @@ def choose_search(model, ts, device, doc_emb, index: Path, val_docs, val_qrels, 
         de = de[val_docs.cpu()]
         bm = BM25.build(ts.documents.gather(val_docs.cpu().numpy()).to_list())
     qe = embed_tokens(model.encode_queries, ts.q_tokens[ts.val_q], device).cpu()
-    ds, di = exact_topk(qe, de.float(), 100)
+    corpus = ts.d_tokens if val_docs is None else ts.d_tokens.subset(val_docs)
+    ds, di = search_tokens(model, qe, de.float(), ts.q_tokens[ts.val_q], corpus, 100, device)
     ls, li = bm.search(texts, 100)
     choice = choose_weight(ds.numpy(), di.numpy(), ls, li, qrels)
     w, scores = choice["weight"], choice["mrr@10"]

@@ -1,0 +1,89 @@
+"""A batch of sparse vectors as rows (CSR): what the exact lexical half of a model is for each text, and what an
+index stores for its documents (`retrieval/lexical.py` explains why and how search uses them). NumPy only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FILES = ("indptr", "buckets", "weights")
+
+
+@dataclass
+class SparseRows:
+    """Rows of sparse vectors: row r holds ``buckets[indptr[r]:indptr[r + 1]]`` with ``weights`` alike."""
+    indptr: np.ndarray
+    buckets: np.ndarray
+    weights: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.indptr.shape[0]) - 1
+
+    @classmethod
+    def from_features(cls, buckets, weights, text, n: int, scale=None, factor: float = 1.0) -> "SparseRows":
+        """Unit rows (times ``scale`` per row and ``factor``), buckets ascending, from features grouped by text as
+        the towers build them."""
+        buckets, weights, text = np.asarray(buckets), np.asarray(weights, dtype=np.float64), np.asarray(text)
+        if buckets.size:  # a bucket that two kinds of feature share (a hash collision) is one entry: their sum
+            m = int(buckets.max()) + 1
+            key, inverse = np.unique(text.astype(np.int64) * m + buckets, return_inverse=True)
+            weights = np.bincount(inverse.ravel(), weights=weights, minlength=key.size)
+            text, buckets = key // m, key % m
+        norm = np.sqrt(np.bincount(text, weights=weights * weights, minlength=n))
+        mult = factor / np.maximum(norm, 1e-12)
+        if scale is not None:
+            mult = mult * np.asarray(scale, dtype=np.float64)
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(text, minlength=n), out=indptr[1:])
+        return cls(indptr, buckets.astype(np.int32), (weights * mult[text]).astype(np.float32))
+
+    @classmethod
+    def concat(cls, parts: list["SparseRows"]) -> "SparseRows":
+        if not parts:
+            return cls(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
+        sizes = np.cumsum([0] + [int(p.indptr[-1]) for p in parts[:-1]])
+        indptr = np.concatenate([parts[0].indptr[:1]] + [p.indptr[1:] + s for p, s in zip(parts, sizes)])
+        return cls(indptr, np.concatenate([p.buckets for p in parts]), np.concatenate([p.weights for p in parts]))
+
+    def take(self, rows: np.ndarray) -> "SparseRows":
+        """The given rows, in that order."""
+        starts, lengths = self.indptr[rows], self.indptr[np.asarray(rows) + 1] - self.indptr[rows]
+        pos = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        return SparseRows(indptr, self.buckets[pos], self.weights[pos])
+
+    def save(self, folder: Path, prefix: str = "lexical") -> None:
+        for name in FILES:
+            np.save(Path(folder) / f"{prefix}.{name}.npy", getattr(self, name))
+
+    @classmethod
+    def load(cls, folder: Path, rows: int, prefix: str = "lexical") -> "SparseRows":
+        """Mapped from disk; ``ValueError`` when the three files do not fit together or ``rows``."""
+        arrays = [np.load(Path(folder) / f"{prefix}.{name}.npy", mmap_mode="r") for name in FILES]
+        indptr, buckets, weights = arrays
+        if indptr.shape != (rows + 1,) or buckets.shape != weights.shape or int(indptr[-1]) != buckets.shape[0] \
+                or int(indptr[0]) != 0:
+            raise ValueError("its lexical rows do not match the embeddings")
+        return cls(indptr, buckets, weights)
+
+    def dots(self, query: "SparseRows", q: int, rows: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """Exact dot products of query ``q`` of ``query`` with rows ``rows`` of self; ``table`` is a zeroed float32
+        scratch vector of the bucket count (left zeroed)."""
+        a, b = int(query.indptr[q]), int(query.indptr[q + 1])
+        qb = query.buckets[a:b]
+        table[qb] = query.weights[a:b]
+        starts, ends = self.indptr[rows], self.indptr[rows + 1]
+        lengths = ends - starts
+        total = int(lengths.sum())
+        out = np.zeros(len(rows), dtype=np.float32)
+        if total:
+            offsets = np.cumsum(lengths) - lengths  # where each row's entries start in the gathered arrays
+            pos = np.repeat(starts - offsets, lengths) + np.arange(total)
+            values = table[self.buckets[pos]] * self.weights[pos]
+            some = lengths > 0  # (reduceat would give an empty row its neighbour's first value)
+            out[some] = np.add.reduceat(values, offsets[some])
+        table[qb] = 0.0
+        return out

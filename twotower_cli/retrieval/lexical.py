@@ -1,0 +1,64 @@
+"""The exact lexical half (models with ``lexical_exact``): each text's TF-IDF n-gram vector kept sparse, over the
+model's n-gram buckets, instead of only its hashed sketch in the embedding (1,024 dimensions by default).
+
+Why: the sketch adds collision noise to every score (of order 1/sqrt(dim)), and that noise cost 0.01-0.06 MRR@10 on
+the development splits (FOLDOC 0.383 sketched against 0.445 exact, the Jargon File 0.558 against 0.621), which is
+the margin by which the model trailed BM25 on small and definitional corpora.
+
+How: a search ranks by the embeddings as before, then re-scores the best ``RERANK`` rows with the exact half:
+score = learned half's dot product + the exact lexical cosine (each already weighted as in the embedding). The
+index stores the documents' sparse rows (CSR: ``lexical.indptr.npy``, ``lexical.buckets.npy``,
+``lexical.weights.npy``). NumPy only: a cold `twotower search` imports neither torch nor SciPy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from twotower_cli.model.sparse_rows import SparseRows
+
+RERANK = 1000  # rows of the sketch's ranking re-scored exactly (the exact top 10 is within them on every corpus)
+
+
+def rescore(queries: np.ndarray, query_rows: SparseRows, embeddings, doc_rows: SparseRows, rows: np.ndarray,
+            lexical_dim: int, k: int, buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and rows [Q, k], best first, of the candidate ``rows`` [Q, K] (-1: none) re-scored as the learned
+    half's dot product plus the exact lexical one. ``queries`` are the query embeddings; ``embeddings`` the index's."""
+    Q = rows.shape[0]
+    k = min(k, rows.shape[1])
+    out_s = np.full((Q, k), -np.inf, dtype=np.float32)
+    out_i = np.full((Q, k), -1, dtype=np.int64)
+    table = np.zeros(buckets, dtype=np.float32)
+    learned_q = np.asarray(queries, dtype=np.float32)[:, lexical_dim:]
+    for j in range(Q):
+        cand = rows[j][rows[j] >= 0]
+        if cand.size == 0:
+            continue
+        order = np.argsort(cand)  # rows in file order: mapped pages read forward
+        cand = cand[order]
+        learned = np.asarray(embeddings[cand, lexical_dim:], dtype=np.float32) @ learned_q[j]
+        s = learned + doc_rows.dots(query_rows, j, cand, table)
+        best = np.lexsort((cand, -s))[:k]
+        out_s[j, :best.size], out_i[j, :best.size] = s[best], cand[best]
+    return out_s, out_i
+
+
+def search_tokens(model, qe, de, q_tokens, d_tokens, k: int, device):
+    """Top ``k`` (scores, rows) of query embeddings ``qe`` over document embeddings ``de`` as the model's search
+    ranks them: exact dot products, re-scored with the exact lexical half when the model has one (``d_tokens``
+    may be a callable that returns the documents' `SparseRows`, to compute them once)."""
+    import torch
+
+    from twotower_cli.model.encode import lexical_rows
+    from twotower_cli.retrieval.topk import exact_topk
+
+    cfg = model.cfg
+    if not getattr(cfg, "lexical_exact", False):
+        s, i = exact_topk(qe, de, k)
+        return s.cpu(), i.cpu()
+    _, cand = exact_topk(qe, de, max(k, RERANK))
+    d_rows = d_tokens() if callable(d_tokens) else lexical_rows(model, d_tokens, "document", device)
+    q_rows = lexical_rows(model, q_tokens, "query", device)
+    s, i = rescore(qe.float().cpu().numpy(), q_rows, de.float().cpu().numpy(), d_rows, cand.cpu().numpy(),
+                   cfg.lexical_dim, k, cfg.ngram_buckets)
+    return torch.from_numpy(s), torch.from_numpy(i)
