@@ -47,5 +47,9 @@ EOF
   | tail -5 | tee "$OUT/index.txt"
 ( time timeout 200 $PY -m twotower_cli index /tmp/small.parquet --name small --device cpu --runs-dir /tmp/full ) 2>&1 \
   | tail -5 | tee -a "$OUT/index.txt"
+# the same 1M documents under torchrun with every GPU of the machine (sharded when there are 2 or more)
+NPROC=${NPROC:-$($PY -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+( time timeout 240 $PY -m torch.distributed.run --nproc_per_node $NPROC -m twotower_cli index /tmp/big.parquet \
+    --name bigshard --device $DEVICE --runs-dir /tmp/full ) 2>&1 | tail -5 | tee -a "$OUT/index.txt"
 ( time timeout 120 $PY -m twotower_cli search "GNU C compiler" --index big --device $DEVICE --runs-dir /tmp/full \
     --json -k 3 ) 2>&1 | tail -12 | tee "$OUT/search.txt"
