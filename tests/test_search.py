@@ -149,6 +149,90 @@ def test_corrupt_index_names_the_file(cli, trained, name):
     assert (name in res.stderr or "lexical rows" in res.stderr) and "rebuild" in res.stderr, res.stderr
 
 
+def damage_lexical(folder, how):
+    if how == "meta":
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["lexical"] = None
+        (folder / "meta.json").write_text(json.dumps(meta))
+        return
+    name = {"negative buckets": "buckets", "float offsets": "indptr", "nan weights": "weights"}[how]
+    a = np.load(folder / f"lexical.{name}.npy")
+    if how == "negative buckets":
+        a[:] = -5
+    elif how == "float offsets":
+        a = a.astype(np.float64)
+    else:
+        a[3] = np.nan
+    np.save(folder / f"lexical.{name}.npy", a)
+
+
+@pytest.mark.parametrize("how", ["negative buckets", "float offsets", "nan weights", "meta"])
+def test_lexical_rows_damaged_in_place_are_refused(cli, trained, how):
+    """Damage that keeps the files' shapes: caught by the types, the checksums in meta.json, or meta.json's checks."""
+    folder = (trained / "latest").resolve() / "index/default"
+    damage_lexical(folder, how)
+    res = cli("search", "vim", "--runs-dir", trained, "--mode", "dense")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert "rebuild the index" in res.stderr and "internal error" not in res.stderr, res.stderr
+
+
+def test_the_first_pass_ranks_by_an_even_mix_whatever_the_stored_weight():
+    from twotower_cli.retrieval.lexical import first_pass
+
+    rng = np.random.default_rng(0)
+    sketch_q, learned_q = rng.normal(size=(3, 8)), rng.normal(size=(3, 4))
+    sketch_d, learned_d = rng.normal(size=(20, 8)), rng.normal(size=(20, 4))
+    even = 0.5 * sketch_q @ sketch_d.T + 0.5 * learned_q @ learned_d.T
+    for w in (0.1, 0.5, 0.9):
+        q = np.hstack([np.sqrt(w) * sketch_q, np.sqrt(1 - w) * learned_q]).astype(np.float32)
+        d = np.hstack([np.sqrt(w) * sketch_d, np.sqrt(1 - w) * learned_d]).astype(np.float32)
+        np.testing.assert_allclose(first_pass(q, 8, w) @ d.T, even, atol=1e-5)
+
+
+class OneProcess:
+    """What `build_sharded` needs of the process group, for one process: no collectives."""
+    rank, world, main, device = 0, 1, True, "cpu"
+
+    def broadcast(self, obj):
+        return obj
+
+    def barrier(self):
+        pass
+
+    def any(self, flag):
+        return flag
+
+
+def test_a_sharded_build_refuses_a_corpus_that_changed_and_leaves_nothing(trained):
+    import polars as pl
+
+    import twotower_cli
+    from twotower_cli.errors import DataError
+    from twotower_cli.retrieval.sharded import build_sharded
+
+    api = twotower_cli.load(trained / "latest")
+    reads = []
+
+    def chunks():
+        reads.append(1)
+        docs = ["gnu c compiler", "a text editor", "python web framework"]
+        if len(reads) > 1:  # the second read (rank 0 assembling) sees the file changed
+            docs = docs[::-1]
+        return iter([(pl.Series(docs), None)])
+
+    with pytest.raises(DataError, match="changed while it was being indexed"):
+        build_sharded(api.run_dir, api.torch_model(), api.vocab, chunks, "moved", OneProcess())
+
+    def interrupted():
+        yield pl.Series(["gnu c compiler"]), None
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_sharded(api.run_dir, api.torch_model(), api.vocab, interrupted, "stopped", OneProcess())
+    left = [p.name for p in (api.run_dir / "index").iterdir() if ".shards-" in p.name or p.name in ("moved", "stopped")]
+    assert left == []
+
+
 def make_eval(tmp_path, sample_df, layout):
     pos = sample_df.filter(pl.col("label") == 1).head(40)
     docs = pos["document"].to_list()

@@ -60,14 +60,25 @@ class SparseRows:
             np.save(Path(folder) / f"{prefix}.{name}.npy", getattr(self, name))
 
     @classmethod
-    def load(cls, folder: Path, rows: int, prefix: str = "lexical") -> "SparseRows":
-        """Mapped from disk; ``ValueError`` when the three files do not fit together or ``rows``."""
+    def load(cls, folder: Path, rows: int, prefix: str = "lexical", buckets: int | None = None,
+             digests: dict | None = None, verify_up_to: int = 0) -> "SparseRows":
+        """Mapped from disk; ``ValueError`` when the three files do not fit together, ``rows`` or their types. Files
+        of up to ``verify_up_to`` bytes in all are also checked against ``digests`` and read whole: row offsets in
+        order, buckets in range, weights finite (larger ones are checked for shape and type only, as embeddings)."""
         arrays = [np.load(Path(folder) / f"{prefix}.{name}.npy", mmap_mode="r") for name in FILES]
-        indptr, buckets, weights = arrays
-        if indptr.shape != (rows + 1,) or buckets.shape != weights.shape or int(indptr[-1]) != buckets.shape[0] \
-                or int(indptr[0]) != 0:
+        indptr, bucket_ids, weights = arrays
+        if indptr.dtype != np.int64 or bucket_ids.dtype != np.int32 or weights.dtype != np.float32:
+            raise ValueError("its files have the wrong number types")
+        if indptr.shape != (rows + 1,) or bucket_ids.shape != weights.shape or bucket_ids.ndim != 1 \
+                or int(indptr[-1]) != bucket_ids.shape[0] or int(indptr[0]) != 0:
             raise ValueError("its lexical rows do not match the embeddings")
-        return cls(indptr, buckets, weights)
+        if digests and sum(a.nbytes for a in arrays) <= verify_up_to:
+            if {name: digest(a) for name, a in zip(FILES, arrays)} != digests:
+                raise ValueError("its files do not match the checksums in meta.json")
+            if (np.diff(indptr) < 0).any() or (bucket_ids.size and (int(bucket_ids.min()) < 0 or (
+                    buckets is not None and int(bucket_ids.max()) >= buckets))) or not np.isfinite(weights).all():
+                raise ValueError("its rows are out of order or out of range")
+        return cls(indptr, bucket_ids, weights)
 
     def dots(self, query: "SparseRows", q: int, rows: np.ndarray, table: np.ndarray) -> np.ndarray:
         """Exact dot products of query ``q`` of ``query`` with rows ``rows`` of self; ``table`` is a zeroed float32
@@ -87,3 +98,9 @@ class SparseRows:
             out[some] = np.add.reduceat(values, offsets[some])
         table[qb] = 0.0
         return out
+
+
+def digest(a: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()

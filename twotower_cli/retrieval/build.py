@@ -61,7 +61,7 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
                 backend: str = "exact", batch_size: int = 2048, progress=None, total: int | None = None,
                 precomputed=None) -> Path:
     """Embed ``chunks`` (an iterable of (documents Series, ids list or None)) into ``index/<name>/``.
-    ``precomputed(i)``: the embeddings and lexical rows of every row of chunk ``i``, computed elsewhere (by the
+    ``precomputed(i, docs)``: the embeddings and lexical rows of every row of chunk ``i``, computed elsewhere (by the
     processes of a sharded build, `sharded.py`); what is stored is the same as when computed here."""
     if dtype not in ("float32", "float16"):
         raise UsageError(f"--dtype {dtype!r}: use float32 or float16")
@@ -79,7 +79,9 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
                     "count": n, "dtype": dtype, "backend": backend, "sha256": digest,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             if nnz is not None:
-                meta["lexical"] = {"dim": model.cfg.lexical_dim, "buckets": model.cfg.ngram_buckets, "nnz": nnz}
+                nnz, digests = nnz
+                meta["lexical"] = {"dim": model.cfg.lexical_dim, "buckets": model.cfg.ngram_buckets, "nnz": nnz,
+                                   "weight": model.cfg.lexical_weight, "sha256": digests}
             if backend == "faiss":
                 meta["faiss"] = build_faiss(tmp, n, dim)
             atomic_write_json(tmp / "meta.json", meta)
@@ -117,7 +119,7 @@ def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size
             offset += len(docs)
             frame = pl.DataFrame({"id": pl.Series(ids, dtype=pl.String), "document": docs,
                                   "row": np.arange(len(docs), dtype=np.int64)})
-            pre = precomputed(part) if precomputed is not None else None
+            pre = precomputed(part, docs) if precomputed is not None else None
             frame = frame.filter(pl.col("document").is_first_distinct())  # exact texts, not hashes
             h = frame["document"].hash(seed=0).to_numpy()
             repeat = np.isin(h, seen_h)
@@ -185,22 +187,28 @@ class LexicalWriter:
             fh.write(b"\0" * HEADER)
         self.indptr = [np.zeros(1, dtype=np.int64)]
         self.nnz = 0
+        self.hashes = {name: hashlib.sha256() for name in self.files}
 
     def add(self, rows) -> None:
-        self.files["buckets"].write(np.ascontiguousarray(rows.buckets, dtype=np.int32).tobytes())
-        self.files["weights"].write(np.ascontiguousarray(rows.weights, dtype=np.float32).tobytes())
+        for name, values in (("buckets", rows.buckets.astype(np.int32)), ("weights", rows.weights.astype(np.float32))):
+            data = np.ascontiguousarray(values).tobytes()
+            self.files[name].write(data)
+            self.hashes[name].update(data)
         self.indptr.append(rows.indptr[1:] + self.nnz)
         self.nnz += int(rows.indptr[-1])
 
-    def close(self) -> int:
+    def close(self) -> tuple[int, dict]:
+        """Writes the headers and the row offsets; returns the entry count and the three files' sha256."""
         for name, fh in self.files.items():
             fh.seek(0)
             fh.write(npy_header((self.nnz,), "int32" if name == "buckets" else "float32"))
             fh.flush()
             os.fsync(fh.fileno())
             fh.close()
-        np.save(self.folder / "lexical.indptr.npy", np.concatenate(self.indptr))
-        return self.nnz
+        indptr = np.concatenate(self.indptr)
+        np.save(self.folder / "lexical.indptr.npy", indptr)
+        return self.nnz, {"indptr": hashlib.sha256(indptr.tobytes()).hexdigest(),
+                          **{name: h.hexdigest() for name, h in self.hashes.items()}}
 
 
 def build_faiss(folder: Path, n: int, dim: int) -> dict:

@@ -98,12 +98,16 @@ class Index:
         that has the documents', the best ``RERANK`` rows are re-scored with them (`lexical.rescore`)."""
         k = min(k, self.count)
         if query_rows is not None and self.lexical is not None:
-            from twotower_cli.retrieval.lexical import RERANK, rescore
+            from twotower_cli.retrieval.lexical import RERANK, first_pass, rescore
 
-            _, rows = self.dense_search(queries, max(k, RERANK), device)
             lex = self.meta["lexical"]
-            return rescore(queries, query_rows, self.embeddings, self.lexical, rows, int(lex["dim"]), k,
-                           int(lex["buckets"]))
+            _, rows = self.dense_search(first_pass(queries, lex["dim"], lex.get("weight")), max(k, RERANK), device)
+            try:
+                return rescore(queries, query_rows, self.embeddings, self.lexical, rows, lex["dim"], k,
+                               lex["buckets"])
+            except FloatingPointError as exc:
+                raise ArtifactError(f"{self.path / str(exc)}: holds non-finite values (NaN or infinity); rebuild "
+                                    f"the index: twotower index CORPUS --name {self.path.name}") from None
         return self.dense_search(queries, k, device)
 
     def dense_search(self, queries: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.ndarray]:
@@ -196,8 +200,13 @@ def load_lexical(folder: Path, meta: dict):
         return None
     from twotower_cli.model.sparse_rows import SparseRows
 
+    lex = meta["lexical"]
+    if not isinstance(lex, dict) or not all(isinstance(lex.get(k), int) and not isinstance(lex.get(k), bool)
+                                            for k in ("dim", "buckets")) or not 0 < lex["dim"] <= meta.get("dim", 0):
+        raise ArtifactError(f"{folder / 'meta.json'}: its 'lexical' entry is damaged; rebuild the index")
     try:
-        return SparseRows.load(folder, int(meta["count"]))
+        return SparseRows.load(folder, int(meta["count"]), buckets=lex["buckets"], digests=lex.get("sha256"),
+                               verify_up_to=VERIFY_UP_TO)
     except FileNotFoundError as exc:
         raise ArtifactError(f"{exc.filename}: missing, but meta.json says the index has exact lexical rows; "
                             "rebuild the index") from None

@@ -6,17 +6,20 @@ sees (one machine, or a shared one)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 
-from twotower_cli.errors import TrainingError
+from twotower_cli.errors import DataError, TrainingError
 from twotower_cli.retrieval.build import build_index, embed_batch
 from twotower_cli.retrieval.index import index_dir
+from twotower_cli.runs import atomic_write_json, read_json
 
 
 def build_sharded(run_dir: Path, model, vocab, make_chunks, name: str, d, dtype: str = "float32",
@@ -27,8 +30,20 @@ def build_sharded(run_dir: Path, model, vocab, make_chunks, name: str, d, dtype:
     token = d.broadcast(f"{os.getpid()}-{time.time_ns()}")  # one folder name for every process
     folder = final.parent / f".{name}.shards-{token}"
     if d.main:
+        remove_dead(final.parent, name)
         folder.mkdir(parents=True)
-    d.barrier()
+    try:
+        d.barrier()
+        return embed_then_assemble(run_dir, model, vocab, make_chunks, name, d, folder, dtype, backend, batch_size,
+                                   progress, total)
+    except BaseException:
+        if d.main:  # an interrupt (every process gets it from torchrun) or an error: the shards are not kept
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def embed_then_assemble(run_dir, model, vocab, make_chunks, name, d, folder, dtype, backend, batch_size, progress,
+                        total):
     lexical = bool(getattr(model.cfg, "lexical_exact", False))
     error, done = None, 0
     try:
@@ -51,7 +66,11 @@ def build_sharded(run_dir: Path, model, vocab, make_chunks, name: str, d, dtype:
         if not d.main:
             return None
 
-        def load(i: int):
+        def load(i: int, docs):
+            info = read_json(folder / f"chunk-{i:06d}.json")
+            if info != {"rows": len(docs), "texts": texts_digest(docs)}:
+                raise DataError(f"chunk {i + 1} of the corpus is not what was embedded: the file changed while it "
+                                "was being indexed; index it again")
             emb = np.load(folder / f"chunk-{i:06d}.embeddings.npy")
             if not lexical:
                 return emb, None
@@ -67,6 +86,22 @@ def build_sharded(run_dir: Path, model, vocab, make_chunks, name: str, d, dtype:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def remove_dead(parent: Path, name: str) -> None:
+    """Shard folders of sharded builds whose rank 0 no longer runs (killed: nothing else removes them)."""
+    for p in parent.glob(f".{name}.shards-*"):
+        pid = p.name.rsplit(".shards-", 1)[1].split("-")[0]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, OSError):
+            pass
+
+
+def texts_digest(docs) -> str:
+    return hashlib.sha256(docs.fill_null("").cast(pl.String).hash(seed=0).to_numpy().tobytes()).hexdigest()
+
+
 def embed_chunk(model, vocab, docs, folder: Path, i: int, device, lexical: bool, batch_size: int) -> None:
     """Every row of chunk ``i`` as read (de-duplication is rank 0's, when it assembles), saved under ``folder``."""
     from twotower_cli.model.sparse_rows import SparseRows
@@ -76,6 +111,7 @@ def embed_chunk(model, vocab, docs, folder: Path, i: int, device, lexical: bool,
         e, r = embed_batch(model, vocab, docs.slice(s, batch_size), model.cfg.max_document_length, device, lexical, s)
         embs.append(e)
         rows.append(r)
+    atomic_write_json(folder / f"chunk-{i:06d}.json", {"rows": len(docs), "texts": texts_digest(docs)})
     tmp = folder / f".chunk-{i:06d}.embeddings.npy"
     np.save(tmp, np.concatenate(embs) if embs else np.zeros((0, model.cfg.output_dim), np.float32))
     if lexical:

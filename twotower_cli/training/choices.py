@@ -58,7 +58,7 @@ def choose_lexical_weight(model, ts, device, val_docs, val_qrels, chunk: int = 2
             for w in WEIGHTS:
                 ranked[w].append(torch.topk(w * lex + (1 - w) * learned, min(10, de.shape[0]), dim=1).indices.cpu())
     scores = {w: retrieval_metrics(torch.cat(r).numpy(), qrels, ("mrr@10",))["mrr@10"] for w, r in ranked.items()}
-    best = max(WEIGHTS, key=lambda w: (round(scores[w], 4), -abs(w - w0)))
+    best = max(scores, key=lambda w: (round(scores[w], 4), -abs(w - w0)))
     return {"weight": best, "val_mrr@10": {str(w): v for w, v in scores.items()}}
 
 
@@ -68,20 +68,23 @@ def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[
     import numpy as np
 
     from twotower_cli.model.encode import lexical_rows
-    from twotower_cli.retrieval.lexical import RERANK
+    from twotower_cli.retrieval.lexical import RERANK, first_pass
 
     n_lex, w0 = model.cfg.lexical_dim, model.cfg.lexical_weight
-    cand = torch.cat([exact_topk(qe[s:s + chunk], de, min(RERANK, de.shape[0]))[1].cpu()
+    first = torch.from_numpy(first_pass(qe.float().cpu().numpy(), n_lex, w0)).to(qe.device)  # as search ranks
+    cand = torch.cat([exact_topk(first[s:s + chunk], de, min(RERANK, de.shape[0]))[1].cpu()
                       for s in range(0, qe.shape[0], chunk)]).numpy()
     d_rows, q_rows = lexical_rows(model, d_tokens, "document", device), lexical_rows(model, q_tokens, "query", device)
     learned_d, learned_q = de[:, n_lex:].float().cpu().numpy(), qe[:, n_lex:].float().cpu().numpy()
     table = np.zeros(model.cfg.ngram_buckets, dtype=np.float32)
-    ranked = {w: [] for w in WEIGHTS}
+    # not 1.0: the index keeps the learned half at sqrt(1 - weight), and at 0 the first pass (`lexical.first_pass`)
+    # would rank by the sketch alone, whose noise loses rows of the exact top 10 on short queries
+    ranked = {w: [] for w in WEIGHTS if w < 1}
     for s in range(0, cand.shape[0], chunk):
         c = cand[s:s + chunk]  # [q, K]: every query has K candidates
         learned = torch.from_numpy(np.einsum("qkd,qd->qk", learned_d[c], learned_q[s:s + chunk]) / (1 - w0))
         lex = torch.from_numpy(np.stack([d_rows.dots(q_rows, s + j, c[j], table) for j in range(len(c))]) / w0)
-        for w in WEIGHTS:
+        for w in ranked:
             top = torch.topk(w * lex + (1 - w) * learned, min(10, c.shape[1]), dim=1).indices
             ranked[w].append(torch.gather(torch.from_numpy(c), 1, top))
     return ranked
