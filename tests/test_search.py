@@ -176,7 +176,7 @@ def test_lexical_rows_damaged_in_place_are_refused(cli, trained, how):
     assert "rebuild the index" in res.stderr and "internal error" not in res.stderr, res.stderr
 
 
-def test_the_first_pass_ranks_by_an_even_mix_whatever_the_stored_weight():
+def test_the_first_pass_adds_an_even_mix_whatever_the_stored_weight():
     from twotower_cli.retrieval.lexical import first_pass
 
     rng = np.random.default_rng(0)
@@ -186,7 +186,9 @@ def test_the_first_pass_ranks_by_an_even_mix_whatever_the_stored_weight():
     for w in (0.1, 0.5, 0.9):
         q = np.hstack([np.sqrt(w) * sketch_q, np.sqrt(1 - w) * learned_q]).astype(np.float32)
         d = np.hstack([np.sqrt(w) * sketch_d, np.sqrt(1 - w) * learned_d]).astype(np.float32)
-        np.testing.assert_allclose(first_pass(q, 8, w) @ d.T, even, atol=1e-5)
+        f = first_pass(q, 8, w)  # the queries as stored, then (weight not 0.5) their even mix
+        np.testing.assert_allclose(f[:3], q)
+        np.testing.assert_allclose(f[3:] @ d.T if w != 0.5 else f @ d.T, even, atol=1e-5)
 
 
 class OneProcess:

@@ -98,10 +98,11 @@ class Index:
         that has the documents', the best ``RERANK`` rows are re-scored with them (`lexical.rescore`)."""
         k = min(k, self.count)
         if query_rows is not None and self.lexical is not None:
-            from twotower_cli.retrieval.lexical import RERANK, first_pass, rescore
+            from twotower_cli.retrieval.lexical import RERANK, candidates, first_pass, rescore
 
             lex = self.meta["lexical"]
             _, rows = self.dense_search(first_pass(queries, lex["dim"], lex.get("weight")), max(k, RERANK), device)
+            rows = candidates(rows, len(queries))
             try:
                 return rescore(queries, query_rows, self.embeddings, self.lexical, rows, lex["dim"], k,
                                lex["buckets"])

@@ -68,12 +68,14 @@ def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[
     import numpy as np
 
     from twotower_cli.model.encode import lexical_rows
-    from twotower_cli.retrieval.lexical import RERANK, first_pass
+    from twotower_cli.retrieval.lexical import RERANK, candidates, first_pass
 
     n_lex, w0 = model.cfg.lexical_dim, model.cfg.lexical_weight
     first = torch.from_numpy(first_pass(qe.float().cpu().numpy(), n_lex, w0)).to(qe.device)  # as search ranks
-    cand = torch.cat([exact_topk(first[s:s + chunk], de, min(RERANK, de.shape[0]))[1].cpu()
-                      for s in range(0, qe.shape[0], chunk)]).numpy()
+    cand = candidates(torch.cat([exact_topk(first[s:s + chunk], de, min(RERANK, de.shape[0]))[1].cpu()
+                                 for s in range(0, first.shape[0], chunk)]).numpy(), qe.shape[0])
+    cand = np.sort(cand, 1)
+    repeat = torch.from_numpy(np.pad(cand[:, 1:] == cand[:, :-1], ((0, 0), (1, 0))))  # a row twice: counted once
     d_rows, q_rows = lexical_rows(model, d_tokens, "document", device), lexical_rows(model, q_tokens, "query", device)
     learned_d, learned_q = de[:, n_lex:].float().cpu().numpy(), qe[:, n_lex:].float().cpu().numpy()
     table = np.zeros(model.cfg.ngram_buckets, dtype=np.float32)
@@ -85,7 +87,8 @@ def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[
         learned = torch.from_numpy(np.einsum("qkd,qd->qk", learned_d[c], learned_q[s:s + chunk]) / (1 - w0))
         lex = torch.from_numpy(np.stack([d_rows.dots(q_rows, s + j, c[j], table) for j in range(len(c))]) / w0)
         for w in ranked:
-            top = torch.topk(w * lex + (1 - w) * learned, min(10, c.shape[1]), dim=1).indices
+            score = (w * lex + (1 - w) * learned).masked_fill(repeat[s:s + chunk], float("-inf"))
+            top = torch.topk(score, min(10, c.shape[1]), dim=1).indices
             ranked[w].append(torch.gather(torch.from_numpy(c), 1, top))
     return ranked
 
