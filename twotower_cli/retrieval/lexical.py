@@ -84,8 +84,11 @@ def search_tokens(model, qe, de, q_tokens, d_tokens, k: int, device):
         s, i = exact_topk(qe, de, k)
         return s.cpu(), i.cpu()
     first = torch.from_numpy(first_pass(qe.float().cpu().numpy(), cfg.lexical_dim, cfg.lexical_weight)).to(qe.device)
-    _, cand = exact_topk(first, de, max(k, RERANK))
-    cand = candidates(cand.cpu().numpy(), qe.shape[0])
+    n = qe.shape[0]
+    cand = exact_topk(first[:n], de, max(k, RERANK))[1].cpu().numpy()
+    if first.shape[0] > n:  # the even mix's rows: only its best EXTRA are needed (top 1,000 of thousands of
+        extra = exact_topk(first[n:], de, min(EXTRA, de.shape[0]))[1].cpu().numpy()  # queries costs minutes)
+        cand = np.concatenate([cand, extra], 1)
     d_rows = d_tokens() if callable(d_tokens) else lexical_rows(model, d_tokens, "document", device)
     q_rows = lexical_rows(model, q_tokens, "query", device)
     s, i = rescore(qe.float().cpu().numpy(), q_rows, de.float().cpu().numpy(), d_rows, cand,
