@@ -22,6 +22,7 @@ import torch
 from twotower_cli.errors import TrainingError, UsageError
 from twotower_cli.model.encode import lexical_rows
 from twotower_cli.model.files import fingerprint
+from twotower_cli.model.sparse_rows import digest as array_digest
 from twotower_cli.retrieval.index import INDEX_FORMAT, index_dir, lock_path, read_strings, recover
 from twotower_cli.runs import Lock, atomic_write_json, check_free_space, disk_full, remove_stale
 
@@ -207,7 +208,7 @@ class LexicalWriter:
             fh.close()
         indptr = np.concatenate(self.indptr)
         np.save(self.folder / "lexical.indptr.npy", indptr)
-        return self.nnz, {"indptr": hashlib.sha256(indptr.tobytes()).hexdigest(),
+        return self.nnz, {"indptr": array_digest(indptr),
                           **{name: h.hexdigest() for name, h in self.hashes.items()}}
 
 

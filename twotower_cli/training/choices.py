@@ -112,6 +112,12 @@ def choose_search(model, ts, device, doc_emb, index: Path, val_docs, val_qrels, 
         bm = BM25.build(ts.documents.gather(val_docs.cpu().numpy()).to_list())
     qe = embed_tokens(model.encode_queries, ts.q_tokens[ts.val_q], device).cpu()
     corpus = ts.d_tokens if val_docs is None else ts.d_tokens.subset(val_docs)
+    if doc_emb is not None and (Path(index) / "lexical.indptr.npy").exists():
+        # the index's rows are ts.documents' rows (as for doc_emb): its exact lexical rows are read, not recomputed
+        from twotower_cli.model.sparse_rows import SparseRows
+
+        rows = SparseRows.load(index, len(ts.documents))
+        corpus = (lambda: rows) if val_docs is None else (lambda: rows.take(val_docs.cpu().numpy()))
     ds, di = search_tokens(model, qe, de.float(), ts.q_tokens[ts.val_q], corpus, 100, device)
     ls, li = bm.search(texts, 100)
     choice = choose_weight(ds.numpy(), di.numpy(), ls, li, qrels)
