@@ -38,7 +38,8 @@ from twotower_cli.training.loop import Hooks, fit, resolve_device
 from pathlib import Path
 cfg = load_config(env={{}}, overrides={{("data", "tokenize"): {tokenize!r}, ("train", "val_fraction"): 0.0,
     ("train", "max_steps"): {steps}, ("train", "batch_size"): {batch}, ("train", "epochs"): 1,
-    ("train", "device"): {device!r}, ("train", "checkpoint_minutes"): 0.0, ("train", "log_every"): 10**9}})
+    ("train", "device"): {device!r}, ("train", "checkpoint_minutes"): 0.0, ("train", "log_every"): 10**9,
+    ("train", "runs_dir"): {tmp!r}}})
 device = resolve_device(cfg.train.device)
 t0 = time.perf_counter()
 p = prepare(cfg, Path({data!r}), None, None, None)
@@ -52,6 +53,7 @@ class Rate(Hooks):
 hooks = Rate()
 out = fit(model, ts, cfg.train, Path({tmp!r}), device, NullTracker(), hooks, lambda: False)
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+p.close()
 print(json.dumps({{"pairs_per_s": hooks.last, "peak_mib": int(hwm) / 1024, "prepare_s": prep,
                   "train_pairs": ts.n_train, "documents": len(ts.documents)}}))
 """

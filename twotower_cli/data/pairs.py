@@ -212,24 +212,50 @@ def load_pairs(path: str | os.PathLike, query_col: str = "query", document_col: 
     has_label = label_col in df.columns
     if require_label and not has_label:
         raise DataError(f"{p}: missing column '{label_col}'; pass --label-col")
+    out, raw = pairs_frame(df, p, query_col, document_col, label_col)
+    pairs = Pairs(out, p, has_label, offset)
+    if raw is not None:
+        pairs.n_bad_labels, pairs.bad_labels = bad_labels(out["label"], raw)
+    return pairs
+
+
+def pairs_frame(df: pl.DataFrame, p: Path, query_col: str, document_col: str, label_col: str):
+    """A frame as read -> (query, document, label) with NFKC text and Int8 labels (label 1 where the file has
+    none); also the labels' raw text (None without labels), for naming bad values."""
     query = as_text(df, query_col, p).str.normalize("NFKC").alias("query")
     document = as_text(df, document_col, p).str.normalize("NFKC").alias("document")
-    if has_label:
+    raw = None
+    if label_col in df.columns:
         s = df.get_column(label_col)
         if s.dtype.is_nested() or s.dtype == pl.Struct:
             raise DataError(f"{p}: column '{label_col}' has type {s.dtype}, expected 0/1 labels")
         label, raw = normalise_labels(s)
     else:
-        label, raw = pl.Series("label", [1] * df.height, dtype=pl.Int8), None
-    out = pl.DataFrame([query, document, label.alias("label")])
-    pairs = Pairs(out, p, has_label, offset)
-    if raw is not None:
-        bad = label.is_null()
-        pairs.n_bad_labels = int(bad.sum())
-        if pairs.n_bad_labels:
-            rows = bad.arg_true().head(5).to_list()
-            pairs.bad_labels = [(r, "empty" if raw[r] is None or raw[r] == "" else raw[r]) for r in rows]
-    return pairs
+        label = pl.Series("label", [1] * df.height, dtype=pl.Int8)
+    return pl.DataFrame([query, document, label.alias("label")]), raw
+
+
+def bad_labels(label: pl.Series, raw: pl.Series, first: int = 5) -> tuple[int, list[tuple[int, str]]]:
+    """How many labels are not 0/1, and the first few as (row, raw value)."""
+    bad = label.is_null()
+    n = int(bad.sum())
+    rows = bad.arg_true().head(first).to_list() if n else []
+    return n, [(r, "empty" if raw[r] is None or raw[r] == "" else raw[r]) for r in rows]
+
+
+def usable_rows() -> list[pl.Expr]:
+    """Filters for rows training can use: a query and a document with more than white space."""
+    return [pl.col(c).str.strip_chars().str.len_chars().fill_null(0) > 0 for c in ("query", "document")]
+
+
+def label_error(p: Path, n: int, where: str, value: str) -> DataError:
+    return DataError(f"{p}: {n} labels are not 0/1 ({where}: {value!r}); "
+                     "use 1 for relevant and 0 for negative (true/false also accepted)")
+
+
+def no_positives_error(p: Path) -> DataError:
+    return DataError(f"{p}: no positive pairs (label 1) with a non-empty query and document; "
+                     "training needs at least one relevant pair")
 
 
 def require_trainable(pairs: Pairs) -> pl.DataFrame:
@@ -237,11 +263,8 @@ def require_trainable(pairs: Pairs) -> pl.DataFrame:
     p, df = pairs.path, pairs.df
     if pairs.n_bad_labels:
         r, v = pairs.bad_labels[0]
-        raise DataError(f"{p}: {pairs.n_bad_labels} labels are not 0/1 ({pairs.where(r)}: {v!r}); "
-                        "use 1 for relevant and 0 for negative (true/false also accepted)")
-    usable = df.filter(pl.col("query").str.strip_chars().str.len_chars().fill_null(0) > 0,
-                       pl.col("document").str.strip_chars().str.len_chars().fill_null(0) > 0)
+        raise label_error(p, pairs.n_bad_labels, pairs.where(r), v)
+    usable = df.filter(usable_rows())
     if usable.filter(pl.col("label") == 1).height == 0:
-        raise DataError(f"{p}: no positive pairs (label 1) with a non-empty query and document; "
-                        "training needs at least one relevant pair")
+        raise no_positives_error(p)
     return usable

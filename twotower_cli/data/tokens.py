@@ -3,8 +3,8 @@
 One process tokenises every unique text once, before training: the fastest way when it trains on all of them.
 Under torchrun each process trains on its own slice of every global batch, so it tokenises only those rows, at
 the step that needs them (the next step's rows are prepared in a background thread while this one trains).
-A process then holds the texts, not a token matrix of the whole data set, and the tokenising work is divided
-among the processes. Both ways give the same token rows, so a run's result does not depend on the choice.
+A process then holds no token matrix of the whole data set (the texts stay where they are: on disk, in a
+`TextStore`, when training reads a file), and the tokenising work is divided among the processes. Both ways give the same token rows, so a run's result does not depend on the choice.
 """
 
 from __future__ import annotations
@@ -12,19 +12,18 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import polars as pl
 import torch
 
 from twotower_cli.data.vocab import codepoints_padded
 
 
 class TokenTable:
-    def __init__(self, texts: pl.Series, vocab, max_len: int, eager: bool = True):
+    def __init__(self, texts, vocab, max_len: int, eager: bool = True):
+        """``texts``: a Polars Series or a `TextStore` (anything with len, slices and ``gather``)."""
         self.vocab, self.max_len = vocab, max_len
         self.device = torch.device("cpu")
-        self.tokens = torch.from_numpy(vocab.encode(texts, max_len)) if eager else None
-        # on demand: keep the texts cut and lowercased once, so that a step only maps characters to ids
-        self.texts = texts if eager else vocab.prepare_texts(texts, max_len)
+        self.texts = texts
+        self.tokens = torch.from_numpy(encode_all(texts, vocab, max_len)) if eager else None
         self.rows_tokenised = len(texts) if eager else 0  # what this process has tokenised (tests, benchmarks)
         self._device_table = None
 
@@ -44,6 +43,7 @@ class TokenTable:
         if self.tokens is not None:
             return self.tokens[idx.to(self.tokens.device) if isinstance(idx, torch.Tensor) else idx]
         rows = self.texts[idx] if isinstance(idx, slice) else self.texts.gather(as_numpy(idx))
+        rows = self.vocab.prepare_texts(rows, self.max_len)
         self.rows_tokenised += len(rows)
         # The code points travel, the ids are looked up where they arrive: on a GPU that takes the lookup (the
         # costliest part of tokenising on a CPU) off the host. Code points < 0x110000 fit in int32.
@@ -63,7 +63,7 @@ class TokenTable:
         out = TokenTable.__new__(TokenTable)
         out.vocab, out.max_len, out.device, out.rows_tokenised = self.vocab, self.max_len, self.device, 0
         out._device_table = self._device_table
-        out.texts = self.texts.gather(as_numpy(idx))
+        out.texts = self.texts.gather(as_numpy(idx))  # a Series of the subset's texts
         out.tokens = None if self.tokens is None else self[idx]
         return out
 
@@ -73,6 +73,15 @@ class TokenTable:
         if self.tokens is not None:
             self.tokens = self.tokens.to(self.device)
         return self
+
+
+def encode_all(texts, vocab, max_len: int, rows: int = 65536) -> np.ndarray:
+    """Token rows of every text, encoded a slice at a time (the slice's working copies, not the column's)."""
+    out = np.empty((len(texts), max_len), dtype=np.int32)
+    for start in range(0, len(texts), rows):
+        part = texts[start:start + rows]
+        out[start:start + len(part)] = vocab.encode(part, max_len)
+    return out
 
 
 def as_numpy(idx) -> np.ndarray:

@@ -43,6 +43,12 @@ class Vocab:
         counts = np.zeros(MAX_CODEPOINT + 1, dtype=np.int64)
         for s in columns:
             counts += codepoint_counts(prepare(s, lowercase))
+        return cls.from_counts(counts, min_freq, max_size, lowercase)
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray, min_freq: int = 1, max_size: int = 2000, lowercase: bool = True):
+        """The vocabulary of code point counts [MAX_CODEPOINT + 1] (of texts lowercased as ``lowercase`` says)."""
+        counts = counts.copy()
         counts[0] = 0  # NUL never becomes a vocabulary entry (it is the padding value internally)
         seen = np.flatnonzero(counts >= max(min_freq, 1))
         order = seen[np.lexsort((seen, -counts[seen]))][: max(max_size - 2, 0)]

@@ -79,15 +79,26 @@ MIN_FOR_VALIDATION = 10  # fewer queries with a positive: no validation split (t
 
 def build(df: pl.DataFrame, vocab, max_query_length: int, max_document_length: int, val_fraction: float,
           seed: int, eager: bool = True, val_min_queries: int = 0) -> TrainingSet:
-    """``eager``: tokenise every text now (one process); else only the rows a step uses, when it uses them."""
-    queries = df["query"].unique().sort()
-    documents = df["document"].unique().sort()
-    qidx = pl.DataFrame({"query": queries, "qid": np.arange(len(queries), dtype=np.int64)})
-    didx = pl.DataFrame({"document": documents, "did": np.arange(len(documents), dtype=np.int64)})
-    rows = df.join(qidx, on="query", maintain_order="left").join(didx, on="document", maintain_order="left")
+    """The training set of a frame of usable pairs held in memory (see `from_rows`)."""
+    from twotower_cli.data.stream import rows_in_memory
 
-    pos = rows.filter(pl.col("label") == 1).unique(["qid", "did"], maintain_order=True)
-    candidates = np.unique(pos["qid"].to_numpy())
+    return from_rows(rows_in_memory(df), vocab, max_query_length, max_document_length, val_fraction, seed, eager,
+                     val_min_queries)
+
+
+def from_rows(rows, vocab, max_query_length: int, max_document_length: int, val_fraction: float, seed: int,
+              eager: bool = True, val_min_queries: int = 0) -> TrainingSet:
+    """The training set of a file's numbered rows (`data.stream.PairRows`). ``eager``: tokenise every text now
+    (one process); else only the rows a step uses, when it uses them."""
+    queries, documents = rows.queries, rows.documents
+    nq, nd = len(queries), len(documents)
+    qid, did, label = rows.qid, rows.did, rows.label
+    pos = label == 1
+    keys = qid[pos] * nd + did[pos]
+    _, first = np.unique(keys, return_index=True)  # each positive once, in file order
+    first.sort()
+    pos_q, pos_d = qid[pos][first], did[pos][first]
+    candidates = np.unique(pos_q)
     n_val = 0 if val_fraction <= 0 or len(candidates) < MIN_FOR_VALIDATION else \
         max(1, int(round(val_fraction * len(candidates))), min(val_min_queries, len(candidates) // 5))
     if n_val >= len(candidates):
@@ -95,27 +106,25 @@ def build(df: pl.DataFrame, vocab, max_query_length: int, max_document_length: i
                         "lower --val-fraction or use more data")
     rng = np.random.default_rng(seed)
     val_q = np.sort(rng.permutation(candidates)[:n_val])
-    is_val = np.zeros(len(queries), dtype=bool)
+    is_val = np.zeros(nq, dtype=bool)
     is_val[val_q] = True
 
-    train_pos = pos.filter(~pl.col("qid").is_in(val_q))
-    val_pos = pos.filter(pl.col("qid").is_in(val_q))
+    train = ~is_val[pos_q]
     qrels: dict[int, dict[int, float]] = {int(q): {} for q in val_q}
-    for q, d in zip(val_pos["qid"].to_list(), val_pos["did"].to_list()):
+    for q, d in zip(pos_q[~train].tolist(), pos_d[~train].tolist()):
         qrels[q][d] = 1.0
 
-    neg = rows.filter((pl.col("label") == 0) & ~pl.col("qid").is_in(val_q)).unique(["qid", "did"]).sort(["qid", "did"])
-    neg_ptr, neg_doc = csr(neg["qid"].to_numpy(), neg["did"].to_numpy(), len(queries))
+    neg = np.unique(qid[~pos & ~is_val[qid]] * nd + did[~pos & ~is_val[qid]])  # sorted by (query, document)
+    neg_ptr, neg_doc = csr(neg // max(nd, 1), neg % max(nd, 1), nq)
 
     return TrainingSet(
         queries=queries, documents=documents,
         q_tokens=TokenTable(queries, vocab, max_query_length, eager),
         d_tokens=TokenTable(documents, vocab, max_document_length, eager),
-        pos_q=torch.from_numpy(train_pos["qid"].to_numpy().copy()),
-        pos_d=torch.from_numpy(train_pos["did"].to_numpy().copy()),
+        pos_q=torch.from_numpy(pos_q[train].astype(np.int64)), pos_d=torch.from_numpy(pos_d[train].astype(np.int64)),
         neg_ptr=neg_ptr, neg_doc=neg_doc,
         val_q=torch.from_numpy(val_q.astype(np.int64)), val_qrels=[qrels[int(q)] for q in val_q],
-        pos_keys=torch.from_numpy(np.unique(pos["qid"].to_numpy() * len(documents) + pos["did"].to_numpy())),
+        pos_keys=torch.from_numpy(np.unique(keys)),
     )
 
 

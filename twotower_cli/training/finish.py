@@ -4,6 +4,7 @@ report shows, then `complete` and `runs/latest`. A model that collapsed is never
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from twotower_cli.model.artifacts import read_tensors, save_model
 from twotower_cli.runs import atomic_write_json, read_json, set_latest
 from twotower_cli.training.choices import choose_lexical_weight, choose_search
 
+CHUNK = 65536  # documents embedded into the default index at a time
 HARMONIC_10 = sum(1.0 / r for r in range(1, 11))
 
 
@@ -58,10 +60,14 @@ def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hoo
         config["lexical_choice"] = lex
         atomic_write_json(run_dir / "config.json", config)
     hooks.message("embedding the training documents into the default index")
-    index = build_index(run_dir, model, vocab, [(ts.documents, None)], "default", device=device)
-    # ts.documents are unique, so the index's rows are ts.documents' rows: reuse them, don't embed twice
-    embeddings = np.load(index / "embeddings.npy")
-    doc_emb = torch.from_numpy(embeddings) if len(embeddings) == len(ts.documents) else None
+    chunks = ((ts.documents[a:a + CHUNK], None) for a in range(0, len(ts.documents), CHUNK))
+    index = build_index(run_dir, model, vocab, chunks, "default", device=device)
+    # ts.documents are unique, so the index's rows are ts.documents' rows: reuse them, don't embed twice (mapped
+    # from the file, read-only, rather than a second copy of the index in memory)
+    embeddings = np.load(index / "embeddings.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # not writable: only read
+        doc_emb = torch.from_numpy(embeddings) if len(embeddings) == len(ts.documents) else None
     check_not_collapsed(run_dir, out, doc_emb, len(ts.documents) if val_docs is None else len(val_docs))
     retrieval_examples(run_dir, model, ts, device, doc_emb)
     hooks.message("choosing the default search on the validation queries (dense, BM25 or both)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from twotower_cli.data.text_store import TextStore, write_store
+from twotower_cli.data.text_store import StoreWriter, TextStore
 from twotower_cli.training.batches import make_batch
 
 
@@ -87,8 +87,8 @@ class Stores:
     def __init__(self, ts, folder):
         self.folder = folder
         q, d = ts.q_tokens, ts.d_tokens
-        self.queries = write_store(q.vocab.prepare_texts(ts.queries, q.max_len), folder, "queries")
-        self.documents = write_store(d.vocab.prepare_texts(ts.documents, d.max_len), folder, "documents")
+        self.queries = write_prepared(ts.queries, q.vocab, q.max_len, folder, "queries")
+        self.documents = write_prepared(ts.documents, d.vocab, d.max_len, folder, "documents")
 
     def source(self, ts) -> BatchSource:
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
@@ -96,6 +96,14 @@ class Stores:
         return BatchSource(ts.pos_q.cpu(), ts.pos_d.cpu(), ts.n_queries, ts.n_documents, ts.pos_keys.cpu(),
                            cpu(ts.span_d), cpu(ts.span_tokens), StoreTable(self.queries, table, ts.q_tokens.max_len),
                            StoreTable(self.documents, table, ts.d_tokens.max_len))
+
+
+def write_prepared(texts, vocab, max_len: int, folder, name: str, rows: int = 65536) -> TextStore:
+    """The texts cut and lowercased for tokenising, written a slice at a time."""
+    w = StoreWriter(folder, name)
+    for start in range(0, len(texts), rows):
+        w.add(vocab.prepare_texts(texts[start:start + rows], max_len).to_list())
+    return w.close()
 
 
 def worker_count(setting: int, device: torch.device, local_world: int = 1) -> int:

@@ -7,6 +7,7 @@ complete, so a failed or killed run never becomes "latest". The folder is locked
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,17 +16,18 @@ from types import SimpleNamespace
 import torch
 
 from twotower_cli.config import Config
-from twotower_cli.data.pairs import load_pairs, require_trainable
+from twotower_cli.data.stream import read_pairs_rows, scratch_folder, sorted_numbering
 from twotower_cli.data.vocab import Vocab
 from twotower_cli.errors import ArtifactError, TrainingError, UsageError
 from twotower_cli.model.artifacts import header_metadata, read_config, write_config
 from twotower_cli.model.towers import ModelConfig, TwoTower
-from twotower_cli.runs import Lock, atomic_write_json, is_complete, new_run_id, remove_stale, resolve_run
+from twotower_cli.runs import Lock, atomic_write_json, is_complete, new_run_id, read_json, remove_stale, resolve_run
 from twotower_cli.tracking.metrics_log import MetricsLog, NullTracker, Tracker
-from twotower_cli.training.batches import TrainingSet, build
+from twotower_cli.training.batches import TrainingSet, from_rows
 from twotower_cli.training.finish import finish_run
 from twotower_cli.training.loop import Hooks, Validation, fit, resolve_device
 
+TEXT_ORDER = "first-seen"  # texts are numbered as they first appear in the file (before: sorted)
 TOO_SMALL = 50  # fewer training pairs than this: train, but say that nothing much can be learned
 
 
@@ -44,14 +46,19 @@ class TrainSummary:
 
 @dataclass
 class Prepared:
-    """The data as training needs it."""
-    pairs: object
-    df: object
+    """The data as training needs it; `close` removes the texts it wrote to disk."""
+    file_rows: int  # rows in the pairs file
+    examples: list  # its first usable rows
     vocab: Vocab
     ts: TrainingSet
     batch_size: int
     extra: object = None
     messages: list = field(default_factory=list)
+    folder: Path | None = None
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
@@ -113,21 +120,39 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
             ddp.close()
 
 
+UPFRONT_LIMIT = 1 << 30  # auto tokenises on demand when the token rows of all texts would take more (bytes)
+
+
 def prepare(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: Path | None) -> Prepared:
-    """Pairs file -> usable rows -> vocabulary -> training set (tokenised up front or on demand); the batch fitted
-    to the data; the extra evaluation set."""
+    """Pairs file -> numbered rows and distinct texts (written beside the runs, read back by row) -> vocabulary ->
+    training set (tokenised up front or on demand); the batch fitted to the data; the extra evaluation set."""
+    folder = scratch_folder(Path(cfg.train.runs_dir))
+    try:
+        return prepare_in(cfg, data, ddp, resume_dir, eval_dir, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def prepare_in(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: Path | None, folder: Path):
     d, t = cfg.data, cfg.train
-    pairs = load_pairs(data, d.query_col, d.document_col, d.label_col)
-    df = require_trainable(pairs)
+    rows = read_pairs_rows(data, (d.query_col, d.document_col, d.label_col), folder,
+                           None if resume_dir else cfg.vocab.lowercase)
     messages = []
-    if df.height < pairs.df.height:
-        messages.append(f"dropped {pairs.df.height - df.height} rows with an empty query or document")
-    vocab = (Vocab.load(resume_dir / "vocab.json") if resume_dir else
-             Vocab.build([df["query"], df["document"]], cfg.vocab.min_freq, cfg.vocab.max_size, cfg.vocab.lowercase))
-    # auto: one process tokenises everything up front; under torchrun each tokenises only its slices of the batches
-    eager = d.tokenize == "upfront" or (d.tokenize == "auto" and ddp is None)
-    ts = build(df, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed, eager=eager,
-               val_min_queries=t.val_min_queries)
+    if rows.dropped:
+        messages.append(f"dropped {rows.dropped} rows with an empty query or document")
+    if resume_dir:
+        vocab = Vocab.load(resume_dir / "vocab.json")
+        if read_json(resume_dir / "config.json").get("data", {}).get("text_order") != TEXT_ORDER:
+            rows = sorted_numbering(rows)  # a run saved before texts were numbered as they appear
+    else:
+        vocab = Vocab.from_counts(rows.char_counts, cfg.vocab.min_freq, cfg.vocab.max_size, cfg.vocab.lowercase)
+    # auto: one process tokenises everything up front, unless the token rows would be large; under torchrun each
+    # process tokenises only its slices of the batches
+    size = 4 * (len(rows.queries) * d.max_query_length + len(rows.documents) * d.max_document_length)
+    eager = d.tokenize == "upfront" or (d.tokenize == "auto" and ddp is None and size <= UPFRONT_LIMIT)
+    ts = from_rows(rows, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed, eager=eager,
+                   val_min_queries=t.val_min_queries)
     world = ddp.world if ddp else 1
     batch = t.batch_size
     if batch * world > ts.n_train:
@@ -151,7 +176,8 @@ def prepare(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: Pat
         extra = SimpleNamespace(q_tokens=torch.from_numpy(vocab.encode(ev.queries, d.max_query_length)),
                                 d_tokens=torch.from_numpy(vocab.encode(ev.documents, d.max_document_length)),
                                 qrels=ev.qrels)
-    return Prepared(pairs, df, vocab, ts, batch, extra, messages)
+    # the rows' ids are in the training set now: only what describes the file is kept
+    return Prepared(rows.rows, rows.examples, vocab, ts, batch, extra, messages, folder)
 
 
 def open_run(cfg: Config, p: Prepared, mcfg: ModelConfig, data: Path, ddp) -> tuple[Path, Lock | None]:
@@ -167,11 +193,12 @@ def open_run(cfg: Config, p: Prepared, mcfg: ModelConfig, data: Path, ddp) -> tu
         run_dir.mkdir(parents=True)
         lock = Lock(run_dir / ".lock", f"run {run_dir.name}")
         atomic_write_json(run_dir / "vocab.json", p.vocab.to_json())
-        data_info = {"path": str(Path(data).resolve()), "name": Path(data).name, "rows": p.pairs.df.height,
-                     "train_pairs": p.ts.n_train, "val_queries": len(p.ts.val_q), "documents": len(p.ts.documents)}
+        data_info = {"path": str(Path(data).resolve()), "name": Path(data).name, "rows": p.file_rows,
+                     "train_pairs": p.ts.n_train, "val_queries": len(p.ts.val_q), "documents": len(p.ts.documents),
+                     "text_order": TEXT_ORDER}
         write_config(run_dir, mcfg, cfg.to_dict(), {"data": data_info})
         atomic_write_json(run_dir / "run.json", {"id": run_dir.name, "complete": False, "created": now()})
-        write_examples(run_dir, p.df)
+        write_examples(run_dir, p.examples)
     if ddp:
         ddp.barrier()  # rank 0 has created the run folder
     return run_dir, lock
@@ -184,7 +211,18 @@ def train_in_process(cfg: Config, data: Path, hooks: Hooks, should_stop, resume_
     if lock:
         remove_stale(resume_dir)  # what a killed process left: half-written checkpoints and files
     device = ddp.device if ddp else resolve_device(cfg.train.device)
-    p = prepare(cfg, data, ddp, resume_dir, eval_dir)
+    try:
+        p = prepare(cfg, data, ddp, resume_dir, eval_dir)
+        try:
+            return train_prepared(cfg, p, data, hooks, should_stop, resume_dir, ddp, device)
+        finally:
+            p.close()
+    finally:
+        if lock:
+            lock.release()
+
+
+def train_prepared(cfg: Config, p: Prepared, data: Path, hooks: Hooks, should_stop, resume_dir, ddp, device):
     t = cfg.train
     if p.batch_size != t.batch_size:
         cfg = cfg.with_overrides({("train", "batch_size"): p.batch_size}, "fitted to the data")
@@ -194,16 +232,13 @@ def train_in_process(cfg: Config, data: Path, hooks: Hooks, should_stop, resume_
     model = TwoTower(mcfg).to(device)
     ts = p.ts.to(device) if device.type == "cuda" else p.ts
     if mcfg.idf and not resume_dir:  # from the training documents only: validation positives stay unseen
-        held = {d for rel in ts.val_qrels for d in rel}
-        model.set_idf(ts.d_tokens, torch.tensor([i for i in range(len(ts.documents)) if i not in held],
-                                                dtype=torch.long))
+        keep = torch.ones(len(ts.documents), dtype=torch.bool)
+        keep[[d for rel in ts.val_qrels for d in rel]] = False
+        model.set_idf(ts.d_tokens, torch.nonzero(keep).flatten())
     hooks.message(plan(p, t, device, ddp, resume_dir))
     for m in p.messages:  # said before training, where they explain what follows
         hooks.message(f"note: {m}")
-    if resume_dir:
-        run_dir = resume_dir
-    else:
-        run_dir, lock = open_run(cfg, p, mcfg, data, ddp)
+    run_dir, lock = (resume_dir, None) if resume_dir else open_run(cfg, p, mcfg, data, ddp)
     try:
         return train_and_finish(cfg, p, model, run_dir, device, hooks, should_stop, resume_dir is not None, ddp)
     finally:
@@ -304,8 +339,7 @@ def checkpoint_step(run_dir: Path) -> int:
         raise ArtifactError(f"{path}: checkpoint metadata is damaged; start a new run") from None
 
 
-def write_examples(run_dir: Path, df) -> None:
-    rows = df.head(10).to_dicts()
+def write_examples(run_dir: Path, rows: list[dict]) -> None:
     atomic_write_json(run_dir / "data_examples.json", [{k: (v[:500] if isinstance(v, str) else v)
                                                         for k, v in r.items()} for r in rows])
 

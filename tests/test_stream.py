@@ -1,0 +1,224 @@
+"""Training reads its pairs file a slice at a time: texts numbered as they first appear, each written once to a
+store on disk. The streamed reading must give what reading the whole file gives."""
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from tests.conftest import SAMPLE, write
+from twotower_cli.config import load_config
+from twotower_cli.data.pairs import load_pairs, require_trainable
+from twotower_cli.data.stream import (
+    ListWriter,
+    Numbering,
+    read_pairs_rows,
+    remove_dead,
+    rows_in_memory,
+    sorted_numbering,
+)
+from twotower_cli.data.text_store import StoreWriter
+from twotower_cli.data.vocab import Vocab
+from twotower_cli.errors import DataError
+from twotower_cli.training import pipeline
+from twotower_cli.training.batches import build, from_rows
+
+
+def sample_df() -> pl.DataFrame:
+    return pl.read_parquet(SAMPLE)
+
+
+def messy_sample(n: int = 400) -> pl.DataFrame:
+    """Sample rows with repeats spread over the file, empty texts and NFKC-changing text."""
+    df = sample_df().head(n)
+    extra = pl.DataFrame({"query": ["ﬁle Ｆｕｌｌ", "  ", "x"], "document": [df["document"][0], "d", ""],
+                          "label": [1, 1, 0]})
+    return pl.concat([df, extra, df.head(50)])
+
+
+def test_streamed_parquet_equals_the_whole_file_in_memory(tmp_path):
+    path = tmp_path / "p.parquet"
+    messy_sample().write_parquet(path, row_group_size=64)
+    rows = read_pairs_rows(path, folder=tmp_path / "texts", lowercase=True, rows=37)
+    df = require_trainable(load_pairs(path))
+    mem = rows_in_memory(df, lowercase=True)
+    assert (tmp_path / "texts" / "documents.bin").stat().st_size > 0  # the texts are on disk
+    assert rows.queries.to_list() == mem.queries.to_list() == df["query"].unique(maintain_order=True).to_list()
+    assert rows.documents.to_list() == df["document"].unique(maintain_order=True).to_list()
+    assert np.array_equal(rows.qid, mem.qid) and np.array_equal(rows.did, mem.did)
+    assert np.array_equal(rows.label, df["label"].to_numpy())
+    q, d = rows.queries.to_list(), rows.documents.to_list()
+    assert [q[i] for i in rows.qid] == df["query"].to_list() and [d[i] for i in rows.did] == df["document"].to_list()
+    assert "file Full" in q  # normalised as load_pairs normalises
+    assert rows.rows == 453 and rows.dropped == 2 and len(rows.examples) == 10
+    assert Vocab.from_counts(rows.char_counts).chars == Vocab.build([df["query"], df["document"]]).chars
+    # the training set is the same, whichever way it was read and tokenised
+    vocab = Vocab.from_counts(rows.char_counts)
+    a = from_rows(rows, vocab, 32, 128, 0.1, 3, eager=False)
+    b = build(df, vocab, 32, 128, 0.1, 3, eager=True)
+    for name in ("pos_q", "pos_d", "neg_ptr", "neg_doc", "val_q", "pos_keys"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.val_qrels == b.val_qrels
+    idx = torch.tensor([0, 7, len(d) - 1, 3])
+    assert torch.equal(a.d_tokens[idx], b.d_tokens[idx]) and torch.equal(a.q_tokens[2:9], b.q_tokens[2:9])
+
+
+def test_text_formats_go_through_the_same_numbering(tmp_path):
+    df = messy_sample(120)
+    df.write_parquet(tmp_path / "p.parquet")
+    df.with_columns(pl.col("query").str.replace_all("\t", " "), pl.col("document").str.replace_all("\t", " ")) \
+        .write_csv(tmp_path / "p.csv")
+    a = read_pairs_rows(tmp_path / "p.parquet", folder=tmp_path / "a", rows=16)
+    b = read_pairs_rows(tmp_path / "p.csv", folder=tmp_path / "b", rows=16)
+    assert np.array_equal(a.qid, b.qid) and np.array_equal(a.did, b.did) and a.dropped == b.dropped
+
+
+def test_bad_label_in_a_later_slice_is_named_by_its_row(tmp_path):
+    df = sample_df().head(200).with_columns(pl.col("label").cast(pl.String))
+    df = df.with_columns(pl.when(pl.int_range(pl.len()).is_in([150, 170])).then(pl.lit("maybe"))
+                         .otherwise(pl.col("label")).alias("label"))
+    df.write_parquet(tmp_path / "p.parquet")
+    with pytest.raises(DataError) as err:
+        read_pairs_rows(tmp_path / "p.parquet", folder=tmp_path / "t", rows=32)
+    assert str(err.value) == (f"{tmp_path / 'p.parquet'}: 2 labels are not 0/1 (row 151: 'maybe'); use 1 for "
+                              "relevant and 0 for negative (true/false also accepted)")
+
+
+@pytest.mark.parametrize("frame, says", [
+    (pl.DataFrame({"q": ["a"], "document": ["b"]}), "missing column 'query'"),
+    (pl.DataFrame({"query": ["a", "c"], "document": ["b", " "], "label": [0, 1]}), "no positive pairs"),
+    (pl.DataFrame({"query": pl.Series([], dtype=pl.String), "document": pl.Series([], dtype=pl.String)}), "no rows"),
+])
+def test_streamed_parquet_problems_are_data_errors(tmp_path, frame, says):
+    frame.write_parquet(tmp_path / "p.parquet")
+    with pytest.raises(DataError, match=says):
+        read_pairs_rows(tmp_path / "p.parquet", folder=tmp_path / "t")
+
+
+def test_a_truncated_parquet_file_is_a_data_error(tmp_path):
+    sample_df().head(100).write_parquet(tmp_path / "p.parquet")
+    data = (tmp_path / "p.parquet").read_bytes()
+    (tmp_path / "p.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="Parquet"):
+        read_pairs_rows(tmp_path / "p.parquet", folder=tmp_path / "t")
+
+
+def test_numbering_tells_texts_apart_that_share_a_first_hash():
+    n = Numbering(ListWriter())
+    # as if three texts had been seen: two of them share their first hash
+    n.h1 = np.array([5, 9, 9], np.uint64)
+    n.h2 = np.array([1, 2, 3], np.uint64)
+    n.ids = np.array([0, 1, 2], np.int64)
+    found = n.known(np.array([9, 9, 9, 5, 5, 4], np.uint64), np.array([3, 2, 7, 1, 2, 1], np.uint64))
+    assert found.tolist() == [2, 1, -1, 0, -1, -1]
+
+
+def test_numbering_across_slices_keeps_first_appearance():
+    writer = ListWriter()
+    n = Numbering(writer)
+    a = n(pl.Series(["b", "a", "b", "c"]))
+    b = n(pl.Series(["c", "d", "a", "e", "d"]))
+    assert a.tolist() == [0, 1, 0, 2] and b.tolist() == [2, 3, 1, 4, 3]
+    assert writer.close().to_list() == ["b", "a", "c", "d", "e"]
+
+
+def test_sorted_numbering_is_how_older_runs_numbered_texts():
+    df = require_trainable(load_pairs_frame(messy_sample(200)))
+    rows = sorted_numbering(rows_in_memory(df))
+    assert rows.queries.to_list() == df["query"].unique().sort().to_list()
+    assert rows.documents.to_list() == df["document"].unique().sort().to_list()
+    assert rows.queries.gather(rows.qid).to_list() == df["query"].to_list()
+    assert rows.documents.gather(rows.did).to_list() == df["document"].to_list()
+
+
+def load_pairs_frame(df: pl.DataFrame):
+    from twotower_cli.data.pairs import Pairs
+
+    return Pairs(df.with_columns(pl.col("label").cast(pl.Int8)), Path("<frame>"), True)
+
+
+def test_store_reads_rows_slices_and_survives_pickling(tmp_path):
+    texts = ["", "héllo", "字 𝄞", "a\nb", "\x00z"]
+    w = StoreWriter(tmp_path, "t")
+    w.add(texts[:2])
+    w.add([])
+    w.add(texts[2:])
+    store = w.close()
+    assert len(store) == 5 and store.to_list() == texts
+    assert store.rows([4, 0, 2]) == [texts[4], "", texts[2]] and store[-1] == texts[4] and store[1] == "héllo"
+    assert store[1:4].to_list() == texts[1:4] and store[3:99].to_list() == texts[3:]
+    assert store.gather(np.array([2, 2])).to_list() == [texts[2]] * 2
+    with pytest.raises(IndexError):
+        store[5]
+    again = pickle.loads(pickle.dumps(store))
+    assert again.to_list() == texts
+    pid = os.fork()
+    if pid == 0:  # a worker process reads through its own descriptor
+        os._exit(0 if store.rows([2]) == [texts[2]] else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+def cfg_for(tmp_path, **data):
+    return load_config(env={}, overrides={("train", "runs_dir"): str(tmp_path / "runs"),
+                                          **{("data", k): v for k, v in data.items()}})
+
+
+def test_prepare_writes_texts_beside_the_runs_and_removes_them(tmp_path):
+    path = tmp_path / "p.parquet"
+    sample_df().head(300).write_parquet(path)
+    p = pipeline.prepare(cfg_for(tmp_path), path, None, None, None)
+    folders = list((tmp_path / "runs").glob(".texts-*"))
+    assert len(folders) == 1 and (folders[0] / "documents.bin").exists()
+    assert p.ts.d_tokens.eager  # small: tokenised up front
+    p.close()
+    assert not list((tmp_path / "runs").glob(".texts-*"))
+    write(tmp_path / "bad.tsv", "q\td\tlabel\na\tb\tmaybe\n")
+    with pytest.raises(DataError):
+        pipeline.prepare(cfg_for(tmp_path), tmp_path / "bad.tsv", None, None, None)
+    assert not list((tmp_path / "runs").glob(".texts-*"))  # removed when reading fails too
+
+
+def test_texts_of_a_killed_process_are_removed(tmp_path):
+    dead = tmp_path / ".texts-999999999-abcd"
+    alive = tmp_path / f".texts-{os.getpid()}-abcd"
+    dead.mkdir()
+    alive.mkdir()
+    remove_dead(tmp_path)
+    assert not dead.exists() and alive.exists()
+
+
+def test_auto_tokenises_large_data_on_demand(tmp_path, monkeypatch):
+    path = tmp_path / "p.parquet"
+    sample_df().head(300).write_parquet(path)
+    monkeypatch.setattr(pipeline, "UPFRONT_LIMIT", 1000)
+    p = pipeline.prepare(cfg_for(tmp_path), path, None, None, None)
+    try:
+        assert not p.ts.d_tokens.eager and not p.ts.q_tokens.eager
+    finally:
+        p.close()
+
+
+def test_a_run_saved_before_first_appearance_numbering_resumes_in_sorted_order(tmp_path):
+    path = tmp_path / "p.parquet"
+    sample_df().head(300).write_parquet(path)
+    cfg = cfg_for(tmp_path)
+    fresh = pipeline.prepare(cfg, path, None, None, None)
+    old = tmp_path / "old-run"
+    old.mkdir()
+    (old / "vocab.json").write_text(json.dumps(fresh.vocab.to_json()))
+    (old / "config.json").write_text(json.dumps({"data": {"path": str(path)}}))
+    resumed = pipeline.prepare(cfg, path, None, old, None)
+    try:
+        assert resumed.ts.queries.to_list() == sorted(fresh.ts.queries.to_list())
+        (old / "config.json").write_text(json.dumps({"data": {"path": str(path), "text_order": "first-seen"}}))
+        again = pipeline.prepare(cfg, path, None, old, None)
+        assert again.ts.queries.to_list() == fresh.ts.queries.to_list()
+        again.close()
+    finally:
+        fresh.close()
+        resumed.close()
