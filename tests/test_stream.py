@@ -4,6 +4,7 @@ store on disk. The streamed reading must give what reading the whole file gives.
 import json
 import os
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +19,13 @@ from twotower_cli.data.stream import (
     ListWriter,
     Numbering,
     read_pairs_rows,
-    remove_dead,
     rows_in_memory,
     sorted_numbering,
 )
 from twotower_cli.data.text_store import StoreWriter
 from twotower_cli.data.vocab import Vocab
-from twotower_cli.errors import DataError
-from twotower_cli.training import pipeline
+from twotower_cli.errors import DataError, UsageError
+from twotower_cli.training import prepare as prep
 from twotower_cli.training.batches import build, from_rows
 
 
@@ -171,7 +171,7 @@ def cfg_for(tmp_path, **data):
 def test_prepare_writes_texts_beside_the_runs_and_removes_them(tmp_path):
     path = tmp_path / "p.parquet"
     sample_df().head(300).write_parquet(path)
-    p = pipeline.prepare(cfg_for(tmp_path), path, None, None, None)
+    p = prep.prepare(cfg_for(tmp_path), path, None, None, None)
     folders = list((tmp_path / "runs").glob(".texts-*"))
     assert len(folders) == 1 and (folders[0] / "documents.bin").exists()
     assert p.ts.d_tokens.eager  # small: tokenised up front
@@ -179,24 +179,60 @@ def test_prepare_writes_texts_beside_the_runs_and_removes_them(tmp_path):
     assert not list((tmp_path / "runs").glob(".texts-*"))
     write(tmp_path / "bad.tsv", "q\td\tlabel\na\tb\tmaybe\n")
     with pytest.raises(DataError):
-        pipeline.prepare(cfg_for(tmp_path), tmp_path / "bad.tsv", None, None, None)
+        prep.prepare(cfg_for(tmp_path), tmp_path / "bad.tsv", None, None, None)
     assert not list((tmp_path / "runs").glob(".texts-*"))  # removed when reading fails too
 
 
-def test_texts_of_a_killed_process_are_removed(tmp_path):
-    dead = tmp_path / ".texts-999999999-abcd"
-    alive = tmp_path / f".texts-{os.getpid()}-abcd"
+def test_texts_of_a_killed_process_are_removed_and_a_living_ones_kept(tmp_path):
+    from twotower_cli.runs import Lock, scratch_dir
+
+    old = time.time() - 3600
+    dead = tmp_path / ".texts-1-dead"  # its lock is free: the process that held it is gone (whatever its pid)
     dead.mkdir()
+    (dead / ".lock").write_text("1")
+    alive = tmp_path / ".texts-999999999-live"  # a pid this namespace does not know, but the lock is held
     alive.mkdir()
-    remove_dead(tmp_path)
-    assert not dead.exists() and alive.exists()
+    held = Lock(alive / ".lock", "test")
+    young = tmp_path / ".texts-2-young"  # being created: no lock yet
+    young.mkdir()
+    for p in (dead, alive):
+        os.utime(p, (old, old))
+    folder, lock = scratch_dir(tmp_path, ".texts-")
+    assert not dead.exists() and alive.exists() and young.exists() and folder.exists()
+    lock.release()
+    held.release()
+
+
+def test_ctrl_c_while_reading_stops_and_leaves_nothing(tmp_path):
+    path = tmp_path / "p.parquet"
+    sample_df().write_parquet(path)
+    asked = []
+
+    def stop():  # as the train command's handler answers after a Ctrl-C
+        asked.append(1)
+        return True
+
+    cfg = load_config(env={}, overrides={("train", "runs_dir"): str(tmp_path / "runs")})
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare(cfg, path, None, None, None, should_stop=stop)
+    assert asked == [1]  # asked before the first slice is read, and after every one
+    assert not (tmp_path / "runs").exists()  # created for the texts, removed with them
+
+
+def test_runs_dir_that_is_a_file_is_a_usage_error(tmp_path):
+    path = tmp_path / "p.parquet"
+    sample_df().head(50).write_parquet(path)
+    write(tmp_path / "afile", "x")
+    cfg = load_config(env={}, overrides={("train", "runs_dir"): str(tmp_path / "afile")})
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        prep.prepare(cfg, path, None, None, None)
 
 
 def test_auto_tokenises_large_data_on_demand(tmp_path, monkeypatch):
     path = tmp_path / "p.parquet"
     sample_df().head(300).write_parquet(path)
-    monkeypatch.setattr(pipeline, "UPFRONT_LIMIT", 1000)
-    p = pipeline.prepare(cfg_for(tmp_path), path, None, None, None)
+    monkeypatch.setattr(prep, "UPFRONT_LIMIT", 1000)
+    p = prep.prepare(cfg_for(tmp_path), path, None, None, None)
     try:
         assert not p.ts.d_tokens.eager and not p.ts.q_tokens.eager
     finally:
@@ -207,16 +243,16 @@ def test_a_run_saved_before_first_appearance_numbering_resumes_in_sorted_order(t
     path = tmp_path / "p.parquet"
     sample_df().head(300).write_parquet(path)
     cfg = cfg_for(tmp_path)
-    fresh = pipeline.prepare(cfg, path, None, None, None)
+    fresh = prep.prepare(cfg, path, None, None, None)
     old = tmp_path / "old-run"
     old.mkdir()
     (old / "vocab.json").write_text(json.dumps(fresh.vocab.to_json()))
     (old / "config.json").write_text(json.dumps({"data": {"path": str(path)}}))
-    resumed = pipeline.prepare(cfg, path, None, old, None)
+    resumed = prep.prepare(cfg, path, None, old, None)
     try:
         assert resumed.ts.queries.to_list() == sorted(fresh.ts.queries.to_list())
         (old / "config.json").write_text(json.dumps({"data": {"path": str(path), "text_order": "first-seen"}}))
-        again = pipeline.prepare(cfg, path, None, old, None)
+        again = prep.prepare(cfg, path, None, old, None)
         assert again.ts.queries.to_list() == fresh.ts.queries.to_list()
         again.close()
     finally:

@@ -134,6 +134,40 @@ class Lock:
         self.release()
 
 
+def scratch_dir(parent: Path, prefix: str) -> tuple[Path, Lock]:
+    """A new folder ``parent/<prefix><pid>-<random>``, held by a lock inside it until the Lock is released (the
+    caller removes the folder). Folders of the same prefix that nobody holds any more were left by killed processes:
+    removed first. A lock, not a process id, tells the living from the dead: ids mean nothing across containers
+    and machines sharing a folder."""
+    parent = Path(parent)
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{parent} is a file, not a folder; choose another --runs-dir")
+    remove_abandoned(parent, prefix)
+    folder = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        folder.mkdir(parents=True)
+        return folder, Lock(folder / ".lock", f"folder {folder.name}")
+    except OSError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise UsageError(f"cannot write in {parent} ({exc.strerror or exc}); check its permissions and free space, "
+                         "or choose another --runs-dir") from None
+
+
+def remove_abandoned(parent: Path, prefix: str, grace_s: float = 60.0) -> list[Path]:
+    """Remove ``parent/<prefix>*`` folders whose lock nobody holds, older than ``grace_s`` (a folder being created
+    has no lock yet for an instant)."""
+    removed = []
+    for p in Path(parent).glob(f"{prefix}*") if Path(parent).is_dir() else []:
+        try:
+            young = time.time() - p.stat().st_mtime < grace_s
+        except OSError:
+            continue
+        if p.is_dir() and not p.is_symlink() and not young and not is_locked(p / ".lock"):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def is_locked(path: Path) -> bool:
     """True while another process holds the lock file ``path``."""
     import fcntl

@@ -11,9 +11,6 @@ whole by `load_pairs`, whose line-by-line checks need the whole text, and then g
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,21 +130,22 @@ def parquet_slices(p: Path, cols: tuple[str, str, str], rows: int):
 
 
 def read_pairs_rows(path, cols: tuple[str, str, str] = ("query", "document", "label"), folder: Path | None = None,
-                    lowercase: bool | None = None, rows: int = CHUNK_ROWS) -> PairRows:
+                    lowercase: bool | None = None, rows: int = CHUNK_ROWS, should_stop=None) -> PairRows:
     """Read a pairs file for training. ``folder``: where the distinct texts are written (None: kept in memory).
-    ``lowercase``: count characters for a vocabulary (None: don't count)."""
+    ``lowercase``: count characters for a vocabulary (None: don't count). ``should_stop()`` is asked between
+    slices: true raises KeyboardInterrupt (a large file takes minutes to read; Ctrl-C must not wait for it)."""
     p = check_file(path)
     if file_format(p) == "parquet":
         if p.stat().st_size == 0:
             raise DataError(f"{p}: file is empty")
         return number_rows(p, parquet_slices(p, cols, rows), cols, lambda r: f"row {r + 1}", folder, lowercase,
-                           normalised=False)
+                           normalised=False, should_stop=should_stop)
     pairs = load_pairs(p, *cols)
     if pairs.n_bad_labels:
         r, v = pairs.bad_labels[0]
         raise label_error(p, pairs.n_bad_labels, pairs.where(r), v)
     slices = ((a, pairs.df.slice(a, rows)) for a in range(0, pairs.df.height, rows))
-    return number_rows(p, slices, cols, pairs.where, folder, lowercase, normalised=True)
+    return number_rows(p, slices, cols, pairs.where, folder, lowercase, normalised=True, should_stop=should_stop)
 
 
 def rows_in_memory(df: pl.DataFrame, lowercase: bool | None = None) -> PairRows:
@@ -156,7 +154,7 @@ def rows_in_memory(df: pl.DataFrame, lowercase: bool | None = None) -> PairRows:
                        lowercase, normalised=True)
 
 
-def number_rows(p: Path, slices, cols, where, folder, lowercase, normalised: bool) -> PairRows:
+def number_rows(p: Path, slices, cols, where, folder, lowercase, normalised: bool, should_stop=None) -> PairRows:
     writers = (StoreWriter(folder, "queries"), StoreWriter(folder, "documents")) if folder else \
         (ListWriter(), ListWriter())
     number_q, number_d = Numbering(writers[0]), Numbering(writers[1])
@@ -165,6 +163,8 @@ def number_rows(p: Path, slices, cols, where, folder, lowercase, normalised: boo
     total = dropped = n_bad = 0
     first_bad = None
     for offset, frame in slices:
+        if should_stop is not None and should_stop():
+            raise KeyboardInterrupt
         total += frame.height
         if normalised:
             df = frame
@@ -212,28 +212,3 @@ def sorted_numbering(rows: PairRows) -> PairRows:
         out[name] = (texts.gather(order), rank[ids].astype(np.int64))
     return PairRows(rows.path, out["queries"][0], out["documents"][0], out["queries"][1], out["documents"][1],
                     rows.label, rows.rows, rows.dropped, rows.examples, rows.char_counts)
-
-
-# -- where the texts are written ------------------------------------------------------------------------------------
-
-PREFIX = ".texts-"
-
-
-def scratch_folder(parent: Path) -> Path:
-    """A new folder for one process's texts, removed when done (and by later runs if the process was killed)."""
-    parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    remove_dead(parent)
-    folder = parent / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    folder.mkdir()
-    return folder
-
-
-def remove_dead(parent: Path) -> None:
-    for p in Path(parent).glob(f"{PREFIX}*"):
-        try:
-            os.kill(int(p.name[len(PREFIX):].split("-")[0]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, OSError):
-            pass

@@ -14,8 +14,6 @@ import warnings
 import numpy as np
 import torch
 
-from twotower_cli.data.vocab import codepoints_padded
-
 
 class TokenTable:
     def __init__(self, texts, vocab, max_len: int, eager: bool = True):
@@ -42,14 +40,13 @@ class TokenTable:
         """Token rows [len(idx), max_len] on this table's device; ``idx`` is a slice or an index tensor."""
         if self.tokens is not None:
             return self.tokens[idx.to(self.tokens.device) if isinstance(idx, torch.Tensor) else idx]
-        rows = self.texts[idx] if isinstance(idx, slice) else self.texts.gather(as_numpy(idx))
-        rows = self.vocab.prepare_texts(rows, self.max_len)
+        rows = text_list(self.texts, idx)
         self.rows_tokenised += len(rows)
         # The code points travel, the ids are looked up where they arrive: on a GPU that takes the lookup (the
         # costliest part of tokenising on a CPU) off the host. Code points < 0x110000 fit in int32.
         with warnings.catch_warnings():  # a read-only buffer; only read from
             warnings.simplefilter("ignore", UserWarning)
-            cps = torch.from_numpy(codepoints_padded(rows, self.max_len).view(np.int32))
+            cps = torch.from_numpy(self.vocab.codepoints_list(rows, self.max_len).view(np.int32))
         return torch.take(self._table(), cps.to(self.device, non_blocking=True).long())
 
     def _table(self) -> torch.Tensor:
@@ -82,6 +79,14 @@ def encode_all(texts, vocab, max_len: int, rows: int = 65536) -> np.ndarray:
         part = texts[start:start + rows]
         out[start:start + len(part)] = vocab.encode(part, max_len)
     return out
+
+
+def text_list(texts, idx) -> list[str]:
+    """Rows ``idx`` (a slice or indices) of a Polars Series or a `TextStore`, as Python strings."""
+    if isinstance(idx, slice):
+        return texts[idx].to_list()
+    idx = as_numpy(idx)
+    return texts.rows(idx) if hasattr(texts, "rows") else texts.gather(idx).to_list()
 
 
 def as_numpy(idx) -> np.ndarray:

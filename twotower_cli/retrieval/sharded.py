@@ -19,7 +19,7 @@ import torch
 from twotower_cli.errors import DataError, TrainingError
 from twotower_cli.retrieval.build import build_index, embed_batch
 from twotower_cli.retrieval.index import index_dir
-from twotower_cli.runs import atomic_write_json, read_json
+from twotower_cli.runs import Lock, atomic_write_json, read_json, remove_abandoned
 
 
 def build_sharded(run_dir: Path, model, vocab, make_chunks, name: str, d, dtype: str = "float32",
@@ -29,9 +29,11 @@ def build_sharded(run_dir: Path, model, vocab, make_chunks, name: str, d, dtype:
     final = index_dir(run_dir, name)
     token = d.broadcast(f"{os.getpid()}-{time.time_ns()}")  # one folder name for every process
     folder = final.parent / f".{name}.shards-{token}"
-    if d.main:
-        remove_dead(final.parent, name)
+    lock = None
+    if d.main:  # rank 0 holds the folder's lock while it lives: a build whose lock is free was killed
+        remove_abandoned(final.parent, f".{name}.shards-")
         folder.mkdir(parents=True)
+        lock = Lock(folder / ".lock", f"shards of index '{name}'")
     try:
         d.barrier()
         return embed_then_assemble(run_dir, model, vocab, make_chunks, name, d, folder, dtype, backend, batch_size,
@@ -40,6 +42,9 @@ def build_sharded(run_dir: Path, model, vocab, make_chunks, name: str, d, dtype:
         if d.main:  # an interrupt (every process gets it from torchrun) or an error: the shards are not kept
             shutil.rmtree(folder, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def embed_then_assemble(run_dir, model, vocab, make_chunks, name, d, folder, dtype, backend, batch_size, progress,
@@ -84,18 +89,6 @@ def embed_then_assemble(run_dir, model, vocab, make_chunks, name, d, folder, dty
         d.barrier()  # nobody leaves (and the folder goes) before rank 0 has built the index
         if d.main:
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def remove_dead(parent: Path, name: str) -> None:
-    """Shard folders of sharded builds whose rank 0 no longer runs (killed: nothing else removes them)."""
-    for p in parent.glob(f".{name}.shards-*"):
-        pid = p.name.rsplit(".shards-", 1)[1].split("-")[0]
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, OSError):
-            pass
 
 
 def texts_digest(docs) -> str:

@@ -7,28 +7,22 @@ complete, so a failed or killed run never becomes "latest". The folder is locked
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from twotower_cli.config import Config
-from twotower_cli.data.stream import read_pairs_rows, scratch_folder, sorted_numbering
-from twotower_cli.data.vocab import Vocab
 from twotower_cli.errors import ArtifactError, TrainingError, UsageError
 from twotower_cli.model.artifacts import header_metadata, read_config, write_config
 from twotower_cli.model.towers import ModelConfig, TwoTower
-from twotower_cli.runs import Lock, atomic_write_json, is_complete, new_run_id, read_json, remove_stale, resolve_run
+from twotower_cli.runs import Lock, atomic_write_json, is_complete, new_run_id, remove_stale, resolve_run
 from twotower_cli.tracking.metrics_log import MetricsLog, NullTracker, Tracker
-from twotower_cli.training.batches import TrainingSet, from_rows
+from twotower_cli.training.batches import TrainingSet
 from twotower_cli.training.finish import finish_run
 from twotower_cli.training.loop import Hooks, Validation, fit, resolve_device
-
-TEXT_ORDER = "first-seen"  # texts are numbered as they first appear in the file (before: sorted)
-TOO_SMALL = 50  # fewer training pairs than this: train, but say that nothing much can be learned
+from twotower_cli.training.prepare import TEXT_ORDER, Prepared, model_config, prepare
 
 
 @dataclass
@@ -42,36 +36,6 @@ class TrainSummary:
     messages: list = field(default_factory=list)
     search: dict = field(default_factory=dict)
     size_bytes: int = 0
-
-
-@dataclass
-class Prepared:
-    """The data as training needs it; `close` removes the texts it wrote to disk."""
-    file_rows: int  # rows in the pairs file
-    examples: list  # its first usable rows
-    vocab: Vocab
-    ts: TrainingSet
-    batch_size: int
-    extra: object = None
-    messages: list = field(default_factory=list)
-    folder: Path | None = None
-
-    def close(self) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
-    m, ngram = cfg.model, cfg.model.encoder == "ngram"
-    return ModelConfig(encoder=m.encoder, vocab_size=len(vocab), embedding_dim=m.embedding_dim,
-                       hidden_dim=m.hidden_dim, ngram_buckets=m.ngram_buckets,
-                       cnn_widths=[int(w) for w in str(m.cnn_widths).split(",") if w.strip()],
-                       max_query_length=cfg.data.max_query_length, max_document_length=cfg.data.max_document_length,
-                       word_chars=[i + 2 for i, c in enumerate(vocab.chars) if c.isalnum()],
-                       word_bigrams=m.word_bigrams, shared_embeddings=m.shared_embeddings, idf=m.idf and ngram,
-                       lexical_dim=m.lexical_dim if ngram else 0, lexical_weight=m.lexical_weight,
-                       word_share=m.word_share, length_power=m.length_power,
-                       lexical_exact=bool(m.lexical_exact and ngram and m.idf and m.lexical_dim))
 
 
 def sample_val_corpus(ts: TrainingSet, size: int, seed: int):
@@ -120,66 +84,6 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
             ddp.close()
 
 
-UPFRONT_LIMIT = 1 << 30  # auto tokenises on demand when the token rows of all texts would take more (bytes)
-
-
-def prepare(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: Path | None) -> Prepared:
-    """Pairs file -> numbered rows and distinct texts (written beside the runs, read back by row) -> vocabulary ->
-    training set (tokenised up front or on demand); the batch fitted to the data; the extra evaluation set."""
-    folder = scratch_folder(Path(cfg.train.runs_dir))
-    try:
-        return prepare_in(cfg, data, ddp, resume_dir, eval_dir, folder)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-
-
-def prepare_in(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: Path | None, folder: Path):
-    d, t = cfg.data, cfg.train
-    rows = read_pairs_rows(data, (d.query_col, d.document_col, d.label_col), folder,
-                           None if resume_dir else cfg.vocab.lowercase)
-    messages = []
-    if rows.dropped:
-        messages.append(f"dropped {rows.dropped} rows with an empty query or document")
-    if resume_dir:
-        vocab = Vocab.load(resume_dir / "vocab.json")
-        if read_json(resume_dir / "config.json").get("data", {}).get("text_order") != TEXT_ORDER:
-            rows = sorted_numbering(rows)  # a run saved before texts were numbered as they appear
-    else:
-        vocab = Vocab.from_counts(rows.char_counts, cfg.vocab.min_freq, cfg.vocab.max_size, cfg.vocab.lowercase)
-    # auto: one process tokenises everything up front, unless the token rows would be large; under torchrun each
-    # process tokenises only its slices of the batches
-    size = 4 * (len(rows.queries) * d.max_query_length + len(rows.documents) * d.max_document_length)
-    eager = d.tokenize == "upfront" or (d.tokenize == "auto" and ddp is None and size <= UPFRONT_LIMIT)
-    ts = from_rows(rows, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed, eager=eager,
-                   val_min_queries=t.val_min_queries)
-    world = ddp.world if ddp else 1
-    batch = t.batch_size
-    if batch * world > ts.n_train:
-        if ddp and ts.n_train < 2 * world:
-            raise UsageError(f"{ts.n_train} training pairs cannot be split across {world} processes; train "
-                             "without torchrun")
-        batch = max(1, ts.n_train // world)
-        messages.append(f"--batch-size {t.batch_size} is larger than the {ts.n_train} training pairs"
-                        f"{f' for {world} processes' if ddp else ''}: training with batches of {batch}")
-    if t.val_fraction > 0 and len(ts.val_q) == 0:
-        messages.append("too few queries for a validation split: none is held out, and the epoch with the lowest "
-                        "loss is kept")
-    if ts.n_train < TOO_SMALL:
-        messages.append(f"only {ts.n_train} training pairs: too few to learn much from; the run is trained, but "
-                        "expect the lexical baseline (BM25) to do as well or better")
-    extra = None
-    if eval_dir is not None:
-        from twotower_cli.evaluation.eval_sets import load_eval
-
-        ev = load_eval(eval_dir)
-        extra = SimpleNamespace(q_tokens=torch.from_numpy(vocab.encode(ev.queries, d.max_query_length)),
-                                d_tokens=torch.from_numpy(vocab.encode(ev.documents, d.max_document_length)),
-                                qrels=ev.qrels)
-    # the rows' ids are in the training set now: only what describes the file is kept
-    return Prepared(rows.rows, rows.examples, vocab, ts, batch, extra, messages, folder)
-
-
 def open_run(cfg: Config, p: Prepared, mcfg: ModelConfig, data: Path, ddp) -> tuple[Path, Lock | None]:
     """Create and lock a new run folder (rank 0), write what describes it; every process gets its path."""
     runs_dir = Path(cfg.train.runs_dir)
@@ -212,7 +116,7 @@ def train_in_process(cfg: Config, data: Path, hooks: Hooks, should_stop, resume_
         remove_stale(resume_dir)  # what a killed process left: half-written checkpoints and files
     device = ddp.device if ddp else resolve_device(cfg.train.device)
     try:
-        p = prepare(cfg, data, ddp, resume_dir, eval_dir)
+        p = prepare(cfg, data, ddp, resume_dir, eval_dir, should_stop)
         try:
             return train_prepared(cfg, p, data, hooks, should_stop, resume_dir, ddp, device)
         finally:
