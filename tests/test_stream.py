@@ -4,6 +4,9 @@ store on disk. The streamed reading must give what reading the whole file gives.
 import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -203,20 +206,25 @@ def test_texts_of_a_killed_process_are_removed_and_a_living_ones_kept(tmp_path):
     held.release()
 
 
-def test_ctrl_c_while_reading_stops_and_leaves_nothing(tmp_path):
-    path = tmp_path / "p.parquet"
-    sample_df().write_parquet(path)
-    asked = []
-
-    def stop():  # as the train command's handler answers after a Ctrl-C
-        asked.append(1)
-        return True
-
-    cfg = load_config(env={}, overrides={("train", "runs_dir"): str(tmp_path / "runs")})
-    with pytest.raises(KeyboardInterrupt):
-        prep.prepare(cfg, path, None, None, None, should_stop=stop)
-    assert asked == [1]  # asked before the first slice is read, and after every one
-    assert not (tmp_path / "runs").exists()  # created for the texts, removed with them
+def test_ctrl_c_while_the_file_is_read_stops_at_once_and_leaves_nothing(tmp_path):
+    """Before training starts there is nothing to checkpoint: the first Ctrl-C stops reading (a large file takes
+    minutes) and removes the texts written so far."""
+    big = tmp_path / "big.parquet"
+    df = sample_df()
+    pl.concat([df.with_columns(pl.col("query") + f" ~{k}", pl.col("document") + f" ~{k}") for k in range(100)]) \
+        .write_parquet(big)  # 400k rows: seconds to read
+    runs = tmp_path / "runs"
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "twotower_cli", "train", str(big), "--runs-dir", str(runs),
+                             "--no-report"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(runs.glob(".texts-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not runs.exists() or not any(runs.iterdir())  # no texts, no run folder
 
 
 def test_runs_dir_that_is_a_file_is_a_usage_error(tmp_path):

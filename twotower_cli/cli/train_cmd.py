@@ -93,17 +93,27 @@ def epoch_line(record: dict) -> str:
 
 
 class StopFlag:
-    """Ctrl-C / SIGTERM: finish the step, checkpoint, exit 130/143. A second Ctrl-C stops at once."""
+    """Ctrl-C / SIGTERM: finish the step, checkpoint, exit 130/143. A second Ctrl-C stops at once. Before training
+    has started (`arm`: the run folder exists) there is nothing to checkpoint: the first one stops at once, while
+    the file is still being read (which takes minutes for a large file), and what was written is removed."""
 
     def __init__(self):
         self.signum = None
+        self.armed = False
 
     def __call__(self) -> bool:
         return self.signum is not None
 
+    def arm(self) -> None:
+        self.armed = True
+
     def install(self):
         def handler(signum, frame):
-            if self.signum is not None and signum == signal.SIGINT:
+            if not self.armed or (self.signum is not None and signum == signal.SIGINT):
+                self.signum = signum
+                if signum == signal.SIGTERM:
+                    note("SIGTERM before training started: stopped; nothing was written")
+                    raise typer.Exit(143)
                 raise KeyboardInterrupt
             self.signum = signum
             note(f"\n[yellow]{signal.Signals(signum).name}: finishing this step and writing a checkpoint "

@@ -130,22 +130,21 @@ def parquet_slices(p: Path, cols: tuple[str, str, str], rows: int):
 
 
 def read_pairs_rows(path, cols: tuple[str, str, str] = ("query", "document", "label"), folder: Path | None = None,
-                    lowercase: bool | None = None, rows: int = CHUNK_ROWS, should_stop=None) -> PairRows:
+                    lowercase: bool | None = None, rows: int = CHUNK_ROWS) -> PairRows:
     """Read a pairs file for training. ``folder``: where the distinct texts are written (None: kept in memory).
-    ``lowercase``: count characters for a vocabulary (None: don't count). ``should_stop()`` is asked between
-    slices: true raises KeyboardInterrupt (a large file takes minutes to read; Ctrl-C must not wait for it)."""
+    ``lowercase``: count characters for a vocabulary (None: don't count)."""
     p = check_file(path)
     if file_format(p) == "parquet":
         if p.stat().st_size == 0:
             raise DataError(f"{p}: file is empty")
         return number_rows(p, parquet_slices(p, cols, rows), cols, lambda r: f"row {r + 1}", folder, lowercase,
-                           normalised=False, should_stop=should_stop)
+                           normalised=False)
     pairs = load_pairs(p, *cols)
     if pairs.n_bad_labels:
         r, v = pairs.bad_labels[0]
         raise label_error(p, pairs.n_bad_labels, pairs.where(r), v)
     slices = ((a, pairs.df.slice(a, rows)) for a in range(0, pairs.df.height, rows))
-    return number_rows(p, slices, cols, pairs.where, folder, lowercase, normalised=True, should_stop=should_stop)
+    return number_rows(p, slices, cols, pairs.where, folder, lowercase, normalised=True)
 
 
 def rows_in_memory(df: pl.DataFrame, lowercase: bool | None = None) -> PairRows:
@@ -154,7 +153,7 @@ def rows_in_memory(df: pl.DataFrame, lowercase: bool | None = None) -> PairRows:
                        lowercase, normalised=True)
 
 
-def number_rows(p: Path, slices, cols, where, folder, lowercase, normalised: bool, should_stop=None) -> PairRows:
+def number_rows(p: Path, slices, cols, where, folder, lowercase, normalised: bool) -> PairRows:
     writers = (StoreWriter(folder, "queries"), StoreWriter(folder, "documents")) if folder else \
         (ListWriter(), ListWriter())
     number_q, number_d = Numbering(writers[0]), Numbering(writers[1])
@@ -163,8 +162,6 @@ def number_rows(p: Path, slices, cols, where, folder, lowercase, normalised: boo
     total = dropped = n_bad = 0
     first_bad = None
     for offset, frame in slices:
-        if should_stop is not None and should_stop():
-            raise KeyboardInterrupt
         total += frame.height
         if normalised:
             df = frame

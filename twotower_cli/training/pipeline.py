@@ -116,7 +116,7 @@ def train_in_process(cfg: Config, data: Path, hooks: Hooks, should_stop, resume_
         remove_stale(resume_dir)  # what a killed process left: half-written checkpoints and files
     device = ddp.device if ddp else resolve_device(cfg.train.device)
     try:
-        p = prepare(cfg, data, ddp, resume_dir, eval_dir, should_stop)
+        p = prepare(cfg, data, ddp, resume_dir, eval_dir)
         try:
             return train_prepared(cfg, p, data, hooks, should_stop, resume_dir, ddp, device)
         finally:
@@ -143,6 +143,8 @@ def train_prepared(cfg: Config, p: Prepared, data: Path, hooks: Hooks, should_st
     for m in p.messages:  # said before training, where they explain what follows
         hooks.message(f"note: {m}")
     run_dir, lock = (resume_dir, None) if resume_dir else open_run(cfg, p, mcfg, data, ddp)
+    if hasattr(should_stop, "arm"):  # from here a stop request finishes a step and writes a checkpoint
+        should_stop.arm()
     try:
         return train_and_finish(cfg, p, model, run_dir, device, hooks, should_stop, resume_dir is not None, ddp)
     finally:

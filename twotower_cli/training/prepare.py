@@ -61,15 +61,14 @@ def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
 UPFRONT_LIMIT = 1 << 30  # auto tokenises on demand when the token rows of all texts would take more (bytes)
 
 
-def prepare(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: Path | None,
-            should_stop=None) -> Prepared:
+def prepare(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: Path | None) -> Prepared:
     """Pairs file -> numbered rows and distinct texts (written beside the runs, read back by row) -> vocabulary ->
     training set (tokenised up front or on demand); the batch fitted to the data; the extra evaluation set."""
     runs = Path(cfg.train.runs_dir)
     created = not runs.exists()
     folder, lock = scratch_dir(runs, TEXTS)
     try:
-        p = prepare_in(cfg, data, ddp, resume_dir, eval_dir, folder, should_stop)
+        p = prepare_in(cfg, data, ddp, resume_dir, eval_dir, folder)
         p.lock = lock
         return p
     except BaseException:
@@ -81,11 +80,10 @@ def prepare(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: Pat
         raise
 
 
-def prepare_in(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: Path | None, folder: Path,
-               should_stop=None):
+def prepare_in(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: Path | None, folder: Path):
     d, t = cfg.data, cfg.train
     rows = read_pairs_rows(data, (d.query_col, d.document_col, d.label_col), folder,
-                           None if resume_dir else cfg.vocab.lowercase, should_stop=should_stop)
+                           None if resume_dir else cfg.vocab.lowercase)
     messages = []
     if rows.dropped:
         messages.append(f"dropped {rows.dropped} rows with an empty query or document")
