@@ -196,7 +196,8 @@ class Loop:
             if workers:
                 import tempfile
 
-                self._texts = tempfile.TemporaryDirectory(prefix="twotower-texts-")
+                self._texts = tempfile.TemporaryDirectory(  # inside the training texts' folder when on disk
+                    prefix=".prepared-", dir=getattr(ts.documents, "folder", None))
                 self.worker_batches = WorkerBatches(Stores(ts, self._texts.name), ts, self.spe, self.global_batch,
                                                     self.rank, tcfg.batch_size, tcfg.loss, device, workers)
         self.last_checkpoint = time.monotonic()
