@@ -6,7 +6,15 @@ from pathlib import Path
 
 import polars as pl
 
-from twotower_cli.data.pairs import as_text, check_file, first_line, read_lines, read_table, read_text, read_tsv
+from twotower_cli.data.pairs import (
+    as_text,
+    check_file,
+    parquet_schema,
+    read_lines,
+    read_table,
+    read_text,
+    read_tsv,
+)
 from twotower_cli.errors import DataError
 
 
@@ -63,10 +71,7 @@ def corpus_chunks(path, document_col: str = "document", id_col: str | None = Non
     larger than memory holds one chunk of text; other formats are read whole, then cut into chunks."""
     p = check_file(path)
     if p.suffix.lower() in (".parquet", ".pq"):
-        try:
-            pl.read_parquet_schema(p)  # the footer only: a clear message for a broken file, no data read
-        except Exception as exc:
-            raise DataError(f"{p}: not a readable Parquet file ({first_line(exc)}); it may be truncated") from None
+        parquet_schema(p)  # the footer only: a clear message for a broken file, no data read
         lazy = pl.scan_parquet(p)
         col = document_column(lazy.collect_schema().names(), document_col, id_col, p)
         total = lazy.select(pl.len()).collect().item()

@@ -150,6 +150,20 @@ def first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def parquet_schema(p: Path) -> dict:
+    """A Parquet file's columns and types, from its footer only; a broken file is a DataError."""
+    try:
+        return pl.read_parquet_schema(p)
+    except Exception as exc:  # polars raises several kinds for a broken footer
+        raise DataError(f"{p}: not a readable Parquet file ({first_line(exc)}); "
+                        "it may be truncated or not Parquet at all") from None
+
+
+def missing_column_error(p: Path, col: str, found) -> DataError:
+    return DataError(f"{p}: missing column '{col}' (found: {', '.join(found) or 'none'}); "
+                     "rename it or pass --query-col/--document-col")
+
+
 def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> tuple[pl.DataFrame, int]:
     """Read any supported file. Parquet is scanned lazily, reading only ``columns``."""
     p = check_file(path)
@@ -157,11 +171,7 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> tup
     if p.stat().st_size == 0:
         raise DataError(f"{p}: file is empty")
     if fmt == "parquet":
-        try:
-            schema = pl.read_parquet_schema(p)
-        except Exception as exc:  # polars raises several kinds for a broken footer
-            raise DataError(f"{p}: not a readable Parquet file ({first_line(exc)}); "
-                            "it may be truncated or not Parquet at all") from None
+        schema = parquet_schema(p)
         cols = [c for c in (columns or schema) if c in schema]
         try:
             return pl.scan_parquet(p).select(cols).collect(), 0
@@ -205,8 +215,7 @@ def load_pairs(path: str | os.PathLike, query_col: str = "query", document_col: 
     df, offset = read_table(p, [query_col, document_col, label_col])
     for col in (query_col, document_col):
         if col not in df.columns:
-            raise DataError(f"{p}: missing column '{col}' (found: {', '.join(df.columns) or 'none'}); "
-                            "rename it or pass --query-col/--document-col")
+            raise missing_column_error(p, col, df.columns)
     if df.height == 0:
         raise DataError(f"{p}: no rows")
     has_label = label_col in df.columns

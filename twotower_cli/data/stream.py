@@ -24,8 +24,10 @@ from twotower_cli.data.pairs import (
     first_line,
     label_error,
     load_pairs,
+    missing_column_error,
     no_positives_error,
     pairs_frame,
+    parquet_schema,
     usable_rows,
 )
 from twotower_cli.data.text_store import StoreWriter
@@ -109,15 +111,10 @@ class Numbering:
 
 def parquet_slices(p: Path, cols: tuple[str, str, str], rows: int):
     """(offset, frame) slices of a Parquet file's wanted columns; the file's problems as DataError."""
-    try:
-        schema = pl.read_parquet_schema(p)
-    except Exception as exc:  # polars raises several kinds for a broken footer
-        raise DataError(f"{p}: not a readable Parquet file ({first_line(exc)}); "
-                        "it may be truncated or not Parquet at all") from None
+    schema = parquet_schema(p)
     for col in cols[:2]:
         if col not in schema:
-            raise DataError(f"{p}: missing column '{col}' (found: {', '.join(schema) or 'none'}); "
-                            "rename it or pass --query-col/--document-col")
+            raise missing_column_error(p, col, schema)
     offset = 0
     try:
         for frame in pl.scan_parquet(p).select([c for c in cols if c in schema]).collect_batches(chunk_size=rows):

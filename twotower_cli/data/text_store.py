@@ -104,11 +104,6 @@ class TextStore:
     def to_list(self) -> list[str]:
         return self.range(0, len(self))
 
-    def chunks(self, rows: int = 65536):
-        """The texts as Polars Series of at most ``rows`` each, in order."""
-        for start in range(0, len(self), rows):
-            yield self[start:start + rows]
-
     def __getstate__(self):
         return {"folder": self.folder, "name": self.name}
 

@@ -4,7 +4,8 @@ One process tokenises every unique text once, before training: the fastest way w
 Under torchrun each process trains on its own slice of every global batch, so it tokenises only those rows, at
 the step that needs them (the next step's rows are prepared in a background thread while this one trains).
 A process then holds no token matrix of the whole data set (the texts stay where they are: on disk, in a
-`TextStore`, when training reads a file), and the tokenising work is divided among the processes. Both ways give the same token rows, so a run's result does not depend on the choice.
+`TextStore`, when training reads a file), and the tokenising work is divided among the processes. Both ways
+give the same token rows, so a run's result does not depend on the choice.
 """
 
 from __future__ import annotations

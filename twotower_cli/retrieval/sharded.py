@@ -19,7 +19,7 @@ import torch
 from twotower_cli.errors import DataError, TrainingError
 from twotower_cli.retrieval.build import build_index, embed_batch
 from twotower_cli.retrieval.index import index_dir
-from twotower_cli.runs import Lock, atomic_write_json, read_json, remove_abandoned
+from twotower_cli.runs import atomic_write_json, read_json, scratch_dir
 
 
 def build_sharded(run_dir: Path, model, vocab, make_chunks, name: str, d, dtype: str = "float32",
@@ -28,12 +28,9 @@ def build_sharded(run_dir: Path, model, vocab, make_chunks, name: str, d, dtype:
     reads it twice). Returns the index folder on rank 0, None on the others."""
     final = index_dir(run_dir, name)
     token = d.broadcast(f"{os.getpid()}-{time.time_ns()}")  # one folder name for every process
-    folder = final.parent / f".{name}.shards-{token}"
-    lock = None
+    folder, lock = final.parent / f".{name}.shards-{token}", None
     if d.main:  # rank 0 holds the folder's lock while it lives: a build whose lock is free was killed
-        remove_abandoned(final.parent, f".{name}.shards-")
-        folder.mkdir(parents=True)
-        lock = Lock(folder / ".lock", f"shards of index '{name}'")
+        folder, lock = scratch_dir(final.parent, f".{name}.shards-", token)
     try:
         d.barrier()
         return embed_then_assemble(run_dir, model, vocab, make_chunks, name, d, folder, dtype, backend, batch_size,
