@@ -427,6 +427,28 @@ def test_new_models_hash_kinds_apart():
     assert len(set(buckets.tolist())) == 8  # no two of {x, x + 1024, x + 2048} collide, and words != trigrams
 
 
+@pytest.mark.parametrize("power", [1.0, 0.75, 0.5])
+def test_features_are_weighted_by_idf_to_the_power_in_torch_and_numpy(power):
+    from twotower_cli.model.config import ModelConfig
+    from twotower_cli.model.numpy_encoder import NumpyTowers
+    from twotower_cli.model.towers import TwoTower
+
+    m = TwoTower(ModelConfig(vocab_size=30, ngram_buckets=1024, word_chars=list(range(2, 30)), idf=True,
+                             idf_power=power, embedding_dim=8, hidden_dim=8, max_query_length=8,
+                             max_document_length=8, word_share=0.0, lexical_dim=16))
+    idf = torch.rand(1024, generator=torch.Generator().manual_seed(0)) * 5 + 1
+    m.query_tower.idf.copy_(idf)
+    raw, kind = torch.tensor([11, 12, 13]), torch.zeros(3, dtype=torch.long)  # three trigrams, each once
+    buckets, w, _ = m.query_tower.tfidf_features(raw, kind, torch.zeros(3, dtype=torch.long), 1)
+    want = idf[buckets] ** power
+    assert torch.allclose(w, want / want.norm(), atol=1e-6)  # unit length, each in proportion to idf^power
+    ids = torch.tensor([[3, 4, 5, 6, 0, 0, 0, 0], [7, 3, 9, 9, 9, 2, 8, 0]])
+    tensors = {k: v.detach().numpy() for k, v in m.weights().items()}
+    npe = NumpyTowers(m.cfg, tensors)
+    for side, tower in (("query", m.query_tower), ("document", m.document_tower)):
+        assert np.allclose(npe.encode(ids.numpy(), side), m.encode(tower, ids).detach().numpy(), atol=1e-5)
+
+
 def test_a_checkpoint_is_never_written_with_a_nan_loss(tmp_path):
     from twotower_cli.errors import TrainingError
     from twotower_cli.training.loop import Loop

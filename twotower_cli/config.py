@@ -43,6 +43,7 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "lexical_weight": (0.5, "weight of the lexical half in the embedding's cosine during training"),
         "length_power": (0.25, "ngram encoder with a lexical half: a document's lexical half is scaled by (its words / the mean)^power (0: cosine)"),
         "word_share": (0.3, "ngram encoder with idf: the words' share of a text's n-gram weight (trigrams get the rest)"),
+        "idf_power": (0.75, "ngram encoder with idf: each n-gram is weighted by idf^power (a match scores about idf^(2 x power))"),
         "idf": (True, "ngram encoder: weight n-grams by their inverse document frequency in the training documents"),
         "lexical_exact": (True, "search re-scores its best rows with the exact sparse lexical half, not only its hashed sketch (the index stores the sparse rows)"),
     },

@@ -66,6 +66,7 @@ RULES: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("model", "lexical_dim"): at_least(0, 65536),
     ("model", "lexical_weight"): below_one,
     ("model", "length_power"): at_least(0, 1),
+    ("model", "idf_power"): at_least(0, 1),
     ("model", "word_share"): at_least(0, 1),
     ("train", "epochs"): at_least(1, 100_000),
     ("train", "batch_size"): at_least(1, 10_000_000),

@@ -34,6 +34,10 @@ class ModelConfig:
     # (1 - w) x the learned one. 0: no lexical half (older models).
     lexical_dim: int = 0
     lexical_weight: float = 0.5
+    # idf models: each feature weighted by idf^idf_power on both sides, so a match scores about idf^(2 x power):
+    # BM25 scores a matching word by idf once; the cosine of idf-weighted vectors by idf squared, which let a rare
+    # word of a long document outweigh the query's common words (measured below 1 on the dev splits). 1.0: older models.
+    idf_power: float = 1.0
     word_share: float = 0.3  # idf models: the words' share of a text's squared feature norm (trigrams: the rest)
     # lexical half of a document: its unit vector times (words / mean words)^length_power. 0 is the cosine, which
     # penalises long documents much more than BM25 does (measured: 0.25 helps definitions and manuals).

@@ -1,6 +1,6 @@
 """The ngram towers in NumPy, straight from `model.safetensors` mapped into memory: hashing, a weighted sum of table
 rows, a norm and a projection (and the lexical half). Used to answer queries without importing torch, which takes
-longer to import than a search takes; `tests/test_numpy_encoder.py` holds it equal to the torch towers.
+longer to import than a search takes; `tests/test_api_serve.py` holds it equal to the torch towers.
 
 Every integer step is the same int64 arithmetic as `towers.NgramEncoder.features`, so the n-gram buckets are
 identical; only the order of float sums differs (~1e-7)."""
@@ -76,7 +76,8 @@ class NumpyTowers:
         group = text * 3 + kind
         key, tf = np.unique(group * buckets_n + buckets, return_counts=True)
         group, buckets = key // buckets_n, key % buckets_n
-        w = ((1.0 + np.log(tf.astype(np.float32))) * self.idf[buckets]).astype(np.float32)
+        idf = self.idf[buckets] if self.cfg.idf_power == 1.0 else self.idf[buckets] ** np.float32(self.cfg.idf_power)
+        w = ((1.0 + np.log(tf.astype(np.float32))) * idf).astype(np.float32)
         norm = np.sqrt(np.bincount(group, weights=w.astype(np.float64) ** 2, minlength=B * 3)).astype(np.float32)
         share = self.cfg.word_share
         shares = np.array([1.0 - share, share / 2, share / 2] if self.cfg.word_bigrams else [1.0 - share, share, 0.0],

@@ -81,6 +81,7 @@ class NgramEncoder(nn.Module):
         self.register_buffer("pow", torch.tensor(pw, dtype=torch.long), persistent=False)
         self.register_buffer("inv_pow", torch.tensor(ipw, dtype=torch.long), persistent=False)
         self.word_share = cfg.word_share
+        self.idf_power = cfg.idf_power
         if cfg.idf:  # set from the training documents by ``set_idf``; all ones until then
             self.register_buffer("idf", torch.ones(cfg.ngram_buckets))
             self.register_buffer("mean_words", torch.ones(1))  # words in a training document, on average
@@ -158,7 +159,7 @@ class NgramEncoder(nn.Module):
         return torch.cat(raws), torch.cat(kinds), torch.cat(texts), B
 
     def tfidf_features(self, raw: torch.Tensor, kind: torch.Tensor, text: torch.Tensor, B: int):
-        """The bag of an idf model: each distinct feature of a text once, weighted by (1 + ln tf) x idf; the
+        """The bag of an idf model: each distinct feature of a text once, weighted by (1 + ln tf) x idf^power; the
         trigrams and the words of a text are each scaled to unit length, then weighted so that words carry
         ``word_share`` of the squared norm (words are what BM25 matches; trigrams catch spelling and morphology).
         Buckets come from a mix that separates the kinds of feature (the older hash did not)."""
@@ -168,7 +169,8 @@ class NgramEncoder(nn.Module):
         group = text * 3 + kind
         key, tf = torch.unique(group * self.buckets + buckets, return_counts=True)  # sorted: grouped by text
         group, buckets = key // self.buckets, key % self.buckets
-        w = (1.0 + torch.log(tf.float())) * self.idf[buckets]
+        idf = self.idf[buckets]
+        w = (1.0 + torch.log(tf.float())) * (idf if self.idf_power == 1.0 else idf.pow(self.idf_power))
         norm = torch.zeros(B * 3, dtype=w.dtype, device=w.device).index_add_(0, group, w * w).sqrt()
         share = torch.tensor([1.0 - self.word_share, self.word_share, 0.0], device=w.device)
         if self.word_bigrams:

@@ -54,7 +54,7 @@ def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
                        word_chars=[i + 2 for i, c in enumerate(vocab.chars) if c.isalnum()],
                        word_bigrams=m.word_bigrams, shared_embeddings=m.shared_embeddings, idf=m.idf and ngram,
                        lexical_dim=m.lexical_dim if ngram else 0, lexical_weight=m.lexical_weight,
-                       word_share=m.word_share, length_power=m.length_power,
+                       word_share=m.word_share, length_power=m.length_power, idf_power=m.idf_power,
                        lexical_exact=bool(m.lexical_exact and ngram and m.idf and m.lexical_dim))
 
 
