@@ -231,6 +231,7 @@ def test_server_answers_like_the_cli(server, run, cli):
     ({"queries": ["x"], "k": 10**9}, 422),
     ({"queries": ["x"] * 10_000}, 422),
     ({"queries": ["   "]}, 422),
+    ({"queries": ["\u200b\x00"]}, 422),  # a zero-width space and a NUL: nothing to search for
     ({"queries": "not a list"}, 422),
     ({"k": 3}, 422),
     ({"queries": ["x"], "mode": "magic"}, 422),

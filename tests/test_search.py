@@ -109,7 +109,7 @@ def test_search_many_queries_from_file(cli, trained, tmp_path):
 
 
 def test_empty_query_is_a_clear_error(cli, trained):
-    for q in ("", "   \t"):
+    for q in ("", "   \t", "\u200b\u2060 \ufeff"):  # zero-width characters: nothing to search for either
         res = cli("search", q, "--runs-dir", trained)
         assert res.exit_code == 2 and "empty" in res.stderr and "Traceback" not in res.stderr
 

@@ -296,9 +296,11 @@ def create_app(model):
 
 
 def check_texts(texts: list[str]) -> list[str]:
+    from twotower_cli.data.vocab import blank
+
     for i, t in enumerate(texts):
-        if not t.strip():
-            raise ValueError(f"text {i + 1} is empty")
+        if blank(t):
+            raise ValueError(f"text {i + 1} is empty (white space or invisible characters only)")
         if not t.isascii():
             try:
                 t.encode("utf-8")

@@ -185,10 +185,12 @@ def search_command(
         from twotower_cli.data.corpus import read_queries
 
         texts = read_queries(queries)
-    blank = [i for i, t in enumerate(texts) if not t.strip()]
-    if blank:
-        where = "the query" if query is not None else f"{queries}: query {blank[0] + 1}"
-        raise UsageError(f"{where} is empty; give some words to search for")
+    from twotower_cli.data.vocab import blank
+
+    empty = [i for i, t in enumerate(texts) if blank(t)]
+    if empty:
+        where = "the query" if query is not None else f"{queries}: query {empty[0] + 1}"
+        raise UsageError(f"{where} is empty (white space or invisible characters only); give some words to search for")
     cfg, run_dir = run_of(runs_dir, run, config, {("search", "top_k"): top_k})
     mode, weight = search_mode(cfg, mode, hybrid, hybrid_weight)
     model = TwoTowerModel(run_dir, index or cfg.search.index, device)

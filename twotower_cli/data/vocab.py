@@ -176,6 +176,15 @@ def codepoints_padded(series, max_len: int) -> np.ndarray:
     return np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).reshape(len(series), max_len)
 
 
+INVISIBLE = {"Cc", "Cf", "Zs", "Zl", "Zp"}  # control and format characters (NUL, zero-width space), separators
+
+
+def blank(text: str) -> bool:
+    """True when a text has nothing to search for: white space, control and format characters only (a query of
+    zero-width spaces or NULs passed a plain ``strip()`` check and was searched as if it said something)."""
+    return all(c.isspace() or unicodedata.category(c) in INVISIBLE for c in text)
+
+
 def visible(char: str) -> str:
     """How to show a character in a table: whitespace and control characters as visible marks."""
     marks = {" ": "␠", "\t": "⇥ (tab)", "\n": "↵ (newline)", "\r": "␍ (return)", "\u00a0": "⍽ (nbsp)"}
