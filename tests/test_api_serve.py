@@ -127,6 +127,10 @@ def test_api_search_is_what_the_cli_prints(run, cli):
     assert doc["mode"] == api.choice["mode"] and len(hits[0]) == 5 and hits[0][0].rank == 1
     dense = api.search("GNU C compiler", k=3, hybrid=False)[0]
     assert [h.score for h in dense] == sorted((h.score for h in dense), reverse=True)
+    from twotower_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="query 2 is empty"):  # as the CLI and the server refuse it
+        api.search(["text editor", "\u200b "])
 
 
 def test_a_cold_search_never_imports_torch(run):

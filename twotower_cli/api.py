@@ -231,6 +231,12 @@ class TwoTowerModel:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise UsageError(f"k must be a positive integer, got {k!r}")
         queries = [clean(q) for q in queries]
+        from twotower_cli.data.vocab import blank
+
+        empty = next((i for i, q in enumerate(queries) if blank(q)), None)
+        if empty is not None:
+            raise UsageError(f"query {empty + 1} is empty (white space or invisible characters only); give some "
+                             "words to search for")
         mode, weight = self.resolve_mode(hybrid, mode)
         scores, rows = self.rank(queries, k, mode, weight)
         wanted = sorted({r for rr in rows for r in rr if r >= 0})
