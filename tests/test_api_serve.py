@@ -177,6 +177,27 @@ def test_numpy_bm25_scores_equal_bm25s():
         np.testing.assert_allclose(ours.scores(q), want, rtol=1e-5, atol=1e-6, err_msg=q)
 
 
+def test_bm25_built_from_a_store_in_slices_into_files_equals_one_built_whole(tmp_path):
+    from twotower_cli.data.text_store import StoreWriter
+    from twotower_cli.retrieval.bm25 import BM25, save_bm25
+
+    docs = pl.read_parquet(SAMPLE)["document"].unique().sort().head(300).to_list() + ["", "a b", "the and of"]
+    queries = pl.read_parquet(SAMPLE)["query"].unique().sort().head(60).to_list() + ["the", "zzqx"]
+    writer = StoreWriter(tmp_path / "texts", "documents")
+    writer.add(docs)
+    store = writer.close()
+    whole = BM25.build(docs)
+    (tmp_path / "index").mkdir()
+    sliced = save_bm25(tmp_path / "index", store)  # one slice (65,536 rows by default)
+    again = BM25.build(store, tmp_path / "again", chunk=7)
+    assert isinstance(sliced.data, np.memmap) and sorted(p.name for p in (tmp_path / "index").iterdir()) == ["bm25"]
+    for bm in (sliced, again, BM25.load(tmp_path / "again")):
+        assert bm.vocab == whole.vocab and bm.n_docs == len(docs)
+        for q in queries:
+            assert np.array_equal(bm.scores(q), whole.scores(q)), q
+    assert not whole.scores("the").any() and whole.scores("zzqx").shape == (len(docs),)
+
+
 # -- the server ---------------------------------------------------------------------------------------------------
 
 def free_port() -> int:

@@ -394,6 +394,18 @@ def test_triplet_fallback_never_picks_a_positive_of_the_query():
         assert not bool(ts.is_pair(torch.tensor([q]), torch.tensor([n])))
 
 
+def test_sorted_member_is_isin():
+    from twotower_cli.training.batches import sorted_member
+
+    g = torch.Generator().manual_seed(3)
+    known = torch.unique(torch.randint(0, 5000, (700,), generator=g))  # sorted, as pos_keys is
+    keys = torch.cat([torch.randint(-3, 5100, (40, 50), generator=g), known[:5].view(1, 5).expand(40, 5)], 1)
+    keys[0, :3] = torch.tensor([-1, int(known[0]), int(known[-1]) + 1])  # the ends and the padding key
+    want = torch.isin(keys, known)
+    assert torch.equal(sorted_member(keys, known), want) and want.any() and not want.all()
+    assert not sorted_member(keys, known[:0]).any()
+
+
 def test_bf16_logits_are_float32():
     from twotower_cli.model.losses import infonce
 

@@ -1,15 +1,17 @@
-"""BM25 (the `bm25s` package builds it: Lucene variant, k1 1.5, b 0.75, lowercase, English stop words): the lexical
-baseline of `evaluate --baseline bm25` and the lexical side of hybrid search.
+"""BM25 as the `bm25s` package scores it (Lucene variant, k1 1.5, b 0.75, lowercase, English stop words): the
+lexical baseline of `evaluate --baseline bm25` and the lexical side of hybrid search.
 
-bm25s precomputes every (term, document) score into a sparse matrix; a query only sums the columns of its terms.
-That part is done here in NumPy, on the matrix bm25s saved (mapped from disk), with bm25s' own tokenisation
-rules and stop words (saved beside the index), so answering a query imports neither bm25s nor torch.
+Every (term, document) score is precomputed into a sparse matrix, a column per term; a query only sums the columns
+of its terms. Both are done here in NumPy with bm25s' tokenisation rules and stop words (saved beside the index):
+building streams the documents in two passes (memory: the vocabulary, not the texts), and answering a query,
+on the matrix mapped from disk, imports neither bm25s nor torch. A test holds the scores equal to bm25s'.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,23 @@ import numpy as np
 from twotower_cli.errors import ArtifactError, UsageError
 
 TOKEN = re.compile(r"(?u)\b\w\w+\b")  # bm25s' default token pattern
+K1, B = 1.5, 0.75
+
+
+def stop_words() -> set[str]:
+    """bm25s' English stop words (building needs the package for this list only)."""
+    bm25s_module()
+    from bm25s.stopwords import STOPWORDS_EN
+
+    return set(STOPWORDS_EN)
+
+
+def texts_of(documents, a: int, b: int) -> list[str]:
+    """Rows a..b of a list, a Polars Series or a `TextStore` (read from disk), as a list of strings."""
+    if hasattr(documents, "range"):
+        return documents.range(a, min(b, len(documents)))
+    part = documents[a:b]
+    return part.to_list() if hasattr(part, "to_list") else list(part)
 
 
 def bm25s_module():
@@ -35,27 +54,77 @@ class BM25:
         self.vocab, self.n_docs, self.stopwords = vocab, n_docs, stopwords
 
     @classmethod
-    def build(cls, documents: list[str]) -> "BM25":
-        bm25s = bm25s_module()
-        from bm25s.stopwords import STOPWORDS_EN
-
-        stop = set(STOPWORDS_EN)
-        tokens = bm25s.tokenize(documents, stopwords="en", show_progress=False)
-        if not tokens.vocab:  # no indexable word at all (empty texts, one-letter words, stop words)
-            empty = np.zeros(0, dtype=np.float32)
-            return cls(empty, np.zeros(0, np.int32), np.zeros(1, np.int64), {}, len(documents), stop)
-        retriever = bm25s.BM25(k1=1.5, b=0.75, method="lucene")
-        retriever.index(tokens, show_progress=False)
-        s = retriever.scores
-        return cls(s["data"], s["indices"], s["indptr"], dict(retriever.vocab_dict), len(documents), stop)
+    def build(cls, documents, folder: Path | None = None, chunk: int = 65536) -> "BM25":
+        """BM25 over ``documents`` (a list, a Polars Series or a `TextStore`, read ``chunk`` rows at a time) in
+        two passes over the texts, so that memory holds the vocabulary and a length per document, not every text
+        or its terms (bm25s, which built it before, takes a list of every text and keeps all their tokens): the
+        first pass counts each term's documents, the second writes each (term, document) score into the term's
+        column. With ``folder`` the columns are written straight into its files (mapped), and the BM25 is saved
+        there. bm25s' tokenisation, stop words and Lucene scores: a test holds the scores equal to bm25s'."""
+        stop = stop_words()
+        n = len(documents)
+        vocab: dict[str, int] = {}
+        df: list[int] = []
+        lengths = np.zeros(n, dtype=np.int64)
+        for a in range(0, n, chunk):  # pass 1: document frequencies and lengths
+            for j, text in enumerate(texts_of(documents, a, a + chunk)):
+                terms = [t for t in TOKEN.findall(text.lower()) if t not in stop]
+                lengths[a + j] = len(terms)
+                for t in dict.fromkeys(terms):  # each term once, in order (ids do not depend on hashing)
+                    i = vocab.get(t)
+                    if i is None:
+                        i = vocab[t] = len(df)
+                        df.append(0)
+                    df[i] += 1
+        dfs = np.asarray(df, dtype=np.int64)
+        indptr = np.zeros(len(dfs) + 1, dtype=np.int64)
+        np.cumsum(dfs, out=indptr[1:])
+        nnz = int(indptr[-1])
+        if folder is not None:
+            folder = Path(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            np.save(folder / "indptr.npy", indptr)
+        alloc = (lambda name, dtype: np.lib.format.open_memmap(folder / f"{name}.npy", "w+", dtype, (nnz,))) \
+            if folder is not None else (lambda name, dtype: np.empty(nnz, dtype=dtype))
+        data, indices = alloc("data", np.float32), alloc("indices", np.int32)
+        idf = np.log(1.0 + (n - dfs + 0.5) / (dfs + 0.5))
+        avg = float(lengths.mean()) if n else 1.0
+        cursor = indptr[:-1].copy()
+        for a in range(0, n if nnz else 0, chunk):  # pass 2: the scores, column by column
+            term, doc, tf = [], [], []
+            for j, text in enumerate(texts_of(documents, a, a + chunk)):
+                counts = Counter(t for t in TOKEN.findall(text.lower()) if t not in stop)
+                term.extend(vocab[t] for t in counts)
+                doc.extend([a + j] * len(counts))
+                tf.extend(counts.values())
+            if not term:
+                continue
+            term, doc, tf = np.asarray(term), np.asarray(doc, dtype=np.int64), np.asarray(tf, dtype=np.float64)
+            score = idf[term] * tf / (K1 * (1 - B + B * lengths[doc] / avg) + tf)
+            order = np.argsort(term, kind="stable")  # by term; by document within a term
+            t = term[order]
+            first, size = np.unique(t, return_index=True, return_counts=True)[1:]
+            pos = cursor[t] + np.arange(t.size) - np.repeat(first, size)
+            data[pos], indices[pos] = score[order], doc[order]
+            cursor[t[first]] += size
+        bm = cls(data, indices, indptr, vocab, n, stop)
+        if folder is not None:
+            for arr in (data, indices):
+                if isinstance(arr, np.memmap):
+                    arr.flush()
+            bm.write_meta(folder)
+        return bm
 
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("data", "indices", "indptr"):
             np.save(folder / f"{name}.npy", getattr(self, name))
+        self.write_meta(folder)
+
+    def write_meta(self, folder: Path) -> None:
         (folder / "bm25.json").write_text(json.dumps({"format": "twotower-bm25", "num_docs": self.n_docs,
-                                                     "k1": 1.5, "b": 0.75, "method": "lucene",
+                                                     "k1": K1, "b": B, "method": "lucene",
                                                      "stopwords": sorted(self.stopwords), "vocab": self.vocab},
                                                     ensure_ascii=False))
 
@@ -127,20 +196,21 @@ def read_all_documents(index) -> list[str]:
     return pl.read_parquet(index.path / "documents" / "*.parquet")["document"].to_list()
 
 
-def save_bm25(index_path: Path, documents: list[str]) -> BM25:
-    """Build BM25 over ``documents`` and save it as ``index_path / "bm25"`` (written aside, then renamed)."""
+def save_bm25(index_path: Path, documents) -> BM25:
+    """Build BM25 over ``documents`` into ``index_path / "bm25"`` (written aside, then renamed; see `BM25.build`
+    for what ``documents`` may be)."""
     import os
     import shutil
 
-    bm = BM25.build(documents)
     tmp = Path(index_path) / f".bm25.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    old = Path(index_path) / "bm25"
     try:
-        bm.save(tmp)
-        old = Path(index_path) / "bm25"
+        bm = BM25.build(documents, tmp)
+        del bm  # its files are mapped: let go of them before the folder moves
         if old.exists():  # an older layout (bm25s' own files): replaced
             shutil.rmtree(old)
         os.replace(tmp, old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return bm
+    return BM25.load(old)

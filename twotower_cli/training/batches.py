@@ -19,6 +19,16 @@ from twotower_cli.data.tokens import TokenTable
 from twotower_cli.errors import DataError
 
 
+def sorted_member(keys: torch.Tensor, sorted_keys: torch.Tensor) -> torch.Tensor:
+    """Whether each of ``keys`` is in ``sorted_keys`` (ascending): a binary search per key. torch.isin sorts
+    both sides on every call, so masking a batch cost time in proportion to the file's positives (0.14 s a step
+    at 0.9M pairs, ~2 s at 10M on this CPU); this costs the batch's keys x log(positives)."""
+    if sorted_keys.numel() == 0:
+        return torch.zeros_like(keys, dtype=torch.bool)
+    at = torch.searchsorted(sorted_keys, keys).clamp_(max=sorted_keys.numel() - 1)
+    return sorted_keys[at] == keys
+
+
 @dataclass
 class TrainingSet:
     queries: pl.Series  # unique query texts; row i has token row i
@@ -43,11 +53,11 @@ class TrainingSet:
         queries, numbered after the file's, never are)."""
         keys = q_ids.unsqueeze(1) * self.n_documents + d_ids.unsqueeze(0)
         keys = keys.masked_fill((d_ids < 0).unsqueeze(0), -1)
-        return torch.isin(keys, self.pos_keys.to(keys.device))
+        return sorted_member(keys, self.pos_keys.to(keys.device))
 
     def is_pair(self, q_ids: torch.Tensor, d_ids: torch.Tensor) -> torch.Tensor:
         """Element by element: whether (q_ids[i], d_ids[i]) is a known positive."""
-        return torch.isin(q_ids * self.n_documents + d_ids, self.pos_keys.to(q_ids.device)) & (d_ids >= 0)
+        return sorted_member(q_ids * self.n_documents + d_ids, self.pos_keys.to(q_ids.device)) & (d_ids >= 0)
 
     @property
     def n_train(self) -> int:

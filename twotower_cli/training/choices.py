@@ -101,7 +101,7 @@ def choose_search(model, ts, device, doc_emb, index: Path, val_docs, val_qrels, 
     """Score the dense model, BM25 and their fusion at every weight on the validation queries; the best is what
     `search` and `evaluate` use by default. BM25 over the training documents is saved inside the default index."""
 
-    bm = save_bm25(index, ts.documents.to_list())
+    bm = save_bm25(index, ts.documents)  # read from the store in slices: the texts are never all in memory
     if len(ts.val_q) == 0:
         return {"mode": "hybrid", "hybrid_weight": default_weight,
                 "reason": "no validation split: the configured weight"}

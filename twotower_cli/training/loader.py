@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from twotower_cli.data.text_store import StoreWriter, TextStore
-from twotower_cli.training.batches import make_batch
+from twotower_cli.training.batches import make_batch, sorted_member
 
 
 class StoreTable:
@@ -54,7 +54,7 @@ class BatchSource:
         return int(self.pos_q.shape[0])
 
     def is_pair(self, q_ids, d_ids):
-        return torch.isin(q_ids * self.n_documents + d_ids, self.pos_keys) & (d_ids >= 0)
+        return sorted_member(q_ids * self.n_documents + d_ids, self.pos_keys) & (d_ids >= 0)
 
 
 class StepBatches(torch.utils.data.Dataset):

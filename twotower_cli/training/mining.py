@@ -80,7 +80,7 @@ def mine_with_bm25(ts) -> tuple[np.ndarray, np.ndarray]:
     ignored counts as that positive (the documents are distinct as strings, not as texts)."""
     from twotower_cli.retrieval.bm25 import BM25
 
-    bm = BM25.build(ts.documents.to_list())
+    bm = BM25.build(ts.documents)
     queries = np.unique(ts.pos_q.cpu().numpy())
     _, ranked = bm.search([ts.queries[int(q)] for q in queries], DEPTH)
     positives = known_positives(ts)
