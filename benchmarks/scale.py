@@ -101,7 +101,7 @@ def main() -> None:
             rows.append((n, tokenize, r))
             print(f"N={n:2d} {tokenize:9s} {r['pairs_per_s']:,.0f} pairs/s  peak {r['peak_mib']:,.0f} MiB  "
                   f"prepare {r['prepare_s']:.1f} s", flush=True)
-    base = {t: r for n, t, r in rows if n == args.sizes[0]}
+    base = {t: r for n, t, r in rows if n == min(args.sizes)}  # (sizes may come in any order)
     up = {n: r for n, t, r in rows if t == "upfront"}
     print(f"\n{args.steps} steps of {args.batch_size} pairs on {args.device} ({platform.machine()}, {os.cpu_count()} "
           "cores)\n")

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from twotower_cli.data.vocab import blank
 from twotower_cli.errors import ArtifactError, UsageError
 from twotower_cli.retrieval.hybrid import CANDIDATES
 from twotower_cli.runs import search_choice
@@ -231,8 +232,6 @@ class TwoTowerModel:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise UsageError(f"k must be a positive integer, got {k!r}")
         queries = [clean(q) for q in queries]
-        from twotower_cli.data.vocab import blank
-
         empty = next((i for i, q in enumerate(queries) if blank(q)), None)
         if empty is not None:
             raise UsageError(f"query {empty + 1} is empty (white space or invisible characters only); give some "

@@ -296,7 +296,7 @@ def create_app(model):
 
 
 def check_texts(texts: list[str]) -> list[str]:
-    from twotower_cli.data.vocab import blank
+    from twotower_cli.api import blank
 
     for i, t in enumerate(texts):
         if blank(t):
