@@ -30,6 +30,11 @@ def stop_words() -> set[str]:
     return set(STOPWORDS_EN)
 
 
+def terms(text: str, stop: set[str]) -> list[str]:
+    """bm25s' tokenisation: lowercase, words of two or more word characters, stop words dropped."""
+    return [t for t in TOKEN.findall(text.lower()) if t not in stop]
+
+
 def texts_of(documents, a: int, b: int) -> list[str]:
     """Rows a..b of a list, a Polars Series or a `TextStore` (read from disk), as a list of strings."""
     if hasattr(documents, "range"):
@@ -68,9 +73,9 @@ class BM25:
         lengths = np.zeros(n, dtype=np.int64)
         for a in range(0, n, chunk):  # pass 1: document frequencies and lengths
             for j, text in enumerate(texts_of(documents, a, a + chunk)):
-                terms = [t for t in TOKEN.findall(text.lower()) if t not in stop]
-                lengths[a + j] = len(terms)
-                for t in dict.fromkeys(terms):  # each term once, in order (ids do not depend on hashing)
+                words = terms(text, stop)
+                lengths[a + j] = len(words)
+                for t in dict.fromkeys(words):  # each term once, in order (ids do not depend on hashing)
                     i = vocab.get(t)
                     if i is None:
                         i = vocab[t] = len(df)
@@ -93,7 +98,7 @@ class BM25:
         for a in range(0, n if nnz else 0, chunk):  # pass 2: the scores, column by column
             term, doc, tf = [], [], []
             for j, text in enumerate(texts_of(documents, a, a + chunk)):
-                counts = Counter(t for t in TOKEN.findall(text.lower()) if t not in stop)
+                counts = Counter(terms(text, stop))
                 term.extend(vocab[t] for t in counts)
                 doc.extend([a + j] * len(counts))
                 tf.extend(counts.values())
@@ -109,9 +114,8 @@ class BM25:
             cursor[t[first]] += size
         bm = cls(data, indices, indptr, vocab, n, stop)
         if folder is not None:
-            for arr in (data, indices):
-                if isinstance(arr, np.memmap):
-                    arr.flush()
+            data.flush()
+            indices.flush()
             bm.write_meta(folder)
         return bm
 
@@ -147,10 +151,9 @@ class BM25:
         return cls(*arrays, vocab, n_docs, set(meta.get("stopwords", [])))
 
     def term_ids(self, text: str) -> list[int]:
-        """bm25s' tokenisation: lowercase, words of two or more word characters, stop words dropped; terms that
-        no document has are left out (repeated terms count again, as in bm25s)."""
-        return [self.vocab[t] for t in TOKEN.findall(text.lower())
-                if t not in self.stopwords and t in self.vocab and self.vocab[t] + 1 < len(self.indptr)]
+        """The query's terms (`terms`) that some document has (repeated terms count again, as in bm25s)."""
+        return [self.vocab[t] for t in terms(text, self.stopwords)
+                if t in self.vocab and self.vocab[t] + 1 < len(self.indptr)]
 
     def scores(self, text: str) -> np.ndarray:
         spans = [(int(self.indptr[t]), int(self.indptr[t + 1])) for t in self.term_ids(text)]
