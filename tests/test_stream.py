@@ -4,6 +4,7 @@ store on disk. The streamed reading must give what reading the whole file gives.
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -266,3 +267,110 @@ def test_a_run_saved_before_first_appearance_numbering_resumes_in_sorted_order(t
     finally:
         fresh.close()
         resumed.close()
+
+
+def test_validation_holds_out_at_most_val_max_queries_and_says_so(tmp_path):
+    path = tmp_path / "p.parquet"
+    sample_df().head(2000).write_parquet(path)
+    cfg = load_config(env={}, overrides={("train", "runs_dir"): str(tmp_path / "runs"), ("train", "val_fraction"): 0.3})
+    uncapped = prep.prepare(cfg.with_overrides({("train", "val_max_queries"): 0}), path, None, None, None)
+    capped = prep.prepare(cfg.with_overrides({("train", "val_max_queries"): 120}), path, None, None, None)
+    try:
+        assert len(uncapped.ts.val_q) > 120 and len(capped.ts.val_q) == 120
+        assert capped.ts.n_train > uncapped.ts.n_train  # the queries not held out train
+        assert any("validation holds out 120 queries" in m for m in capped.messages)
+        assert not any("validation holds out" in m for m in uncapped.messages)
+    finally:
+        uncapped.close()
+        capped.close()
+
+
+def test_validation_searches_a_sample_of_a_corpus_larger_than_val_corpus_size_and_says_so(tmp_path):
+    path = tmp_path / "p.parquet"
+    sample_df().head(2000).write_parquet(path)
+    cfg = load_config(env={}, overrides={("train", "runs_dir"): str(tmp_path / "runs"),
+                                         ("train", "val_corpus_size"): 500})
+    p = prep.prepare(cfg, path, None, None, None)
+    try:
+        assert len(p.ts.documents) > 500
+        assert any(f"validation searches 500 of the {len(p.ts.documents):,} documents" in m for m in p.messages)
+    finally:
+        p.close()
+
+
+def test_a_run_saved_before_the_validation_caps_resumes_with_its_own_split():
+    from twotower_cli.config import FIELDS
+    from twotower_cli.training.pipeline import stored_settings
+
+    old = {"train": {"val_fraction": 0.05, "val_corpus_size": 0, "seed": 3}, "model": {"encoder": "ngram"}}
+    filled = stored_settings(old)
+    # the split and validation corpus it was trained with: no minimum, no cap, every document
+    assert filled["train"]["val_min_queries"] == 0 and filled["train"]["val_max_queries"] == 0
+    assert filled["train"]["val_corpus_size"] == 0 and filled["train"]["seed"] == 3
+    assert filled["model"]["idf_power"] == FIELDS["model"]["idf_power"][0]  # others: today's default
+    assert set(filled["search"]) == set(FIELDS["search"])
+
+
+def tricky_pairs(n: int = 120) -> pl.DataFrame:
+    """Sample rows with texts that a sliced reader could split wrongly: quotes, and (for quoting formats) tabs,
+    commas and line breaks inside a field."""
+    df = sample_df().head(n)
+    odd = ['say "hi", then\nleave', 'tab\there "quoted"', 'ﬁle Ｆｕｌｌ', '""', 'a,b,"c"']
+    return df.with_columns(pl.Series("query", [odd[i % 5] + " " + q if i % 7 == 0 else q
+                                               for i, q in enumerate(df["query"])]))
+
+
+@pytest.mark.parametrize("fmt", ["tsv-plain", "tsv-plain-headless", "tsv-quoted", "csv", "jsonl"])
+def test_text_files_read_in_small_slices_equal_the_whole_file(tmp_path, monkeypatch, fmt):
+    from twotower_cli.data import text_slices
+    from twotower_cli.data.pairs import load_pairs, usable_rows
+
+    df = tricky_pairs()
+    if fmt.startswith("tsv-plain"):  # the seed's TSV cannot hold a tab or a line break in a field
+        df = df.with_columns(pl.col("query", "document").str.replace_all(r"[\t\n]", " "))
+    path = tmp_path / ("p.jsonl" if fmt == "jsonl" else "p.csv" if fmt == "csv" else "p.tsv")
+    if fmt == "jsonl":
+        df.write_ndjson(path)
+    elif fmt == "csv":
+        df.write_csv(path)
+    elif fmt == "tsv-quoted":
+        df.write_csv(path, separator="\t", quote_style="always")
+    else:
+        body = "\n".join("\t".join([q, d, str(lab)]) for q, d, lab in df.iter_rows())
+        path.write_text(("" if fmt.endswith("headless") else "query\tdocument\tlabel\n") + body + "\n")
+    whole = load_pairs(path).df
+    monkeypatch.setattr(text_slices, "SLICE_BYTES", 700)  # tens of slices, cut anywhere a record may end
+    text = text_slices.TextSlices(path, path.suffix[1:], ["query", "document", "label"])
+    assert len(list(text_slices.byte_slices(path, text.quoted, 700))) > 10
+    rows = read_pairs_rows(path, folder=tmp_path / "t")
+    usable = whole.filter(usable_rows())
+    assert rows.rows == whole.height and len(rows.qid) == usable.height
+    assert [rows.queries[i] for i in rows.qid.tolist()] == usable["query"].to_list()
+    assert [rows.documents[i] for i in rows.did.tolist()] == usable["document"].to_list()
+    assert rows.label.tolist() == usable["label"].to_list()
+
+
+def test_a_record_ends_only_at_a_line_break_outside_quotes():
+    from twotower_cli.data.text_slices import record_end
+
+    data = b'q,d,label\n"a\nb",x,1\n"c ""\n"" d",y'
+    assert record_end(data, quoted=True) == data.index(b'x,1\n') + 4
+    assert record_end(data, quoted=False) == data.rindex(b"\n") + 1
+    assert record_end(b'"open\nfield', quoted=True) == 0
+
+
+@pytest.mark.parametrize("line, text, says", [
+    (41, b"only two\tfields\n", "line 41 has 2 tab-separated fields, expected 3"),
+    (57, b"caf\xe9\tdoc\t1\n", "line 57 is not valid UTF-8 (byte 0xe9)"),
+    (63, b"q\td\tmaybe\n", "1 labels are not 0/1 (line 63: 'maybe')"),
+])
+def test_problems_in_a_later_slice_name_the_files_own_line(tmp_path, monkeypatch, line, text, says):
+    from twotower_cli.data import text_slices
+
+    lines = [b"query\tdocument\tlabel\n"] + [f"query {i}\tdocument {i}\t1\n".encode() for i in range(2, 80)]
+    lines[line - 1] = text
+    path = tmp_path / "p.tsv"
+    path.write_bytes(b"".join(lines))
+    monkeypatch.setattr(text_slices, "SLICE_BYTES", 300)
+    with pytest.raises(DataError, match=re.escape(f"{path}: {says}")):
+        read_pairs_rows(path, folder=tmp_path / "t")

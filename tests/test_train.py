@@ -175,6 +175,33 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_pairs, tmp_pa
     assert steps == sorted(set(steps))  # no step logged twice after the resumes
 
 
+def test_a_run_saved_before_newer_settings_resumes_with_its_own_model_config(tiny_pairs, tmp_path):
+    """An interrupted run from an older version: its config.json lacks settings added since (and the model key
+    idf_power, which it trained at 1.0). It resumes without an error, rebuilt from the model config it saved."""
+    stops = iter([False] * 3 + [True])
+    cfg = small_cfg(tmp_path, epochs=2)
+    part = run_train(cfg, tiny_pairs, Hooks(), lambda: next(stops, True))
+    assert part.interrupted
+    path = part.run_dir / "config.json"
+    saved = json.loads(path.read_text())
+    for key in ("val_min_queries", "val_max_queries"):
+        del saved["settings"]["train"][key]
+    del saved["settings"]["model"]["idf_power"], saved["model"]["idf_power"]
+    path.write_text(json.dumps(saved))
+    done = run_train(cfg, None, Hooks(), lambda: False, resume=part.run_dir.name)
+    assert not done.interrupted
+    model, _, _ = load_model(done.run_dir)
+    assert model.cfg.idf_power == 1.0  # as it was trained, not today's default (0.75)
+
+
+def test_epoch_lines_of_a_partial_epoch_say_the_step():
+    from twotower_cli.cli.train_cmd import epoch_line
+
+    assert epoch_line({"epoch": 2.0, "step": 80, "epoch/loss": 0.5}) == "epoch 2: loss 0.5000"
+    assert epoch_line({"epoch": 0.0285307, "step": 100, "epoch/loss": 0.74, "val/mrr@10": 0.7}) == \
+        "epoch 0.0285 (step 100): loss 0.7400  val/mrr@10 0.7000"
+
+
 def test_seed_spelling_aliases_and_settings(cli, tiny_pairs, tmp_path):
     res = cli("train", tiny_pairs, "--batch_size", "32", "--learning_rate", "0.002", "--epochs", "1",
               "--embedding_dim", "16", "--hidden_dim", "32", "--max-document-length", "64",

@@ -79,6 +79,7 @@ RULES: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("train", "seed"): at_least(0, 2**31 - 1),
     ("train", "val_fraction"): below_one,
     ("train", "val_corpus_size"): at_least(0),
+    ("train", "val_max_queries"): at_least(0),
     ("train", "val_min_queries"): at_least(0),
     ("train", "device"): device,
     ("train", "precision"): one_of("fp32", "bf16"),

@@ -89,7 +89,9 @@ def plain_hooks():
 def epoch_line(record: dict) -> str:
     vals = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("val/", "eval/"))
                      and isinstance(v, float))
-    return f"epoch {record['epoch']:g}: loss {record['epoch/loss']:.4f}  {vals}".rstrip()
+    e = record["epoch"]  # a fraction when --max-steps ends an epoch early
+    at = f"{e:g}" if e == int(e) else f"{e:.3g} (step {record.get('step', '?')})"
+    return f"epoch {at}: loss {record['epoch/loss']:.4f}  {vals}".rstrip()
 
 
 class StopFlag:
@@ -147,7 +149,8 @@ def train(
     margin: Annotated[Optional[float], setting("train", "margin", "--margin", help="Margin of the triplet loss.")] = None,
     seed: Annotated[Optional[int], setting("train", "seed", "--seed", help="Seed of the split, batch order, negatives and initial weights.")] = None,
     val_fraction: Annotated[Optional[float], setting("train", "val_fraction", "--val-fraction", help="Share of queries held out for validation.")] = None,
-    val_corpus_size: Annotated[Optional[int], setting("train", "val_corpus_size", "--val-corpus-size", help="Documents searched in validation (0: all).")] = None,
+    val_max_queries: Annotated[Optional[int], setting("train", "val_max_queries", "--val-max-queries", help="Most queries held out for validation (0: no cap).")] = None,
+    val_corpus_size: Annotated[Optional[int], setting("train", "val_corpus_size", "--val-corpus-size", help="Documents searched in validation: all up to N, else a sample of N keeping the positives (0: all).")] = None,
     eval_dir: Annotated[Optional[Path], Opt("--eval", readable=False, metavar="EVAL", show_default=False, help="Extra evaluation folder (BEIR or Parquet layout), scored each epoch.")] = None,
     runs_dir: RunsDirOpt = None,
     run_name: Annotated[Optional[str], setting("train", "run_name", "--run-name", metavar="NAME", help="Name prefix of the run folder (letters, digits, . _ -).")] = None,
@@ -181,6 +184,7 @@ def train(
         ("data", "max_query_length"): max_query_length, ("data", "max_document_length"): max_document_length,
         ("data", "tokenize"): tokenize, ("train", "temperature"): temperature, ("train", "margin"): margin,
         ("train", "seed"): seed, ("train", "val_fraction"): val_fraction, ("train", "val_corpus_size"): val_corpus_size,
+        ("train", "val_max_queries"): val_max_queries,
         ("train", "runs_dir"): str(runs_dir) if runs_dir else None, ("train", "run_name"): run_name,
         ("train", "keep_checkpoint"): keep_checkpoint,
         ("wandb", "enabled"): wandb, ("wandb", "project"): wandb_project, ("wandb", "entity"): wandb_entity,

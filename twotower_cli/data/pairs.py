@@ -65,13 +65,17 @@ def file_format(p: Path) -> str:
 
 
 def read_text(p: Path) -> str:
-    data = p.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
+    return decode(p, p.read_bytes())
+
+
+def decode(p: Path, data: bytes, line: int = 1) -> str:
+    """UTF-8 text (a byte-order mark dropped, CRLF as LF) of ``data``, the file's bytes from line ``line`` on."""
+    if line == 1 and data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
+        line += data.count(b"\n", 0, exc.start)
         raise DataError(f"{p}: line {line} is not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
                         "re-encode the file as UTF-8") from None
     return text.replace("\r\n", "\n")
@@ -108,13 +112,20 @@ def read_delimited(p: Path, sep: str, wanted: list[str]) -> tuple[pl.DataFrame, 
     return df, 2
 
 
-def read_tsv(p: Path, text: str, lines: list[str], first: list[str], has_header: bool, wanted: list[str]):
+def tsv_quotes(lines: list[str]) -> bool:
+    """Whether a TSV quotes fields: one of its first 1,000 lines has a field starting with a double quote."""
+    return any(f.startswith('"') for ln in lines[: 1000] for f in ln.split("\t"))
+
+
+def read_tsv(p: Path, text: str, lines: list[str], first: list[str], has_header: bool, wanted: list[str],
+             quoted: bool | None = None, base: int = 1):
     """The seed's plain TSV (a line a row, no quoting), or standard quoted TSV (as Polars and spreadsheets write
     it: fields with tabs, quotes or line breaks in double quotes). The plain reading is tried first; a file that
-    quotes fields, or that only parses with quoting, is read with Polars; the line scan words errors precisely."""
+    quotes fields (``quoted``; None: `tsv_quotes`), or that only parses with quoting, is read with Polars; the
+    line scan words errors precisely. ``base``: the file's number of ``lines[0]`` (a slice of a file)."""
     width = len(first)
     bad_line = next((i for i, ln in enumerate(lines) if ln.count("\t") + 1 != width), None)
-    quoted = any(f.startswith('"') for ln in lines[: 1000] for f in ln.split("\t"))
+    quoted = tsv_quotes(lines) if quoted is None else quoted
     if quoted:  # only a file that quotes fields is read with quoting (a plain ragged line is an error below)
         try:
             df = pl.read_csv(text.encode(), separator="\t", has_header=has_header, infer_schema=False,
@@ -132,7 +143,7 @@ def read_tsv(p: Path, text: str, lines: list[str], first: list[str], has_header:
                         "[<TAB>label] or a header naming the columns")
     if bad_line is not None:
         n = lines[bad_line].count("\t") + 1
-        raise DataError(f"{p}: line {bad_line + 1} has {n} tab-separated fields, expected {width}; fix that line "
+        raise DataError(f"{p}: line {bad_line + base} has {n} tab-separated fields, expected {width}; fix that line "
                         "(a tab inside a text must be removed, or the field put in double quotes)")
     names = first if has_header else ["query", "document", "label"][:width]
     body = lines[1:] if has_header else lines

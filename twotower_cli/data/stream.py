@@ -5,8 +5,8 @@ query and document gets an integer id: texts are numbered in the order they firs
 distinct text is written once to a `TextStore` on disk. What stays in memory is integers: three per row (query
 id, document id, label) and three per distinct text (two 64-bit hashes and its id, to recognise it again).
 
-Parquet files are streamed (Polars reads row groups in slices). Text formats (TSV, CSV, JSON lines) are read
-whole by `load_pairs`, whose line-by-line checks need the whole text, and then go through the same steps.
+Parquet files are streamed (Polars reads row groups in slices); text formats (TSV, CSV, JSON lines) are read in
+slices of whole records by `data.text_slices`, each parsed as the whole file would be.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from twotower_cli.data.pairs import (
     file_format,
     first_line,
     label_error,
-    load_pairs,
     missing_column_error,
     no_positives_error,
     pairs_frame,
     parquet_schema,
     usable_rows,
 )
+from twotower_cli.data.text_slices import TextSlices
 from twotower_cli.data.text_store import StoreWriter
 from twotower_cli.data.vocab import MAX_CODEPOINT, codepoint_counts, prepare
 from twotower_cli.errors import DataError
@@ -136,12 +136,9 @@ def read_pairs_rows(path, cols: tuple[str, str, str] = ("query", "document", "la
             raise DataError(f"{p}: file is empty")
         return number_rows(p, parquet_slices(p, cols, rows), cols, lambda r: f"row {r + 1}", folder, lowercase,
                            normalised=False)
-    pairs = load_pairs(p, *cols)
-    if pairs.n_bad_labels:
-        r, v = pairs.bad_labels[0]
-        raise label_error(p, pairs.n_bad_labels, pairs.where(r), v)
-    slices = ((a, pairs.df.slice(a, rows)) for a in range(0, pairs.df.height, rows))
-    return number_rows(p, slices, cols, pairs.where, folder, lowercase, normalised=True)
+    text = TextSlices(p, file_format(p), list(cols))
+    where = (lambda r: f"line {r + text.line_offset}") if text.line_offset else (lambda r: f"row {r + 1}")
+    return number_rows(p, text, cols, where, folder, lowercase, normalised=False)
 
 
 def rows_in_memory(df: pl.DataFrame, lowercase: bool | None = None) -> PairRows:

@@ -88,18 +88,19 @@ MIN_FOR_VALIDATION = 10  # fewer queries with a positive: no validation split (t
 
 
 def build(df: pl.DataFrame, vocab, max_query_length: int, max_document_length: int, val_fraction: float,
-          seed: int, eager: bool = True, val_min_queries: int = 0) -> TrainingSet:
+          seed: int, eager: bool = True, val_min_queries: int = 0, val_max_queries: int = 0) -> TrainingSet:
     """The training set of a frame of usable pairs held in memory (see `from_rows`)."""
     from twotower_cli.data.stream import rows_in_memory
 
     return from_rows(rows_in_memory(df), vocab, max_query_length, max_document_length, val_fraction, seed, eager,
-                     val_min_queries)
+                     val_min_queries, val_max_queries)
 
 
 def from_rows(rows, vocab, max_query_length: int, max_document_length: int, val_fraction: float, seed: int,
-              eager: bool = True, val_min_queries: int = 0) -> TrainingSet:
+              eager: bool = True, val_min_queries: int = 0, val_max_queries: int = 0) -> TrainingSet:
     """The training set of a file's numbered rows (`data.stream.PairRows`). ``eager``: tokenise every text now
-    (one process); else only the rows a step uses, when it uses them."""
+    (one process); else only the rows a step uses, when it uses them. ``val_max_queries``: validation holds out
+    at most this many queries (0: no cap): the rest of a large file trains."""
     queries, documents = rows.queries, rows.documents
     nq, nd = len(queries), len(documents)
     qid, did, label = rows.qid, rows.did, rows.label
@@ -111,6 +112,8 @@ def from_rows(rows, vocab, max_query_length: int, max_document_length: int, val_
     candidates = np.unique(pos_q)
     n_val = 0 if val_fraction <= 0 or len(candidates) < MIN_FOR_VALIDATION else \
         max(1, int(round(val_fraction * len(candidates))), min(val_min_queries, len(candidates) // 5))
+    if val_max_queries > 0:
+        n_val = min(n_val, max(val_max_queries, min(val_min_queries, len(candidates) // 5)))
     if n_val >= len(candidates):
         raise DataError(f"validation would take all {len(candidates)} queries with a positive; "
                         "lower --val-fraction or use more data")

@@ -19,10 +19,9 @@ def retrieval_examples(run_dir: Path, model, ts, device, doc_embeddings: torch.T
         atomic_write_json(run_dir / "retrieval_examples.json", [])
         atomic_write_json(run_dir / "similarities.json", {"positive": [], "negative": []})
         return
-    if doc_embeddings is None:
-        de = embed_tokens(model.encode_documents, ts.d_tokens, device)
-    else:
-        de = doc_embeddings.to(device).float()
+    # the default index's rows stay where they are (a mapped file, maybe larger than memory): exact_topk reads
+    # them in chunks, and only the rows compared below are copied
+    de = embed_tokens(model.encode_documents, ts.d_tokens, device) if doc_embeddings is None else doc_embeddings
     allq = ts.val_q[:2000]
     all_qe = embed_tokens(model.encode_queries, ts.q_tokens[allq.to(ts.q_tokens.device)], device)
     qsel, qe = allq[:n_queries], all_qe[:n_queries]
@@ -40,7 +39,7 @@ def retrieval_examples(run_dir: Path, model, ts, device, doc_embeddings: torch.T
     pos_docs = torch.tensor([next(iter(rel)) for rel in ts.val_qrels[:2000]], device=de.device)
     g = torch.Generator().manual_seed(0)
     rnd = torch.randint(0, de.shape[0], (len(allq),), generator=g).to(de.device)
-    pos = (all_qe * de[pos_docs]).sum(-1).cpu().tolist()
-    neg = (all_qe * de[rnd]).sum(-1).cpu().tolist()
+    pos = (all_qe * de[pos_docs].to(all_qe.device).float()).sum(-1).cpu().tolist()
+    neg = (all_qe * de[rnd].to(all_qe.device).float()).sum(-1).cpu().tolist()
     atomic_write_json(run_dir / "similarities.json", {"positive": [round(x, 4) for x in pos],
                                                       "negative": [round(x, 4) for x in neg]})

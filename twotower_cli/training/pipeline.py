@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from twotower_cli.config import Config
+from twotower_cli.config import FIELDS, Config
 from twotower_cli.errors import ArtifactError, TrainingError, UsageError
 from twotower_cli.model.artifacts import header_metadata, read_config, write_config
 from twotower_cli.model.towers import ModelConfig, TwoTower
@@ -54,6 +54,19 @@ def sample_val_corpus(ts: TrainingSet, size: int, seed: int):
     return docs, [{remap[d]: g for d, g in rel.items()} for rel in ts.val_qrels]
 
 
+# what a run saved before a setting existed did (so that it resumes on the same split); else today's default
+BEFORE_SETTING = {("train", "val_min_queries"): 0, ("train", "val_max_queries"): 0, ("train", "val_corpus_size"): 0}
+
+
+def stored_settings(stored: dict) -> dict:
+    """A run's saved settings, completed with what each setting added since it was saved meant for it."""
+    out = {s: dict(v) for s, v in stored.items() if isinstance(v, dict)}
+    for section, keys in FIELDS.items():
+        for key, (default, _) in keys.items():
+            out.setdefault(section, {}).setdefault(key, BEFORE_SETTING.get((section, key), default))
+    return out
+
+
 def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume: str | None = None,
               eval_dir: Path | None = None) -> TrainSummary:
     runs_dir = Path(cfg.train.runs_dir)
@@ -67,7 +80,7 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
         if not isinstance(stored.get("settings"), dict) or not isinstance(stored.get("data"), dict):
             raise ArtifactError(f"{run_dir / 'config.json'}: has no 'settings' or 'data' section; this run cannot "
                                 "be resumed: train a new one")
-        cfg = Config({s: dict(v) for s, v in stored["settings"].items()}, cfg.sources).with_overrides(
+        cfg = Config(stored_settings(stored["settings"]), cfg.sources).with_overrides(
             {("train", "device"): cfg.train.device, ("train", "runs_dir"): str(runs_dir)}, "flag")
         cfg.values["wandb"]["api_key"] = ""
         data = Path(data or stored["data"]["path"])
@@ -131,7 +144,9 @@ def train_prepared(cfg: Config, p: Prepared, data: Path, hooks: Hooks, should_st
     if p.batch_size != t.batch_size:
         cfg = cfg.with_overrides({("train", "batch_size"): p.batch_size}, "fitted to the data")
         t = cfg.train
-    mcfg = model_config(cfg, p.vocab)
+    # a resumed run is rebuilt from the model config it saved (keys added since take ModelConfig's defaults: what
+    # older models did)
+    mcfg = ModelConfig(**read_config(resume_dir)["model"]) if resume_dir else model_config(cfg, p.vocab)
     torch.manual_seed(t.seed)
     model = TwoTower(mcfg).to(device)
     ts = p.ts.to(device) if device.type == "cuda" else p.ts

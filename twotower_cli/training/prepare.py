@@ -98,7 +98,7 @@ def prepare_in(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: 
     size = 4 * (len(rows.queries) * d.max_query_length + len(rows.documents) * d.max_document_length)
     eager = d.tokenize == "upfront" or (d.tokenize == "auto" and ddp is None and size <= UPFRONT_LIMIT)
     ts = from_rows(rows, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed, eager=eager,
-                   val_min_queries=t.val_min_queries)
+                   val_min_queries=t.val_min_queries, val_max_queries=t.val_max_queries)
     world = ddp.world if ddp else 1
     batch = t.batch_size
     if batch * world > ts.n_train:
@@ -111,6 +111,13 @@ def prepare_in(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: 
     if t.val_fraction > 0 and len(ts.val_q) == 0:
         messages.append("too few queries for a validation split: none is held out, and the epoch with the lowest "
                         "loss is kept")
+    if t.val_max_queries and len(ts.val_q) == t.val_max_queries < \
+            round(t.val_fraction * (len(ts.val_q) + len(torch.unique(ts.pos_q)))):
+        messages.append(f"validation holds out {t.val_max_queries:,} queries, fewer than --val-fraction "
+                        f"{t.val_fraction:g} would (--val-max-queries caps it; 0: no cap)")
+    if 0 < t.val_corpus_size < len(ts.documents) and len(ts.val_q):
+        messages.append(f"validation searches {t.val_corpus_size:,} of the {len(ts.documents):,} documents, a "
+                        "sample that keeps every validation positive (--val-corpus-size 0: all of them)")
     if ts.n_train < TOO_SMALL:
         messages.append(f"only {ts.n_train} training pairs: too few to learn much from; the run is trained, but "
                         "expect the lexical baseline (BM25) to do as well or better")
