@@ -65,6 +65,24 @@ def worker(rank, world, init_file, tiny_pairs, out_dir):
     dist.destroy_process_group()
 
 
+def test_idf_counted_in_shares_and_added_up_equals_one_count(tiny_pairs):
+    """Under torchrun each process counts every world-th document and the counts are all-reduced (`Dist.add_up`);
+    here three shares are added by hand: the idf and mean words equal one process counting every document."""
+    _, ts, one, _ = setup_training(tiny_pairs)
+    rows = torch.arange(len(ts.documents))
+    one.set_idf(ts.d_tokens, rows, batch_size=50)
+    counts = []
+    for rank in range(3):
+        _, _, m, _ = setup_training(tiny_pairs)
+        m.set_idf(ts.d_tokens, rows, batch_size=50, share=(rank, 3, lambda c: counts.append(c.clone())))
+    _, _, shared, _ = setup_training(tiny_pairs)
+    shared.set_idf(ts.d_tokens, rows, batch_size=50, share=(0, 3, lambda c: c.copy_(sum(counts))))
+    assert not torch.equal(counts[0], sum(counts))  # each share counted only its own documents
+    for name in ("idf", "mean_words"):
+        assert torch.equal(getattr(shared.document_tower, name), getattr(one.document_tower, name)), name
+    assert one.document_tower.idf.max() > one.document_tower.idf.min()
+
+
 def test_gathered_negatives_give_the_combined_batch_gradients(tiny_pairs, tmp_path):
     from twotower_cli.training.batches import make_batch
     from twotower_cli.training.loop import batch_loss

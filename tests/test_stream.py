@@ -374,3 +374,62 @@ def test_problems_in_a_later_slice_name_the_files_own_line(tmp_path, monkeypatch
     monkeypatch.setattr(text_slices, "SLICE_BYTES", 300)
     with pytest.raises(DataError, match=re.escape(f"{path}: {says}")):
         read_pairs_rows(path, folder=tmp_path / "t")
+
+
+def whole_outcome(path):
+    """What training read from a text file before slices: load_pairs, then the usable rows (or the error)."""
+    from twotower_cli.data.pairs import label_error, load_pairs, usable_rows
+
+    try:
+        pairs = load_pairs(path)
+        if pairs.n_bad_labels:
+            r, v = pairs.bad_labels[0]
+            raise label_error(path, pairs.n_bad_labels, pairs.where(r), v)
+    except DataError as exc:
+        return str(exc)
+    df = pairs.df.filter(usable_rows())
+    return df["query"].to_list(), df["document"].to_list(), df["label"].to_list()
+
+
+def sliced_outcome(path, folder):
+    try:
+        rows = read_pairs_rows(path, folder=folder)
+    except DataError as exc:
+        return str(exc)
+    return ([rows.queries[i] for i in rows.qid.tolist()], [rows.documents[i] for i in rows.did.tolist()],
+            rows.label.tolist())
+
+
+T = b"query\tdocument\tlabel\n"
+ODD_FILES = {  # found by an adversarial pass over the sliced reader (each once read differently)
+    "header-then-one-row.tsv": b"query\tdocument\nq\td\n",
+    "stray-quote.csv": b'query,document\nq,d "',
+    "empty.tsv": b"",
+    "newlines.tsv": b"\n\n",
+    "duplicate-other-column.csv": b"a,a\nx,y\n",
+    "headerless-quoted-newline.tsv": b'"a\nb"\tx\nq\td\nr\te\n',
+    "quoted-then-ragged.tsv": T + b'"a\tb"\td\t1\n' + b"q\td\t1\n" * 15 + b"x\ty\t1\tz\n" + b"q\td\t0\n" * 5,
+    "quoted-then-unclosed.tsv": b'query\tdocument\n"a\tb"\td\nq0\td0\n"open\tx\nq1\td1\n',
+    "quote-only-in-a-field.tsv": b'"a"\tb\n"x"y\tz\n',
+    "blank-lines.jsonl": b'{"query":"q","document":"d"}\n\n\n{"query":"r","document":"e"}\n',
+    "null-query-first.jsonl": b'{"query":null,"document":"d","label":1}\n{"query":"q","document":"d","label":1}\n',
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_FILES))
+@pytest.mark.parametrize("size", [1, 7, 50, None])
+def test_odd_files_read_in_slices_as_the_whole_file_reads_them(tmp_path, monkeypatch, name, size):
+    from twotower_cli.data import text_slices
+
+    path = tmp_path / name
+    path.write_bytes(ODD_FILES[name])
+    if size:
+        monkeypatch.setattr(text_slices, "SLICE_BYTES", size)
+    assert sliced_outcome(path, tmp_path / "t") == whole_outcome(path)
+
+
+def test_quoting_is_decided_on_the_first_thousand_lines_however_long(tmp_path):
+    path = tmp_path / "long.tsv"
+    path.write_bytes(b"query\tdocument\nq\t" + b"d" * (1 << 21) + b'\n"a\tb"\td\n')
+    assert sliced_outcome(path, tmp_path / "t") == whole_outcome(path)
+    assert whole_outcome(path)[0] == ["q", "a\tb"]

@@ -117,6 +117,21 @@ def tsv_quotes(lines: list[str]) -> bool:
     return any(f.startswith('"') for ln in lines[: 1000] for f in ln.split("\t"))
 
 
+def read_quoted_tsv(text: str, has_header: bool, wanted: list[str]) -> pl.DataFrame | None:
+    """A TSV read with double-quoted fields, or None where it does not parse so (or gives no usable columns)."""
+    try:
+        df = pl.read_csv(text.encode(), separator="\t", has_header=has_header, infer_schema=False,
+                         quote_char='"', raise_if_empty=True)
+    except (pl.exceptions.PolarsError, ValueError):
+        return None
+    if has_header:
+        return df
+    if df.width not in (2, 3):
+        return None
+    df.columns = ["query", "document", "label"][: df.width]
+    return df.rename({"query": wanted[0], "document": wanted[1]} | ({"label": wanted[2]} if df.width == 3 else {}))
+
+
 def read_tsv(p: Path, text: str, lines: list[str], first: list[str], has_header: bool, wanted: list[str],
              quoted: bool | None = None, base: int = 1):
     """The seed's plain TSV (a line a row, no quoting), or standard quoted TSV (as Polars and spreadsheets write
@@ -127,17 +142,9 @@ def read_tsv(p: Path, text: str, lines: list[str], first: list[str], has_header:
     bad_line = next((i for i, ln in enumerate(lines) if ln.count("\t") + 1 != width), None)
     quoted = tsv_quotes(lines) if quoted is None else quoted
     if quoted:  # only a file that quotes fields is read with quoting (a plain ragged line is an error below)
-        try:
-            df = pl.read_csv(text.encode(), separator="\t", has_header=has_header, infer_schema=False,
-                             quote_char='"', raise_if_empty=True)
-            if has_header or df.width in (2, 3):
-                if not has_header:
-                    df.columns = ["query", "document", "label"][: df.width]
-                    df = df.rename({"query": wanted[0], "document": wanted[1]} |
-                                   ({"label": wanted[2]} if df.width == 3 else {}))
-                return df, (2 if has_header else 1)
-        except (pl.exceptions.PolarsError, ValueError):
-            pass
+        df = read_quoted_tsv(text, has_header, wanted)
+        if df is not None:
+            return df, (2 if has_header else 1)
     if not has_header and width not in (2, 3):
         raise DataError(f"{p}: line 1 has {width} tab-separated fields; expected query<TAB>document"
                         "[<TAB>label] or a header naming the columns")
@@ -202,7 +209,7 @@ def as_text(df: pl.DataFrame, col: str, p: Path) -> pl.Series:
     s = df.get_column(col)
     if s.dtype == pl.String:
         return s
-    if s.dtype.is_numeric() or s.dtype == pl.Boolean:
+    if s.dtype.is_numeric() or s.dtype in (pl.Boolean, pl.Null):  # Null: a JSON column of nulls only
         return s.cast(pl.String)
     raise DataError(f"{p}: column '{col}' has type {s.dtype}, expected text")
 

@@ -22,27 +22,37 @@ from twotower_cli.data.pairs import (
     decode,
     first_line,
     missing_column_error,
+    read_quoted_tsv,
     read_tsv,
     tsv_quotes,
 )
 from twotower_cli.errors import DataError
 
 SLICE_BYTES = 32 << 20
-HEAD_BYTES = 1 << 20  # read first, to find the header and whether fields are quoted
+HEAD_LINES = 1000  # read first: the header, and whether a TSV quotes fields (`tsv_quotes` looks at as many)
+
+
+def record_ends(data: bytes, quoted: bool) -> np.ndarray:
+    """Where each whole record of ``data`` ends (the position after its line break); ``data`` starts at a
+    record."""
+    a = np.frombuffer(data, np.uint8)
+    breaks = np.flatnonzero(a == 10)
+    if quoted:
+        breaks = breaks[np.searchsorted(np.flatnonzero(a == 34), breaks) % 2 == 0]
+    return breaks + 1
 
 
 def record_end(data: bytes, quoted: bool) -> int:
-    """Where the last whole record of ``data`` ends (0: none yet); ``data`` starts at a record."""
+    """Where the last whole record of ``data`` ends (0: none yet)."""
     if not quoted:
         return data.rfind(b"\n") + 1
-    a = np.frombuffer(data, np.uint8)
-    breaks = np.flatnonzero(a == 10)
-    outside = breaks[np.searchsorted(np.flatnonzero(a == 34), breaks) % 2 == 0]
-    return int(outside[-1]) + 1 if len(outside) else 0
+    ends = record_ends(data, quoted)
+    return int(ends[-1]) if len(ends) else 0
 
 
-def byte_slices(p: Path, quoted: bool, size: int):
-    """(the file's number of its first line, bytes) of consecutive slices of whole records, about ``size`` each."""
+def byte_slices(p: Path, quoted: bool, size: int, first: int = 0):
+    """(the file's number of its first line, bytes) of consecutive slices of whole records, about ``size`` each.
+    The first slice goes past byte ``first`` (the end of the header: a slice is never the header alone)."""
     with open(p, "rb") as f:
         line, rest = 1, b""
         while True:
@@ -53,48 +63,69 @@ def byte_slices(p: Path, quoted: bool, size: int):
                     yield line, data
                 return
             cut = record_end(data, quoted)
-            if cut:
+            if cut > (first if line == 1 else 0):
                 yield line, data[:cut]
                 line += data.count(b"\n", 0, cut)
-            rest = data[cut:]
+                data = data[cut:]
+            rest = data
 
 
 class TextSlices:
     """(row offset, frame as read) for each slice of a text pairs file; ``line_offset``: a row's line is its index
-    plus this (0 for JSON lines, whose messages name rows)."""
+    plus this (0 for JSON lines, whose messages name rows).
+
+    Where the slices may still differ from the whole file: the first problem in the file's order is the one
+    reported (the whole file reported a UTF-8 error anywhere before any other); JSON lines' types are inferred per
+    slice (a column of 1 and 2.5 reads "1" and "2.5", not "1.0" and "2.5")."""
 
     def __init__(self, p: Path, fmt: str, wanted: list[str], size: int | None = None):
         self.p, self.fmt, self.wanted, self.size = p, fmt, wanted, size or SLICE_BYTES
         self.sep = TEXT_FORMATS.get(p.suffix.lower(), "\t")
-        with open(p, "rb") as f:  # whole lines: 1,000 of them (what `tsv_quotes` looks at) or about HEAD_BYTES
-            raw, n = [], 0
-            for ln in f:
-                raw.append(ln)
-                n += len(ln)
-                if len(raw) >= 1000 or n >= HEAD_BYTES:
-                    break
+        if p.stat().st_size == 0:
+            raise DataError(f"{p}: file is empty")
+        with open(p, "rb") as f:
+            raw = [ln for _, ln in zip(range(HEAD_LINES), f)]
         head = decode(p, b"".join(raw))
+        if not head and fmt != "jsonl":  # a byte-order mark alone
+            raise DataError(f"{p}: file is empty; expected rows of query{self.sep!r}document{self.sep!r}label")
         lines = head.split("\n")
-        if not head.strip("\n"):
-            sep = repr(self.sep)
-            raise DataError(f"{p}: file is empty" + ("" if fmt == "jsonl" else
-                                                      f"; expected rows of query{sep}document{sep}label"))
-        self.first = lines[0]
-        names = [f.strip('"') for f in self.first.split(self.sep)]
-        self.header = fmt == "csv" or (fmt == "tsv" and wanted[0] in names and wanted[1] in names)
-        if self.header:
+        names = [f.strip('"') for f in lines[0].split(self.sep)]
+        named = wanted[0] in names and wanted[1] in names
+        self.header = fmt == "csv" or (fmt == "tsv" and named)
+        if fmt != "jsonl" and named:
             dup = sorted({c for c in names if names.count(c) > 1})
             if dup:
                 raise DataError(f"{p}: the header names column '{dup[0]}' twice; rename one of them")
         self.quoted = fmt == "csv" or (fmt == "tsv" and tsv_quotes(lines))
+        # the first record: put in front of every later slice (a header, or the row that sets a TSV's width)
+        ends = record_ends(b"".join(raw), self.quoted)
+        self.first_end = int(ends[0]) if len(ends) else len(b"".join(raw))
+        self.first = decode(p, b"".join(raw)[: self.first_end]).removesuffix("\n")
         self.line_offset = 0 if fmt == "jsonl" else 2 if self.header else 1
         self.columns: list[str] | None = None
+        self.plain = False  # the first slice of a quoted TSV only parsed without quoting: so are the others
+
+    def slices(self):
+        return byte_slices(self.p, self.quoted, self.size, self.first_end if self.header else 0)
+
+    def quotes_hold(self) -> bool:
+        """Whether every slice of a quoted TSV parses with quoting. The whole file is read a line a row when it
+        does not, so it is checked first (Polars parses a 32 MB slice in well under a second)."""
+        for line, data in self.slices():
+            text = decode(self.p, data, line)
+            if read_quoted_tsv(self.first + "\n" + text if line > 1 else text, self.header, self.wanted) is None:
+                return False
+        return True
 
     def __iter__(self):
+        if self.fmt == "tsv" and self.quoted:  # (an unclosed quote makes a slice of what follows it, at any size)
+            self.plain = not self.quotes_hold()
         rows = 0
-        for line, data in byte_slices(self.p, self.quoted, self.size):
-            frame = self.parse(decode(self.p, data, line), line)
-            frame = self.same_columns(frame, rows)
+        for line, data in self.slices():
+            text = decode(self.p, data, line)
+            if self.fmt == "jsonl" and not text.strip():  # blank lines only: no rows (as in the whole file)
+                continue
+            frame = self.same_columns(self.parse(text, line), rows)
             yield rows, frame
             rows += frame.height
 
@@ -106,8 +137,10 @@ class TextSlices:
             except Exception as exc:
                 raise DataError(f"{p}: cannot parse as JSON lines ({first_line(exc)}); one JSON object per "
                                 "line") from None
-        if line > 1:  # the file's first line in front: the header, or the line that sets a TSV's width
+        ahead = 0
+        if line > 1:  # the file's first record in front: the header, or the row that sets a TSV's width
             text = self.first + "\n" + text
+            ahead = self.first.count("\n") + 1
         lines = text.split("\n")
         if lines[-1] == "":
             lines.pop()
@@ -118,9 +151,13 @@ class TextSlices:
                 return pl.read_csv(text.encode(), infer_schema=False, raise_if_empty=True)
             except (pl.exceptions.PolarsError, ValueError) as exc:
                 raise DataError(f"{p}: cannot parse as CSV ({first_line(exc)})") from None
-        first = [f.strip('"') for f in lines[0].split("\t")]
-        df, _ = read_tsv(p, text, lines, first, self.header, self.wanted, self.quoted, line - (line > 1))
-        return df if self.header or line == 1 else df.slice(1)  # without a header the first line is a row
+        df = read_quoted_tsv(text, self.header, self.wanted) if self.quoted and not self.plain else None
+        if df is None and self.quoted and not self.plain:
+            self.plain = True  # as the whole file would be: read a line a row (`quotes_hold` checked the others)
+        if df is None:
+            first = [f.strip('"') for f in lines[0].split("\t")]
+            df, _ = read_tsv(p, text, lines, first, self.header, self.wanted, False, line - ahead if ahead else 1)
+        return df if self.header or not ahead else df.slice(1)  # without a header the first record is a row
 
     def same_columns(self, frame: pl.DataFrame, rows: int) -> pl.DataFrame:
         """The first slice's wanted columns in every slice (JSON lines may drop a key: its values are missing)."""

@@ -158,14 +158,17 @@ class NgramEncoder(nn.Module):
             texts.append(er[same])
         return torch.cat(raws), torch.cat(kinds), torch.cat(texts), B
 
+    def bucket(self, raw: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+        # a multiplication modulo the prime 2**31 - 1 spreads every bit of the value over the low bits that pick the
+        # bucket (the older x * MIX % 2**32 % buckets kept x % buckets for power-of-two buckets: no mixing at all)
+        return (raw + kind * 0x3C6EF372) * 0x5BD1E995 % MOD % self.buckets
+
     def tfidf_features(self, raw: torch.Tensor, kind: torch.Tensor, text: torch.Tensor, B: int):
         """The bag of an idf model: each distinct feature of a text once, weighted by (1 + ln tf) x idf^power; the
         trigrams and the words of a text are each scaled to unit length, then weighted so that words carry
         ``word_share`` of the squared norm (words are what BM25 matches; trigrams catch spelling and morphology).
         Buckets come from a mix that separates the kinds of feature (the older hash did not)."""
-        # a multiplication modulo the prime 2**31 - 1 spreads every bit of the value over the low bits that pick the
-        # bucket (the older x * MIX % 2**32 % buckets kept x % buckets for power-of-two buckets: no mixing at all)
-        buckets = (raw + kind * 0x3C6EF372) * 0x5BD1E995 % MOD % self.buckets
+        buckets = self.bucket(raw, kind)
         group = text * 3 + kind
         key, tf = torch.unique(group * self.buckets + buckets, return_counts=True)  # sorted: grouped by text
         group, buckets = key // self.buckets, key % self.buckets
@@ -257,23 +260,26 @@ class TwoTower(nn.Module):
         return out
 
     @torch.no_grad()
-    def set_idf(self, d_tokens, rows: torch.Tensor, batch_size: int = 4096) -> None:
+    def set_idf(self, d_tokens, rows: torch.Tensor, batch_size: int = 4096, share=None) -> None:
         """Inverse document frequencies of the n-gram buckets over the documents ``d_tokens[rows]``:
-        ln((1 + N) / (1 + df)) + 1, the smoothed idf of scikit-learn. Both towers share it."""
+        ln((1 + N) / (1 + df)) + 1, the smoothed idf of scikit-learn. Both towers share it. ``share``: (rank,
+        world, sum) under torchrun: each process counts every world-th document, and ``sum`` adds the counts of
+        all processes in place (integers in float64: the same idf as one process counting them all)."""
         enc = self.document_tower
         n_docs = int(rows.numel())
-        df = torch.zeros(enc.buckets, dtype=torch.float64, device=enc.idf.device)
-        words = 0.0
-        for s in range(0, n_docs, batch_size):
-            ids = d_tokens[rows[s:s + batch_size]].to(enc.idf.device)
-            words += float(enc.word_counts(ids).clamp(min=1.0).sum())
-            hashes, _, offsets = enc.features(ids)
-            counts = torch.diff(offsets, append=torch.tensor([hashes.numel()], device=offsets.device))
-            text = torch.repeat_interleave(torch.arange(ids.shape[0], device=ids.device), counts)
-            uniq = torch.unique(text * enc.buckets + hashes)  # each (text, bucket) once
-            df += torch.bincount(uniq % enc.buckets, minlength=enc.buckets).double()
-        enc.idf.copy_((torch.log((1.0 + n_docs) / (1.0 + df)) + 1.0).float())
-        enc.mean_words.fill_(words / max(n_docs, 1))
+        mine = rows[share[0]::share[1]] if share else rows
+        # [document frequency of each bucket..., words]
+        counts = torch.zeros(enc.buckets + 1, dtype=torch.float64, device=enc.idf.device)
+        for s in range(0, len(mine), batch_size):
+            ids = d_tokens[mine[s:s + batch_size]].to(enc.idf.device).long()
+            counts[-1] += enc.word_counts(ids).clamp(min=1.0).sum().double()
+            raw, kind, text, _ = enc.selected_features(ids)  # the buckets only: weights are what idf sets
+            uniq = torch.unique(text * enc.buckets + enc.bucket(raw, kind))  # each (text, bucket) once
+            counts[:-1] += torch.bincount(uniq % enc.buckets, minlength=enc.buckets).double()
+        if share:
+            share[2](counts)
+        enc.idf.copy_((torch.log((1.0 + n_docs) / (1.0 + counts[:-1])) + 1.0).float())
+        enc.mean_words.fill_(float(counts[-1]) / max(n_docs, 1))
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The state dict without aliases: what a safetensors file holds (it refuses shared tensors)."""

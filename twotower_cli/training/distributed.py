@@ -43,6 +43,10 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def add_up(self, t: torch.Tensor) -> None:
+        """``t`` becomes the sum of every process' ``t`` (in place)."""
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
     def barrier(self) -> None:
         dist.barrier()
 

@@ -153,7 +153,9 @@ def train_prepared(cfg: Config, p: Prepared, data: Path, hooks: Hooks, should_st
     if mcfg.idf and not resume_dir:  # from the training documents only: validation positives stay unseen
         keep = torch.ones(len(ts.documents), dtype=torch.bool)
         keep[[d for rel in ts.val_qrels for d in rel]] = False
-        model.set_idf(ts.d_tokens, torch.nonzero(keep).flatten())
+        # under torchrun each process counts its share of the documents, and the counts are added up
+        model.set_idf(ts.d_tokens, torch.nonzero(keep).flatten(), share=(ddp.rank, ddp.world, ddp.add_up) if ddp
+                      else None)
     hooks.message(plan(p, t, device, ddp, resume_dir))
     for m in p.messages:  # said before training, where they explain what follows
         hooks.message(f"note: {m}")
