@@ -194,6 +194,68 @@ def test_a_run_saved_before_newer_settings_resumes_with_its_own_model_config(tin
     assert model.cfg.idf_power == 1.0  # as it was trained, not today's default (0.75)
 
 
+def test_a_run_stopped_while_finishing_resumes_to_the_same_run(tiny_pairs, tmp_path, monkeypatch):
+    """A stop after training (while the index is built: an hour for 10M documents on a CPU) leaves a run that
+    `--resume` finishes: the model trained is kept, not trained again, and the run equals one never stopped."""
+    from twotower_cli.retrieval import build
+
+    full = run_train(small_cfg(tmp_path / "a", epochs=2), tiny_pairs, Hooks(), lambda: False)
+    real = build.build_index
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "build_index", stopped)
+    cfg = small_cfg(tmp_path / "b", epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, tiny_pairs, Hooks(), lambda: False)
+    run_dir = next(p for p in (tmp_path / "b" / "runs").iterdir() if not p.name.startswith("."))
+    assert not (tmp_path / "b" / "runs" / "latest").exists() and (run_dir / "checkpoint.safetensors").exists()
+    monkeypatch.setattr(build, "build_index", real)
+    done = run_train(cfg, None, Hooks(), lambda: False, resume=run_dir.name)
+    assert not done.interrupted and (tmp_path / "b" / "runs" / "latest").resolve() == run_dir
+    steps = [r["step"] for r in records(done.run_dir) if "train/loss" in r]
+    assert steps == sorted(set(steps))  # nothing trained twice
+    for name in ("config.json", "run.json"):  # the same choices: the lexical weight, the default search
+        a_json, b_json = (json.loads((r / name).read_text()) for r in (full.run_dir, done.run_dir))
+        for key in ("model", "lexical_choice", "search"):
+            assert a_json.get(key) == b_json.get(key), (name, key)
+    a, _, _ = load_model(full.run_dir)
+    b, _, _ = load_model(done.run_dir)
+    for name, t in a.weights().items():
+        torch.testing.assert_close(t, b.weights()[name], atol=1e-6, rtol=0, msg=name)
+    assert done.best == pytest.approx(full.best)
+
+
+def test_a_stop_request_while_finishing_stops_at_once_and_says_how_to_finish(capsys):
+    import os
+    import signal
+
+    import typer
+
+    from twotower_cli.cli.train_cmd import StopFlag
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        stop = StopFlag()
+        stop.install()
+        stop.arm()
+        os.kill(os.getpid(), signal.SIGTERM)  # training: only asks the loop to stop after its step
+        assert stop() and stop.signum == signal.SIGTERM
+        stop.signum = None
+        stop.finishing("20261128-120000-abcd")
+        with pytest.raises(typer.Exit) as exit_:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert exit_.value.exit_code == 143
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+    err = capsys.readouterr().err
+    assert "stopped while finishing the run" in err and "twotower train --resume 20261128-120000-abcd" in err
+
+
 def test_epoch_lines_of_a_partial_epoch_say_the_step():
     from twotower_cli.cli.train_cmd import epoch_line
 

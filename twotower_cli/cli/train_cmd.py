@@ -94,14 +94,27 @@ def epoch_line(record: dict) -> str:
     return f"epoch {at}: loss {record['epoch/loss']:.4f}  {vals}".rstrip()
 
 
+def resume_command(run_id: str, runs_dir: str) -> str:
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # a DDP checkpoint resumes with as many processes
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    nodes = f" --nnodes {world // local} (and the same rendezvous options)" if world != local else ""
+    launcher = f"torchrun --nproc_per_node {local}{nodes} -m twotower_cli" if world > 1 else "twotower"
+    cmd = f"{launcher} train --resume " + shlex.quote(run_id)
+    return cmd + (" --runs-dir " + shlex.quote(str(runs_dir)) if runs_dir != "runs" else "")
+
+
 class StopFlag:
     """Ctrl-C / SIGTERM: finish the step, checkpoint, exit 130/143. A second Ctrl-C stops at once. Before training
     has started (`arm`: the run folder exists) there is nothing to checkpoint: the first one stops at once, while
-    the file is still being read (which takes minutes for a large file), and what was written is removed."""
+    the file is still being read (which takes minutes for a large file), and what was written is removed. After
+    training (`finishing`: the default index and the choices, an hour for 10M documents on a CPU) it stops at once
+    too: the trained model's checkpoint is kept, and `--resume` finishes the run."""
 
-    def __init__(self):
+    def __init__(self, resume_command=None):
         self.signum = None
         self.armed = False
+        self.finishing_run = None
+        self.resume_command = resume_command or (lambda run_id: f"twotower train --resume {run_id}")
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -109,8 +122,18 @@ class StopFlag:
     def arm(self) -> None:
         self.armed = True
 
+    def finishing(self, run_id: str) -> None:
+        self.finishing_run = run_id
+
     def install(self):
         def handler(signum, frame):
+            if self.finishing_run is not None:
+                self.signum = signum
+                note(f"\n[yellow]{signal.Signals(signum).name}: stopped while finishing the run[/] (the default "
+                     "index, the choices on validation); the trained model's checkpoint is kept. Finish it with: "
+                     f"{self.resume_command(self.finishing_run)}")
+                raise typer.Exit(143) if signum == signal.SIGTERM else KeyboardInterrupt
+
             if not self.armed or (self.signum is not None and signum == signal.SIGINT):
                 self.signum = signum
                 if signum == signal.SIGTERM:
@@ -199,7 +222,7 @@ def train(
     from twotower_cli.training.loop import Hooks
 
     hooks = Hooks() if quiet else bar_hooks(err) if interactive() else plain_hooks()
-    stop = StopFlag()
+    stop = StopFlag(lambda run_id: resume_command(run_id, cfg.train.runs_dir))
     stop.install()
     summary = run_train(cfg, data, hooks, stop, resume=resume, eval_dir=eval_dir)
     if rank != 0:
@@ -209,15 +232,8 @@ def train(
     for m in summary.messages:
         note(f"[yellow]note:[/] {m}")
     if summary.interrupted:
-        world = int(os.environ.get("WORLD_SIZE", "1"))  # a DDP checkpoint resumes with as many processes
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        nodes = f" --nnodes {world // local} (and the same rendezvous options)" if world != local else ""
-        launcher = f"torchrun --nproc_per_node {local}{nodes} -m twotower_cli" if world > 1 else "twotower"
-        cmd = f"{launcher} train --resume " + shlex.quote(summary.run_dir.name)
-        if cfg.train.runs_dir != "runs":
-            cmd += " --runs-dir " + shlex.quote(str(cfg.train.runs_dir))
         note(f"[yellow]stopped[/]: checkpoint written to {summary.run_dir / 'checkpoint.safetensors'}")
-        note(f"resume with: {cmd}")
+        note(f"resume with: {resume_command(summary.run_dir.name, cfg.train.runs_dir)}")
         raise typer.Exit(143 if stop.signum == signal.SIGTERM else 130)
     warn_if_weak(summary, cfg)
     show_summary(summary)

@@ -144,9 +144,10 @@ def train_prepared(cfg: Config, p: Prepared, data: Path, hooks: Hooks, should_st
     if p.batch_size != t.batch_size:
         cfg = cfg.with_overrides({("train", "batch_size"): p.batch_size}, "fitted to the data")
         t = cfg.train
-    # a resumed run is rebuilt from the model config it saved (keys added since take ModelConfig's defaults: what
-    # older models did)
-    mcfg = ModelConfig(**read_config(resume_dir)["model"]) if resume_dir else model_config(cfg, p.vocab)
+    mcfg = model_config(cfg, p.vocab)
+    if resume_dir:  # rebuilt from the model config it saved (keys added since take ModelConfig's defaults: what
+        # older models did); with the lexical weight it was trained at (finishing stores the one it chose)
+        mcfg = ModelConfig(**{**read_config(resume_dir)["model"], "lexical_weight": mcfg.lexical_weight})
     torch.manual_seed(t.seed)
     model = TwoTower(mcfg).to(device)
     ts = p.ts.to(device) if device.type == "cuda" else p.ts
@@ -188,6 +189,8 @@ def train_and_finish(cfg: Config, p: Prepared, model, run_dir: Path, device, hoo
                                 f"checkpoint in {run_dir} is kept") from None
         summary = TrainSummary(run_dir, out.interrupted, out.best_epoch, out.best, out.history)
         if not out.interrupted and main:
+            if hasattr(should_stop, "finishing"):  # from here a stop request stops at once (`--resume` finishes)
+                should_stop.finishing(run_dir.name)
             summary.search = finish_run(run_dir, runs_dir, model, p.vocab, p.ts, device, out, hooks, val_docs,
                                         val_qrels, cfg)
             tracker.log_artifacts(run_dir, {**out.best, "step": out.global_step})
