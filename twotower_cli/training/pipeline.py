@@ -191,8 +191,10 @@ def train_and_finish(cfg: Config, p: Prepared, model, run_dir: Path, device, hoo
         if not out.interrupted and main:
             if hasattr(should_stop, "finishing"):  # from here a stop request stops at once (`--resume` finishes)
                 should_stop.finishing(run_dir.name)
+            summary.interrupted = True  # until finished: W&B closes a run stopped here with exit code 1
             summary.search = finish_run(run_dir, runs_dir, model, p.vocab, p.ts, device, out, hooks, val_docs,
                                         val_qrels, cfg)
+            summary.interrupted = False
             tracker.log_artifacts(run_dir, {**out.best, "step": out.global_step})
             summary.written = {"run": run_dir, "model": run_dir / "model.safetensors",
                                "metrics": run_dir / "metrics.jsonl", "index": run_dir / "index" / "default",
