@@ -110,11 +110,11 @@ class StopFlag:
     training (`finishing`: the default index and the choices, an hour for 10M documents on a CPU) it stops at once
     too: the trained model's checkpoint is kept, and `--resume` finishes the run."""
 
-    def __init__(self, resume_command=None):
+    def __init__(self, runs_dir: str = "runs"):
         self.signum = None
         self.armed = False
         self.finishing_run = None
-        self.resume_command = resume_command or (lambda run_id: f"twotower train --resume {run_id}")
+        self.runs_dir = runs_dir
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -131,7 +131,7 @@ class StopFlag:
                 self.signum = signum
                 note(f"\n[yellow]{signal.Signals(signum).name}: stopped while finishing the run[/] (the default "
                      "index, the choices on validation); the trained model's checkpoint is kept. Finish it with: "
-                     f"{self.resume_command(self.finishing_run)}")
+                     f"{resume_command(self.finishing_run, self.runs_dir)}")
                 raise typer.Exit(143) if signum == signal.SIGTERM else KeyboardInterrupt
 
             if not self.armed or (self.signum is not None and signum == signal.SIGINT):
@@ -222,7 +222,7 @@ def train(
     from twotower_cli.training.loop import Hooks
 
     hooks = Hooks() if quiet else bar_hooks(err) if interactive() else plain_hooks()
-    stop = StopFlag(lambda run_id: resume_command(run_id, cfg.train.runs_dir))
+    stop = StopFlag(cfg.train.runs_dir)
     stop.install()
     summary = run_train(cfg, data, hooks, stop, resume=resume, eval_dir=eval_dir)
     if rank != 0:

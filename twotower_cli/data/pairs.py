@@ -90,26 +90,49 @@ def read_lines(p: Path, sep: str, empty_hint: str = "") -> tuple[str, list[str],
         lines.pop()
     if not lines:
         raise DataError(f"{p}: file is empty{empty_hint}")
-    return text, lines, [f.strip('"') for f in lines[0].split(sep)]
+    return text, lines, fields(lines[0], sep)
+
+
+def fields(line: str, sep: str) -> list[str]:
+    """A line's fields, unquoted: what a header line names."""
+    return [f.strip('"') for f in line.split(sep)]
+
+
+def has_header(p: Path, first: list[str], wanted: list[str]) -> bool:
+    """Whether the first line's fields name the wanted query and document columns; naming a column twice is an
+    error then."""
+    if not (wanted[0] in first and wanted[1] in first):
+        return False
+    dup = sorted({c for c in first if first.count(c) > 1})
+    if dup:
+        raise DataError(f"{p}: the header names column '{dup[0]}' twice; rename one of them")
+    return True
+
+
+def parse_csv(p: Path, text: str, lines: list[str]) -> pl.DataFrame:
+    """A CSV's text (``lines``: its lines, less a final empty one), every column as text."""
+    if len(lines) < 2:  # CSV always starts with a header; missing columns are reported by the caller
+        raise DataError(f"{p}: has a header but no rows")
+    try:
+        return pl.read_csv(text.encode(), infer_schema=False, raise_if_empty=True)
+    except (pl.exceptions.PolarsError, ValueError) as exc:
+        raise DataError(f"{p}: cannot parse as CSV ({first_line(exc)})") from None
+
+
+def parse_jsonl(p: Path, text: str) -> pl.DataFrame:
+    try:
+        return pl.read_ndjson(text.encode(), infer_schema_length=None)
+    except Exception as exc:
+        raise DataError(f"{p}: cannot parse as JSON lines ({first_line(exc)}); one JSON object per line") from None
 
 
 def read_delimited(p: Path, sep: str, wanted: list[str]) -> tuple[pl.DataFrame, int]:
     """Read TSV/CSV; a header is detected from the wanted column names. Returns (frame, line offset)."""
     text, lines, first = read_lines(p, sep, f"; expected rows of query{sep!r}document{sep!r}label")
-    has_header = wanted[0] in first and wanted[1] in first
-    if has_header:
-        dup = sorted({c for c in first if first.count(c) > 1})
-        if dup:
-            raise DataError(f"{p}: the header names column '{dup[0]}' twice; rename one of them")
+    header = has_header(p, first, wanted)
     if sep == "\t":
-        return read_tsv(p, text, lines, first, has_header, wanted)
-    if len(lines) < 2:  # CSV always starts with a header; missing columns are reported by the caller
-        raise DataError(f"{p}: has a header but no rows")
-    try:
-        df = pl.read_csv(text.encode(), infer_schema=False, raise_if_empty=True)
-    except (pl.exceptions.PolarsError, ValueError) as exc:
-        raise DataError(f"{p}: cannot parse as CSV ({first_line(exc)})") from None
-    return df, 2
+        return read_tsv(p, text, lines, first, header, wanted)
+    return parse_csv(p, text, lines), 2
 
 
 def tsv_quotes(lines: list[str]) -> bool:
@@ -196,11 +219,7 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> tup
         except Exception as exc:
             raise DataError(f"{p}: cannot read Parquet data ({first_line(exc)})") from None
     if fmt == "jsonl":
-        text = read_text(p)
-        try:
-            df = pl.read_ndjson(text.encode(), infer_schema_length=None)
-        except Exception as exc:
-            raise DataError(f"{p}: cannot parse as JSON lines ({first_line(exc)}); one JSON object per line") from None
+        df = parse_jsonl(p, read_text(p))
         return (df.select([c for c in columns if c in df.columns]) if columns else df), 0
     return read_delimited(p, TEXT_FORMATS[p.suffix.lower()], columns or ["query", "document", "label"])
 

@@ -20,8 +20,11 @@ import polars as pl
 from twotower_cli.data.pairs import (
     TEXT_FORMATS,
     decode,
-    first_line,
+    fields,
+    has_header,
     missing_column_error,
+    parse_csv,
+    parse_jsonl,
     read_quoted_tsv,
     read_tsv,
     tsv_quotes,
@@ -84,26 +87,21 @@ class TextSlices:
         if p.stat().st_size == 0:
             raise DataError(f"{p}: file is empty")
         with open(p, "rb") as f:
-            raw = [ln for _, ln in zip(range(HEAD_LINES), f)]
-        head = decode(p, b"".join(raw))
+            raw = b"".join(ln for _, ln in zip(range(HEAD_LINES), f))
+        head = decode(p, raw)
         if not head and fmt != "jsonl":  # a byte-order mark alone
             raise DataError(f"{p}: file is empty; expected rows of query{self.sep!r}document{self.sep!r}label")
         lines = head.split("\n")
-        names = [f.strip('"') for f in lines[0].split(self.sep)]
-        named = wanted[0] in names and wanted[1] in names
+        named = fmt != "jsonl" and has_header(p, fields(lines[0], self.sep), wanted)
         self.header = fmt == "csv" or (fmt == "tsv" and named)
-        if fmt != "jsonl" and named:
-            dup = sorted({c for c in names if names.count(c) > 1})
-            if dup:
-                raise DataError(f"{p}: the header names column '{dup[0]}' twice; rename one of them")
         self.quoted = fmt == "csv" or (fmt == "tsv" and tsv_quotes(lines))
         # the first record: put in front of every later slice (a header, or the row that sets a TSV's width)
-        ends = record_ends(b"".join(raw), self.quoted)
-        self.first_end = int(ends[0]) if len(ends) else len(b"".join(raw))
-        self.first = decode(p, b"".join(raw)[: self.first_end]).removesuffix("\n")
+        ends = record_ends(raw, self.quoted)
+        self.first_end = int(ends[0]) if len(ends) else len(raw)
+        self.first = decode(p, raw[: self.first_end]).removesuffix("\n")
         self.line_offset = 0 if fmt == "jsonl" else 2 if self.header else 1
         self.columns: list[str] | None = None
-        self.plain = False  # the first slice of a quoted TSV only parsed without quoting: so are the others
+        self.plain = False  # a quoted TSV some slice of which does not parse with quoting: read a line a row
 
     def slices(self):
         return byte_slices(self.p, self.quoted, self.size, self.first_end if self.header else 0)
@@ -112,10 +110,16 @@ class TextSlices:
         """Whether every slice of a quoted TSV parses with quoting. The whole file is read a line a row when it
         does not, so it is checked first (Polars parses a 32 MB slice in well under a second)."""
         for line, data in self.slices():
-            text = decode(self.p, data, line)
-            if read_quoted_tsv(self.first + "\n" + text if line > 1 else text, self.header, self.wanted) is None:
+            if read_quoted_tsv(self.with_first(decode(self.p, data, line), line)[0], self.header, self.wanted) is None:
                 return False
         return True
+
+    def with_first(self, text: str, line: int) -> tuple[str, int]:
+        """A slice's text with the file's first record in front (the header, or the row that sets a TSV's width),
+        and that record's number of lines (0 for the first slice, which starts with it)."""
+        if line == 1:
+            return text, 0
+        return self.first + "\n" + text, self.first.count("\n") + 1
 
     def __iter__(self):
         if self.fmt == "tsv" and self.quoted:  # (an unclosed quote makes a slice of what follows it, at any size)
@@ -130,33 +134,19 @@ class TextSlices:
             rows += frame.height
 
     def parse(self, text: str, line: int) -> pl.DataFrame:
-        p = self.p
         if self.fmt == "jsonl":
-            try:
-                return pl.read_ndjson(text.encode(), infer_schema_length=None)
-            except Exception as exc:
-                raise DataError(f"{p}: cannot parse as JSON lines ({first_line(exc)}); one JSON object per "
-                                "line") from None
-        ahead = 0
-        if line > 1:  # the file's first record in front: the header, or the row that sets a TSV's width
-            text = self.first + "\n" + text
-            ahead = self.first.count("\n") + 1
+            return parse_jsonl(self.p, text)
+        text, ahead = self.with_first(text, line)
         lines = text.split("\n")
         if lines[-1] == "":
             lines.pop()
         if self.fmt == "csv":
-            if len(lines) < 2:  # CSV always starts with a header
-                raise DataError(f"{p}: has a header but no rows")
-            try:
-                return pl.read_csv(text.encode(), infer_schema=False, raise_if_empty=True)
-            except (pl.exceptions.PolarsError, ValueError) as exc:
-                raise DataError(f"{p}: cannot parse as CSV ({first_line(exc)})") from None
-        df = read_quoted_tsv(text, self.header, self.wanted) if self.quoted and not self.plain else None
-        if df is None and self.quoted and not self.plain:
-            self.plain = True  # as the whole file would be: read a line a row (`quotes_hold` checked the others)
-        if df is None:
-            first = [f.strip('"') for f in lines[0].split("\t")]
-            df, _ = read_tsv(p, text, lines, first, self.header, self.wanted, False, line - ahead if ahead else 1)
+            return parse_csv(self.p, text, lines)
+        if self.quoted and not self.plain:  # `quotes_hold`: every slice parses with quoting
+            df = read_quoted_tsv(text, self.header, self.wanted)
+        else:
+            df, _ = read_tsv(self.p, text, lines, fields(lines[0], "\t"), self.header, self.wanted, False,
+                             line - ahead if ahead else 1)
         return df if self.header or not ahead else df.slice(1)  # without a header the first record is a row
 
     def same_columns(self, frame: pl.DataFrame, rows: int) -> pl.DataFrame:
