@@ -71,14 +71,32 @@ def test_exact_lexical_rows_numpy_and_torch_agree(run):
     api = twotower_cli.load(run)
     assert api.config.lexical_exact  # the default model
     model, vocab, _ = load_model(run)
-    texts = random_texts()
-    for side, max_len in (("query", api.config.max_query_length), ("document", api.config.max_document_length)):
+    texts = random_texts() + [" ".join(f"word{i}" for i in range(400))]  # 3,000 characters
+    for side, max_len in (("query", api.config.max_query_length), ("document", api.config.max_document_length),
+                          ("document", api.config.lexical_length)):
         ids = vocab.encode(pl.Series(texts).str.normalize("NFKC"), max_len)
         ref = lexical_rows(model, torch.from_numpy(ids), side, "cpu")
         got = api._numpy_towers().lexical_rows(ids, side)
         np.testing.assert_array_equal(got.indptr, ref.indptr)
         np.testing.assert_array_equal(got.buckets, ref.buckets)
         np.testing.assert_allclose(got.weights, ref.weights, atol=1e-6, rtol=0, err_msg=side)
+
+
+def test_the_exact_lexical_half_reads_past_the_learned_half(run):
+    """A word after the 256 characters the learned half reads still counts: the index's exact lexical rows read
+    2,048 (``data.lexical_document_length``). Read as far as the learned half, the two documents are the same."""
+    import twotower_cli
+
+    api = twotower_cli.load(run)
+    assert (api.config.max_document_length, api.config.lexical_length) == (256, 2048)
+    filler = " ".join(pl.read_parquet(SAMPLE)["document"].unique().sort().head(5).to_list())[:300]
+    docs = [filler + " zyzzogeton", filler + " quoddity", "a text editor", "the GNU C compiler"]
+    api.index_documents(docs, name="far", ids=["far", "other", "editor", "gcc"])
+    hits = api.use_index("far").search("zyzzogeton", k=4, mode="dense")[0]
+    score = {h.id: h.score for h in hits}
+    assert hits[0].id == "far" and score["far"] - score["other"] > 0.01, score
+    learned = api.encode_documents(docs[:2])
+    np.testing.assert_allclose(learned[0], learned[1], atol=1e-6)  # the embeddings cannot tell them apart
 
 
 def test_search_scores_are_the_learned_half_plus_the_exact_lexical_half(run):
@@ -93,7 +111,7 @@ def test_search_scores_are_the_learned_half_plus_the_exact_lexical_half(run):
     towers = api._numpy_towers()
 
     def dicts(texts, side):
-        max_len = cfg.max_query_length if side == "query" else cfg.max_document_length
+        max_len = cfg.max_query_length if side == "query" else cfg.lexical_length  # (2,048 characters)
         r = towers.lexical_rows(api.vocab.encode_list(texts, max_len), side)
         return [dict(zip(r.buckets[a:b].tolist(), r.weights[a:b].tolist()))
                 for a, b in zip(r.indptr[:-1], r.indptr[1:])]

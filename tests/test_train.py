@@ -187,11 +187,38 @@ def test_a_run_saved_before_newer_settings_resumes_with_its_own_model_config(tin
     for key in ("val_min_queries", "val_max_queries"):
         del saved["settings"]["train"][key]
     del saved["settings"]["model"]["idf_power"], saved["model"]["idf_power"]
+    del saved["settings"]["data"]["lexical_document_length"], saved["model"]["lexical_document_length"]
     path.write_text(json.dumps(saved))
     done = run_train(cfg, None, Hooks(), lambda: False, resume=part.run_dir.name)
     assert not done.interrupted
     model, _, _ = load_model(done.run_dir)
     assert model.cfg.idf_power == 1.0  # as it was trained, not today's default (0.75)
+    assert model.cfg.lexical_length == model.cfg.max_document_length  # not today's 2,048 characters
+
+
+def test_lexical_rows_read_their_own_length_of_the_same_texts():
+    """`lexical_tokens`: the validation documents tokenised again to the exact lexical half's length (on demand),
+    whether the table was tokenised up front, on demand, or is a subset."""
+    from types import SimpleNamespace
+
+    import polars as pl
+
+    from twotower_cli.data.tokens import TokenTable
+    from twotower_cli.data.vocab import Vocab
+    from twotower_cli.model.config import ModelConfig
+    from twotower_cli.model.encode import lexical_tokens
+
+    texts = pl.Series([("GNU compiler collection " * 9)[: 40 + 17 * i] for i in range(10)])
+    vocab = Vocab.build([texts])
+    model = SimpleNamespace(cfg=ModelConfig(max_document_length=64, lexical_document_length=200))
+    for eager in (True, False):
+        table = TokenTable(texts, vocab, 64, eager)
+        for t, rows in ((table, texts), (table.subset(torch.tensor([7, 2])), texts.gather([7, 2]))):
+            got = lexical_tokens(model, t)
+            assert got.shape == (len(rows), 200)
+            np.testing.assert_array_equal(got[0:len(rows)].numpy(), vocab.encode(rows, 200))
+    same = SimpleNamespace(cfg=ModelConfig(max_document_length=64))
+    assert lexical_tokens(same, table) is table
 
 
 def test_a_run_stopped_while_finishing_resumes_to_the_same_run(tiny_pairs, tmp_path, monkeypatch):

@@ -55,6 +55,7 @@ def device(v) -> str | None:
 RULES: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("data", "max_query_length"): at_least(1, 100_000),
     ("data", "max_document_length"): at_least(1, 1_000_000),
+    ("data", "lexical_document_length"): at_least(0, 1_000_000),
     ("data", "tokenize"): one_of("auto", "upfront", "on-demand"),
     ("vocab", "min_freq"): at_least(1),
     ("vocab", "max_size"): at_least(3, 1_114_112),

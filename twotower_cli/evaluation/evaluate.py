@@ -59,7 +59,11 @@ def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, mod
     n = d_tokens.shape[0]
     de = embed_tokens(model.encode_documents, d_tokens, device, batch_size=8192 if device != "cpu" else 2048,
                       progress=(lambda done: progress(done, n)) if progress else None)
-    d_rows = lexical_rows(model, d_tokens, "document", device) if cfg.lexical_exact else None  # (part of the index)
+    d_rows = None  # (part of the index)
+    if cfg.lexical_exact:
+        lex = d_tokens if cfg.lexical_length == cfg.max_document_length else \
+            torch.from_numpy(vocab.encode(ev.documents, cfg.lexical_length))
+        d_rows = lexical_rows(model, lex, "document", device)
     t0 = time.perf_counter()  # query time: tokenise, embed, search (the corpus is indexed beforehand)
     q_tokens = torch.from_numpy(vocab.encode(ev.queries, cfg.max_query_length))
     qe = embed_tokens(model.encode_queries, q_tokens, device)

@@ -45,6 +45,15 @@ class ModelConfig:
     # search re-scores the best rows with the exact, sparse lexical half (`retrieval/lexical.py`) instead of its
     # hashed sketch alone; the index stores the documents' sparse rows. False for older models.
     lexical_exact: bool = False
+    # exact lexical half of a document (``lexical_exact``): the characters it reads, more than the learned half
+    # when documents are long (it costs no training time: it has no parameters). 0: ``max_document_length``, as
+    # models saved before the setting read.
+    lexical_document_length: int = 0
+
+    @property
+    def lexical_length(self) -> int:
+        """Characters of a document that its exact lexical rows read."""
+        return self.lexical_document_length or self.max_document_length
 
     @property
     def output_dim(self) -> int:

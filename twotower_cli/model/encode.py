@@ -37,3 +37,15 @@ def lexical_rows(model, tokens, side: str, device, batch_size: int = 2048):
         parts.append(SparseRows.from_features(hashes.cpu().numpy(), weights.float().cpu().numpy(),
                                               text.cpu().numpy(), ids.shape[0], scale, math.sqrt(cfg.lexical_weight)))
     return SparseRows.concat(parts)
+
+
+def lexical_tokens(model, table):
+    """The token rows that documents' exact lexical rows read: ``table``'s own (a `data.tokens.TokenTable`) when
+    it reads as many characters, else the same texts tokenised to ``cfg.lexical_length`` a batch at a time, as
+    `lexical_rows` asks for them (a whole table of long rows would be 8 KB a document)."""
+    from twotower_cli.data.tokens import TokenTable
+
+    length = model.cfg.lexical_length
+    if table.max_len == length:
+        return table
+    return TokenTable(table.texts, table.vocab, length, eager=False).to(table.device)

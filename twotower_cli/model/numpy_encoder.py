@@ -29,7 +29,7 @@ class NumpyTowers:
         is_word = np.zeros(cfg.vocab_size, dtype=bool)
         is_word[np.asarray(cfg.word_chars, dtype=np.int64)] = True
         self.is_word = is_word
-        n = max(cfg.max_query_length, cfg.max_document_length) + 2
+        n = max(cfg.max_query_length, cfg.max_document_length, cfg.lexical_length) + 2
         pw, ipw, inv = [1] * n, [1] * n, pow(BASE, MOD - 2, MOD)
         for i in range(1, n):
             pw[i], ipw[i] = pw[i - 1] * BASE % MOD, ipw[i - 1] * inv % MOD

@@ -70,7 +70,7 @@ class NgramEncoder(nn.Module):
         is_word = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         is_word[torch.tensor(cfg.word_chars, dtype=torch.long)] = True
         self.register_buffer("is_word", is_word, persistent=False)
-        n = max(cfg.max_query_length, cfg.max_document_length) + 2
+        n = max(cfg.max_query_length, cfg.max_document_length, cfg.lexical_length) + 2
         pw = [1] * n
         for i in range(1, n):
             pw[i] = pw[i - 1] * BASE % MOD

@@ -174,7 +174,11 @@ def embed_batch(model, vocab, docs, max_len: int, device, lexical: bool, first: 
     if not bool(torch.isfinite(emb).all()):
         raise TrainingError(f"the model gives non-finite embeddings (NaN or infinity) for documents "
                             f"{first + 1}..{first + len(docs)}; its weights are damaged: retrain")
-    return emb.cpu().numpy(), lexical_rows(model, tokens, "document", device) if lexical else None
+    if not lexical:
+        return emb.cpu().numpy(), None
+    if model.cfg.lexical_length != max_len:  # the exact lexical half reads more of a document (no parameters)
+        tokens = torch.from_numpy(vocab.encode(docs, model.cfg.lexical_length)).to(device)
+    return emb.cpu().numpy(), lexical_rows(model, tokens, "document", device)
 
 
 class LexicalWriter:

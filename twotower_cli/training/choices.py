@@ -70,7 +70,7 @@ def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[
     ``RERANK`` best rows of the embeddings as trained."""
     import numpy as np
 
-    from twotower_cli.model.encode import lexical_rows
+    from twotower_cli.model.encode import lexical_rows, lexical_tokens
     from twotower_cli.retrieval.lexical import RERANK, candidates, first_pass
 
     n_lex, w0 = model.cfg.lexical_dim, model.cfg.lexical_weight
@@ -79,7 +79,8 @@ def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[
                                  for s in range(0, first.shape[0], chunk)]).numpy(), qe.shape[0])
     cand = np.sort(cand, 1)
     repeat = torch.from_numpy(np.pad(cand[:, 1:] == cand[:, :-1], ((0, 0), (1, 0))))  # a row twice: counted once
-    d_rows, q_rows = lexical_rows(model, d_tokens, "document", device), lexical_rows(model, q_tokens, "query", device)
+    d_rows = lexical_rows(model, lexical_tokens(model, d_tokens), "document", device)
+    q_rows = lexical_rows(model, q_tokens, "query", device)
     learned_d, learned_q = de[:, n_lex:].float().cpu().numpy(), qe[:, n_lex:].float().cpu().numpy()
     table = np.zeros(model.cfg.ngram_buckets, dtype=np.float32)
     # not 1.0: the index keeps the learned half at sqrt(1 - weight), and at 0 the first pass (`lexical.first_pass`)
@@ -115,6 +116,10 @@ def choose_search(model, ts, device, doc_emb, index: Path, val_docs, val_qrels, 
         bm = BM25.build(ts.documents.gather(val_docs.cpu().numpy()).to_list())
     qe = embed_tokens(model.encode_queries, ts.q_tokens[ts.val_q], device).cpu()
     corpus = ts.d_tokens if val_docs is None else ts.d_tokens.subset(val_docs)
+    if model.cfg.lexical_exact:
+        from twotower_cli.model.encode import lexical_tokens
+
+        corpus = lexical_tokens(model, corpus)
     if doc_emb is not None and (Path(index) / "lexical.indptr.npy").exists():
         # the index's rows are ts.documents' rows (as for doc_emb): its exact lexical rows are read, not recomputed
         from twotower_cli.model.sparse_rows import SparseRows

@@ -47,6 +47,7 @@ class Prepared:
 
 def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
     m, ngram = cfg.model, cfg.model.encoder == "ngram"
+    exact = bool(m.lexical_exact and ngram and m.idf and m.lexical_dim)
     return ModelConfig(encoder=m.encoder, vocab_size=len(vocab), embedding_dim=m.embedding_dim,
                        hidden_dim=m.hidden_dim, ngram_buckets=m.ngram_buckets,
                        cnn_widths=[int(w) for w in str(m.cnn_widths).split(",") if w.strip()],
@@ -55,7 +56,7 @@ def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
                        word_bigrams=m.word_bigrams, shared_embeddings=m.shared_embeddings, idf=m.idf and ngram,
                        lexical_dim=m.lexical_dim if ngram else 0, lexical_weight=m.lexical_weight,
                        word_share=m.word_share, length_power=m.length_power, idf_power=m.idf_power,
-                       lexical_exact=bool(m.lexical_exact and ngram and m.idf and m.lexical_dim))
+                       lexical_exact=exact, lexical_document_length=cfg.data.lexical_document_length if exact else 0)
 
 
 UPFRONT_LIMIT = 1 << 30  # auto tokenises on demand when the token rows of all texts would take more (bytes)
