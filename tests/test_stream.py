@@ -433,3 +433,71 @@ def test_quoting_is_decided_on_the_first_thousand_lines_however_long(tmp_path):
     path.write_bytes(b"query\tdocument\nq\t" + b"d" * (1 << 21) + b'\n"a\tb"\td\n')
     assert sliced_outcome(path, tmp_path / "t") == whole_outcome(path)
     assert whole_outcome(path)[0] == ["q", "a\tb"]
+
+
+CORPORA = {  # (file, --document-col, --id-col): read in slices by `index` when larger than a slice
+    "lines.txt": (b"\xef\xbb\xbfGNU C compiler\r\n\n  \ntext editor\nlast line, no break", "document", None),
+    "one-a-line.tsv": (b"first text\n\nthird text\nfourth", "document", None),
+    "pairs-layout.tsv": (b"q1\tdoc one\t1\nq2\tdoc two\t0\nq3\tdoc three\t1\n", "document", None),
+    "header-ids.tsv": (b'id\tdocument\na\t"a tab\there"\nb\t"two\nlines"\nc\tplain\n', "document", "id"),
+    "text-column.tsv": (b"text\tn\nalpha\t1\nbeta\t2\ngamma\t3\n", "document", None),
+    "ids.csv": (b'doc_id,body\n7,"quoted, comma"\n8,"line\nbreak"\n9,plain\n', "body", "doc_id"),
+    "ids.jsonl": (b'{"id": 1, "document": "one"}\n\n{"id": 2, "document": "two"}\n{"id": 3, "document": null}\n',
+                  "document", "id"),
+    "text-key.jsonl": (b'{"text": "alpha"}\n{"text": "beta"}\n', "document", None),
+    "ragged.tsv": (b"id\tdocument\na\tx\nb\ty\tz\nc\tw\n", "document", "id"),
+    "no-column.csv": (b"a,b\n1,2\n3,4\n", "document", None),
+    "blank.txt": (b"\n  \n\n", "document", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORPORA))
+@pytest.mark.parametrize("size", [1, 9, 64])
+def test_a_corpus_read_in_slices_is_the_corpus_read_whole(tmp_path, name, size):
+    """`twotower index` reads a text corpus larger than a slice a slice at a time (`corpus.text_corpus`): the same
+    documents, ids and errors as the whole-file reader (a JSON-lines corpus with the default column used to fail
+    with a Polars DuplicateError)."""
+    from twotower_cli.data.corpus import read_corpus, text_corpus
+
+    data, col, id_col = CORPORA[name]
+    path = write(tmp_path / name, data)
+
+    def whole():
+        try:
+            docs, ids = read_corpus(path, col, id_col)
+            return docs.to_list(), ids
+        except DataError as exc:
+            return str(exc)
+
+    def sliced():
+        try:
+            total, slices = text_corpus(path, col, id_col, size)
+            parts = list(slices())
+            docs = [d for p, _ in parts for d in p.to_list()]
+            assert total == len(docs)
+            return docs, ([i for _, ids in parts for i in ids] if id_col else None)
+        except DataError as exc:
+            return str(exc)
+
+    assert sliced() == whole()
+
+
+def test_index_reads_a_large_text_corpus_a_slice_at_a_time(cli, tiny_pairs, tmp_path, monkeypatch):
+    """Above a slice (32 MB; 300 bytes here) the index is built from slices: the same index, chunk by chunk."""
+    from twotower_cli.data import corpus
+
+    docs = pl.read_parquet(tiny_pairs)["document"].unique().sort().head(40)
+    path = tmp_path / "corpus.tsv"
+    pl.DataFrame({"id": [f"d{i}" for i in range(len(docs))], "document": docs}).write_csv(path, separator="\t")
+    small = ["--embedding-dim", "8", "--hidden-dim", "8", "--epochs", "1", "--no-report", "--runs-dir", "runs"]
+    assert cli("train", tiny_pairs, *small).exit_code == 0
+    read = []
+    monkeypatch.setattr(corpus, "read_corpus", lambda *a: read.append(a) or pytest.fail("read whole"))
+    monkeypatch.setattr(corpus, "SLICE_BYTES", 300)
+    res = cli("index", path, "--id-col", "id", "--name", "sliced", "--chunk-rows", "7", "--runs-dir", "runs")
+    assert res.exit_code == 0, res.output
+    meta = json.loads(((tmp_path / "runs" / "latest").resolve() / "index/sliced/meta.json").read_text())
+    assert meta["count"] == len(docs) and not read
+    hits = json.loads(cli("search", docs[5], "--index", "sliced", "--json", "-k", "40", "--mode", "dense",
+                          "--runs-dir", "runs").stdout)
+    assert sorted(h["id"] for h in hits["results"][0]["hits"]) == sorted(f"d{i}" for i in range(len(docs)))

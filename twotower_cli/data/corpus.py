@@ -9,12 +9,16 @@ import polars as pl
 from twotower_cli.data.pairs import (
     as_text,
     check_file,
+    decode,
+    fields,
+    file_format,
     parquet_schema,
     read_lines,
     read_table,
     read_text,
     read_tsv,
 )
+from twotower_cli.data.text_slices import SLICE_BYTES, TextSlices, byte_slices
 from twotower_cli.errors import DataError
 
 
@@ -51,7 +55,7 @@ def read_corpus(path, document_col: str = "document", id_col: str | None = None)
         if not docs:
             raise DataError(f"{p}: no documents (one document per line expected)")
         return pl.Series("document", docs).str.normalize("NFKC"), None
-    cols = [document_col, "document", "text"] + ([id_col] if id_col else [])
+    cols = list(dict.fromkeys([document_col, "document", "text"] + ([id_col] if id_col else [])))  # once each
     if p.suffix.lower() in (".tsv", ".tab"):
         df, header = read_tsv_table(p, (document_col, "document", "text"))
         if not header and id_col:
@@ -68,7 +72,8 @@ def read_corpus(path, document_col: str = "document", id_col: str | None = None)
 
 def corpus_chunks(path, document_col: str = "document", id_col: str | None = None, rows: int = 65536):
     """(total rows, iterator of (documents, ids)). Parquet is read a slice at a time, so indexing a corpus
-    larger than memory holds one chunk of text; other formats are read whole, then cut into chunks."""
+    larger than memory holds one chunk of text; so is a text file larger than a slice (32 MB: `text_corpus`); a
+    smaller one is read whole, then cut into chunks."""
     p = check_file(path)
     if p.suffix.lower() in (".parquet", ".pq"):
         parquet_schema(p)  # the footer only: a clear message for a broken file, no data read
@@ -85,6 +90,9 @@ def corpus_chunks(path, document_col: str = "document", id_col: str | None = Non
                 yield docs, (part[id_col].cast(pl.String).to_list() if id_col else None)
 
         return total, parquet_chunks()
+    if p.stat().st_size > SLICE_BYTES and p.suffix.lower() in (".txt", ".tsv", ".tab", ".csv", ".jsonl", ".ndjson"):
+        total, slices = text_corpus(p, document_col, id_col, SLICE_BYTES)
+        return total, rechunk(slices(), rows)
     docs, ids = read_corpus(p, document_col, id_col)
 
     def memory_chunks():
@@ -92,6 +100,67 @@ def corpus_chunks(path, document_col: str = "document", id_col: str | None = Non
             yield docs.slice(start, rows), (ids[start:start + rows] if ids is not None else None)
 
     return len(docs), memory_chunks()
+
+
+def text_corpus(p: Path, document_col: str, id_col: str | None, size: int | None = None):
+    """(documents, a function giving the (documents, ids) of each slice) of a text corpus read in slices of
+    whole records (`data.text_slices`), as `read_corpus` reads it whole. Every slice is parsed once to count
+    the documents, so a problem anywhere in the file is reported before any is embedded."""
+    suffix = p.suffix.lower()
+    if suffix == ".txt":
+        return counted(lambda: line_slices(p, size, skip_blank=True), p, " (one document per line expected)")
+    names = list(dict.fromkeys([document_col, "document", "text"]))
+    if suffix in (".tsv", ".tab"):
+        with open(p, "rb") as f:
+            first = fields(decode(p, f.readline()).removesuffix("\n"), "\t")
+        header = any(name in first for name in names)
+        if not header and not has_byte(p, b"\t"):  # one text a line (blank ones too, as read whole)
+            return counted(lambda: line_slices(p, size, skip_blank=False), p, "")
+        if not header and id_col:
+            raise DataError(f"{p}: has no header, so no id column '{id_col}'; add a header line or drop --id-col")
+        wanted = list(dict.fromkeys(names + [id_col] if id_col else names)) if header else ["query", "document", "label"]
+        table = TextSlices(p, "tsv", wanted, size, header=header,
+                           check=lambda cols: document_column(cols, document_col, id_col, p))
+    else:
+        table = TextSlices(p, file_format(p), list(dict.fromkeys(names + [id_col] if id_col else names)), size,
+                           check=lambda cols: document_column(cols, document_col, id_col, p))
+
+    def frames():
+        for _, frame in table:
+            col = document_column(frame.columns, document_col, id_col, p)
+            yield (as_text(frame, col, p).fill_null("").str.normalize("NFKC"),
+                   frame[id_col].cast(pl.String).to_list() if id_col else None)
+
+    return counted(frames, p, "")
+
+
+def line_slices(p: Path, size: int | None, skip_blank: bool):
+    """A text file's lines as documents, a slice at a time (a final line break ends the last one)."""
+    for line, data in byte_slices(p, False, size or SLICE_BYTES):
+        lines = decode(p, data, line).split("\n")
+        if data.endswith(b"\n"):
+            lines.pop()
+        docs = [ln for ln in lines if ln.strip()] if skip_blank else lines
+        yield pl.Series("document", docs, dtype=pl.String).str.normalize("NFKC"), None
+
+
+def has_byte(p: Path, byte: bytes, block: int = 1 << 24) -> bool:
+    with open(p, "rb") as f:
+        return any(byte in data for data in iter(lambda: f.read(block), b""))
+
+
+def counted(slices, p: Path, hint: str):
+    total = sum(len(docs) for docs, _ in slices())
+    if total == 0:
+        raise DataError(f"{p}: no documents{hint}")
+    return total, slices
+
+
+def rechunk(slices, rows: int):
+    """(documents, ids) of at most ``rows`` documents each, from slices of any size."""
+    for docs, ids in slices:
+        for start in range(0, len(docs), rows):
+            yield docs.slice(start, rows), (ids[start:start + rows] if ids is not None else None)
 
 
 def read_queries(path) -> list[str]:

@@ -81,8 +81,11 @@ class TextSlices:
     reported (the whole file reported a UTF-8 error anywhere before any other); JSON lines' types are inferred per
     slice (a column of 1 and 2.5 reads "1" and "2.5", not "1.0" and "2.5")."""
 
-    def __init__(self, p: Path, fmt: str, wanted: list[str], size: int | None = None):
-        self.p, self.fmt, self.wanted, self.size = p, fmt, wanted, size or SLICE_BYTES
+    def __init__(self, p: Path, fmt: str, wanted: list[str], size: int | None = None, header: bool | None = None,
+                 check=None):
+        """``wanted``: the columns kept (the first two required, unless ``check(columns)`` checks them);
+        ``header``: whether a TSV has a header line (None: when its first line names the first two wanted)."""
+        self.p, self.fmt, self.wanted, self.size, self.check = p, fmt, wanted, size or SLICE_BYTES, check
         self.sep = TEXT_FORMATS.get(p.suffix.lower(), "\t")
         if p.stat().st_size == 0:
             raise DataError(f"{p}: file is empty")
@@ -92,7 +95,7 @@ class TextSlices:
         if not head and fmt != "jsonl":  # a byte-order mark alone
             raise DataError(f"{p}: file is empty; expected rows of query{self.sep!r}document{self.sep!r}label")
         lines = head.split("\n")
-        named = fmt != "jsonl" and has_header(p, fields(lines[0], self.sep), wanted)
+        named = fmt != "jsonl" and (has_header(p, fields(lines[0], self.sep), wanted) if header is None else header)
         self.header = fmt == "csv" or (fmt == "tsv" and named)
         self.quoted = fmt == "csv" or (fmt == "tsv" and tsv_quotes(lines))
         # the first record: put in front of every later slice (a header, or the row that sets a TSV's width)
@@ -153,7 +156,9 @@ class TextSlices:
         """The first slice's wanted columns in every slice (JSON lines may drop a key: its values are missing)."""
         have = [c for c in self.wanted if c in frame.columns]
         if self.columns is None:
-            for col in self.wanted[:2]:
+            if self.check is not None:
+                self.check(frame.columns)
+            for col in self.wanted[:2] if self.check is None else ():
                 if col not in frame.columns:
                     raise missing_column_error(self.p, col, frame.columns)
             self.columns = have

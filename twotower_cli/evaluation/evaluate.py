@@ -17,6 +17,7 @@ from twotower_cli.retrieval.lexical import search_tokens
 from twotower_cli.retrieval.topk import exact_topk
 
 K = 100
+CHUNK = 65536  # documents tokenised at a time
 
 
 def row(system: str, ranked, ev, seconds: float) -> dict:
@@ -55,15 +56,7 @@ def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, mod
     w = weight if weight is not None else float(choice.get("hybrid_weight", 0.5))
     if mode == "hybrid" and not 0 < w < 1:
         w = 0.5
-    d_tokens = torch.from_numpy(vocab.encode(ev.documents, cfg.max_document_length))
-    n = d_tokens.shape[0]
-    de = embed_tokens(model.encode_documents, d_tokens, device, batch_size=8192 if device != "cpu" else 2048,
-                      progress=(lambda done: progress(done, n)) if progress else None)
-    d_rows = None  # (part of the index)
-    if cfg.lexical_exact:
-        lex = d_tokens if cfg.lexical_length == cfg.max_document_length else \
-            torch.from_numpy(vocab.encode(ev.documents, cfg.lexical_length))
-        d_rows = lexical_rows(model, lex, "document", device)
+    de, d_rows = embed_corpus(model, vocab, ev.documents, device, progress)  # (what an index holds)
     t0 = time.perf_counter()  # query time: tokenise, embed, search (the corpus is indexed beforehand)
     q_tokens = torch.from_numpy(vocab.encode(ev.queries, cfg.max_query_length))
     qe = embed_tokens(model.encode_queries, q_tokens, device)
@@ -96,6 +89,27 @@ def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, mod
     for r in rows:
         r["notes"] = ev.notes
     return rows
+
+
+def embed_corpus(model, vocab, documents, device, progress=None, chunk: int = CHUNK):
+    """The documents' embeddings (on ``device``) and, for models with an exact lexical half, their sparse rows;
+    tokenised a chunk at a time, so memory holds one chunk's token rows (8 KB a document at 2,048 characters),
+    not the corpus's."""
+    from twotower_cli.model.sparse_rows import SparseRows
+
+    cfg, n = model.cfg, len(documents)
+    parts, rows = [], []
+    for s in range(0, n, chunk):
+        docs = documents.slice(s, chunk)
+        tokens = torch.from_numpy(vocab.encode(docs, cfg.max_document_length))
+        parts.append(embed_tokens(model.encode_documents, tokens, device, batch_size=8192 if device != "cpu" else 2048,
+                                  progress=(lambda done, s=s: progress(s + done, n)) if progress else None))
+        if cfg.lexical_exact:  # read to its own length (no parameters: it may read more than the learned half)
+            if cfg.lexical_length != cfg.max_document_length:
+                tokens = torch.from_numpy(vocab.encode(docs, cfg.lexical_length))
+            rows.append(lexical_rows(model, tokens, "document", device))
+    de = torch.cat(parts) if parts else torch.zeros(0, cfg.output_dim, device=device)
+    return de, SparseRows.concat(rows) if cfg.lexical_exact else None
 
 
 def pad(ranked: list[list[int]]) -> list[list[int]]:
