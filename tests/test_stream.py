@@ -413,6 +413,7 @@ ODD_FILES = {  # found by an adversarial pass over the sliced reader (each once 
     "quote-only-in-a-field.tsv": b'"a"\tb\n"x"y\tz\n',
     "blank-lines.jsonl": b'{"query":"q","document":"d"}\n\n\n{"query":"r","document":"e"}\n',
     "null-query-first.jsonl": b'{"query":null,"document":"d","label":1}\n{"query":"q","document":"d","label":1}\n',
+    "blank-first-line.csv": b"\n\nquery,document,label\n" + b"".join(b"q%d,d%d,1\n" % (i, i) for i in range(12)),
 }
 
 
@@ -448,6 +449,13 @@ CORPORA = {  # (file, --document-col, --id-col): read in slices by `index` when 
     "ragged.tsv": (b"id\tdocument\na\tx\nb\ty\tz\nc\tw\n", "document", "id"),
     "no-column.csv": (b"a,b\n1,2\n3,4\n", "document", None),
     "blank.txt": (b"\n  \n\n", "document", None),
+    # found by a differential fuzz of the two readers (each once read differently)
+    "blank-first-line.csv": (b"\r\n\nid,document\n" + b"".join(b"%d,doc number %d\n" % (i, i) for i in range(12)),
+                             "document", "id"),
+    "bom-only.tsv": (b"\xef\xbb\xbf", "document", None),
+    "one-a-line-with-id.tsv": (b"a\nb\n", "document", "id"),
+    "list-id.jsonl": (b'{"document": "a", "id": [1]}\n', "document", "id"),
+    "late-unused-key.jsonl": (b'{"document": "a"}\n{"document": "b", "text": "c"}\n', "document", None),
 }
 
 

@@ -64,7 +64,7 @@ def read_corpus(path, document_col: str = "document", id_col: str | None = None)
         df, _ = read_table(p, cols)
     document_col = document_column(df.columns, document_col, id_col, p)
     docs = as_text(df, document_col, p).fill_null("").str.normalize("NFKC")
-    ids = df[id_col].cast(pl.String).to_list() if id_col else None
+    ids = id_texts(df, id_col, p)
     if len(docs) == 0:
         raise DataError(f"{p}: no documents")
     return docs, ids
@@ -87,7 +87,7 @@ def corpus_chunks(path, document_col: str = "document", id_col: str | None = Non
             for start in range(0, total, rows):
                 part = lazy.slice(start, rows).select([col] + ([id_col] if id_col else [])).collect()
                 docs = as_text(part, col, p).fill_null("").str.normalize("NFKC")
-                yield docs, (part[id_col].cast(pl.String).to_list() if id_col else None)
+                yield docs, id_texts(part, id_col, p)
 
         return total, parquet_chunks()
     if p.stat().st_size > SLICE_BYTES and p.suffix.lower() in (".txt", ".tsv", ".tab", ".csv", ".jsonl", ".ndjson"):
@@ -108,37 +108,49 @@ def text_corpus(p: Path, document_col: str, id_col: str | None, size: int | None
     the documents, so a problem anywhere in the file is reported before any is embedded."""
     suffix = p.suffix.lower()
     if suffix == ".txt":
-        return counted(lambda: line_slices(p, size, skip_blank=True), p, " (one document per line expected)")
+        return counted(lambda: line_slices(p, size, skip_blank=True),
+                       f"{p}: no documents (one document per line expected)")
     names = list(dict.fromkeys([document_col, "document", "text"]))
     if suffix in (".tsv", ".tab"):
         with open(p, "rb") as f:
             first = fields(decode(p, f.readline()).removesuffix("\n"), "\t")
         header = any(name in first for name in names)
-        if not header and not has_byte(p, b"\t"):  # one text a line (blank ones too, as read whole)
-            return counted(lambda: line_slices(p, size, skip_blank=False), p, "")
         if not header and id_col:
             raise DataError(f"{p}: has no header, so no id column '{id_col}'; add a header line or drop --id-col")
-        wanted = list(dict.fromkeys(names + [id_col] if id_col else names)) if header else ["query", "document", "label"]
-        table = TextSlices(p, "tsv", wanted, size, header=header,
-                           check=lambda cols: document_column(cols, document_col, id_col, p))
+        if not header and not has_byte(p, b"\t"):  # one text a line (blank ones too, as read whole)
+            return counted(lambda: line_slices(p, size, skip_blank=False), f"{p}: file is empty")
+        named = list(dict.fromkeys(names + [id_col] if id_col else names))
+        table = TextSlices(p, "tsv", named if header else ["query", "document", "label"], size, header=header)
     else:
-        table = TextSlices(p, file_format(p), list(dict.fromkeys(names + [id_col] if id_col else names)), size,
-                           check=lambda cols: document_column(cols, document_col, id_col, p))
+        table = TextSlices(p, file_format(p), list(dict.fromkeys(names + [id_col] if id_col else names)), size)
+    # the counting pass also finds the columns: a JSON-lines key may first appear in any slice (read whole, the
+    # file's columns are every key of every line)
+    seen, total = {}, 0
+    for _, frame in table.parsed():
+        seen.update(dict.fromkeys(frame.columns))
+        total += frame.height
+    found = [c for c in table.wanted if c in seen] if table.fmt == "jsonl" else list(seen)  # as read whole
+    col = document_column(found, document_col, id_col, p)
+    table.keep(list(dict.fromkeys([col] + ([id_col] if id_col else []))))
+    if total == 0:
+        raise DataError(f"{p}: no documents")
 
     def frames():
         for _, frame in table:
-            col = document_column(frame.columns, document_col, id_col, p)
-            yield (as_text(frame, col, p).fill_null("").str.normalize("NFKC"),
-                   frame[id_col].cast(pl.String).to_list() if id_col else None)
+            yield as_text(frame, col, p).fill_null("").str.normalize("NFKC"), id_texts(frame, id_col, p)
 
-    return counted(frames, p, "")
+    return total, frames
+
+
+def id_texts(df: pl.DataFrame, id_col: str | None, p: Path) -> list | None:
+    return as_text(df, id_col, p).to_list() if id_col else None
 
 
 def line_slices(p: Path, size: int | None, skip_blank: bool):
     """A text file's lines as documents, a slice at a time (a final line break ends the last one)."""
     for line, data in byte_slices(p, False, size or SLICE_BYTES):
         lines = decode(p, data, line).split("\n")
-        if data.endswith(b"\n"):
+        if lines[-1] == "":  # after the final line break (or a byte-order mark alone)
             lines.pop()
         docs = [ln for ln in lines if ln.strip()] if skip_blank else lines
         yield pl.Series("document", docs, dtype=pl.String).str.normalize("NFKC"), None
@@ -149,10 +161,10 @@ def has_byte(p: Path, byte: bytes, block: int = 1 << 24) -> bool:
         return any(byte in data for data in iter(lambda: f.read(block), b""))
 
 
-def counted(slices, p: Path, hint: str):
+def counted(slices, empty: str):
     total = sum(len(docs) for docs, _ in slices())
     if total == 0:
-        raise DataError(f"{p}: no documents{hint}")
+        raise DataError(empty)
     return total, slices
 
 

@@ -32,6 +32,7 @@ from twotower_cli.data.pairs import (
 from twotower_cli.errors import DataError
 
 SLICE_BYTES = 32 << 20
+BOM = b"\xef\xbb\xbf"
 HEAD_LINES = 1000  # read first: the header, and whether a TSV quotes fields (`tsv_quotes` looks at as many)
 
 
@@ -79,13 +80,14 @@ class TextSlices:
 
     Where the slices may still differ from the whole file: the first problem in the file's order is the one
     reported (the whole file reported a UTF-8 error anywhere before any other); JSON lines' types are inferred per
-    slice (a column of 1 and 2.5 reads "1" and "2.5", not "1.0" and "2.5")."""
+    slice (a column of 1 and 2.5 reads "1" and "2.5", not "1.0" and "2.5"; a slice whose values of a column are all
+    lists or objects is an error where the whole file, mixing them with text, read them as text)."""
 
-    def __init__(self, p: Path, fmt: str, wanted: list[str], size: int | None = None, header: bool | None = None,
-                 check=None):
-        """``wanted``: the columns kept (the first two required, unless ``check(columns)`` checks them);
+    def __init__(self, p: Path, fmt: str, wanted: list[str], size: int | None = None, header: bool | None = None):
+        """``wanted``: the columns kept (the first two required), unless ``columns`` is set before reading: then
+        every slice has those (nulls where a JSON-lines slice lacks one);
         ``header``: whether a TSV has a header line (None: when its first line names the first two wanted)."""
-        self.p, self.fmt, self.wanted, self.size, self.check = p, fmt, wanted, size or SLICE_BYTES, check
+        self.p, self.fmt, self.wanted, self.size = p, fmt, wanted, size or SLICE_BYTES
         self.sep = TEXT_FORMATS.get(p.suffix.lower(), "\t")
         if p.stat().st_size == 0:
             raise DataError(f"{p}: file is empty")
@@ -100,11 +102,21 @@ class TextSlices:
         self.quoted = fmt == "csv" or (fmt == "tsv" and tsv_quotes(lines))
         # the first record: put in front of every later slice (a header, or the row that sets a TSV's width)
         ends = record_ends(raw, self.quoted)
-        self.first_end = int(ends[0]) if len(ends) else len(raw)
-        self.first = decode(p, raw[: self.first_end]).removesuffix("\n")
+        k = 0
+        if fmt == "csv":  # Polars skips the empty lines before a CSV's header: its first record is the header
+            while k + 1 < len(ends) and not raw[ends[k - 1] if k else 0:ends[k]].lstrip(BOM).strip(b"\r\n"):
+                k += 1
+        start = int(ends[k - 1]) if k else 0
+        self.first_end = int(ends[k]) if len(ends) else len(raw)
+        self.first = decode(p, raw[start:self.first_end], k + 1).removesuffix("\n")
         self.line_offset = 0 if fmt == "jsonl" else 2 if self.header else 1
         self.columns: list[str] | None = None
+        self.fixed = False  # columns set by the caller
         self.plain = False  # a quoted TSV some slice of which does not parse with quoting: read a line a row
+
+    def keep(self, columns: list[str]) -> None:
+        """Every slice read from now on has exactly these columns."""
+        self.columns, self.fixed = columns, True
 
     def slices(self):
         return byte_slices(self.p, self.quoted, self.size, self.first_end if self.header else 0)
@@ -125,6 +137,11 @@ class TextSlices:
         return self.first + "\n" + text, self.first.count("\n") + 1
 
     def __iter__(self):
+        for rows, frame in self.parsed():
+            yield rows, self.same_columns(frame, rows)
+
+    def parsed(self):
+        """(row offset, frame) of each slice with the columns it has (a JSON-lines slice: its keys)."""
         if self.fmt == "tsv" and self.quoted:  # (an unclosed quote makes a slice of what follows it, at any size)
             self.plain = not self.quotes_hold()
         rows = 0
@@ -132,7 +149,7 @@ class TextSlices:
             text = decode(self.p, data, line)
             if self.fmt == "jsonl" and not text.strip():  # blank lines only: no rows (as in the whole file)
                 continue
-            frame = self.same_columns(self.parse(text, line), rows)
+            frame = self.parse(text, line)
             yield rows, frame
             rows += frame.height
 
@@ -155,10 +172,11 @@ class TextSlices:
     def same_columns(self, frame: pl.DataFrame, rows: int) -> pl.DataFrame:
         """The first slice's wanted columns in every slice (JSON lines may drop a key: its values are missing)."""
         have = [c for c in self.wanted if c in frame.columns]
+        if self.fixed:
+            return frame.with_columns([pl.lit(None, pl.String).alias(c) for c in self.columns
+                                       if c not in frame.columns]).select(self.columns)
         if self.columns is None:
-            if self.check is not None:
-                self.check(frame.columns)
-            for col in self.wanted[:2] if self.check is None else ():
+            for col in self.wanted[:2]:
                 if col not in frame.columns:
                     raise missing_column_error(self.p, col, frame.columns)
             self.columns = have
