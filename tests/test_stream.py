@@ -456,6 +456,9 @@ CORPORA = {  # (file, --document-col, --id-col): read in slices by `index` when 
     "one-a-line-with-id.tsv": (b"a\nb\n", "document", "id"),
     "list-id.jsonl": (b'{"document": "a", "id": [1]}\n', "document", "id"),
     "late-unused-key.jsonl": (b'{"document": "a"}\n{"document": "b", "text": "c"}\n', "document", None),
+    "late-id.jsonl": (b'{"document": "a"}\n{"document": "b", "id": "c"}\n', "document", "id"),
+    "late-asked-column.jsonl": (b'{"document": "x"}\n{"body": "y"}\n', "body", None),
+    "id-is-the-documents.csv": (b"document\na\nb\n", "document", "document"),
 }
 
 
