@@ -84,7 +84,7 @@ class TextSlices:
     lists or objects is an error where the whole file, mixing them with text, read them as text)."""
 
     def __init__(self, p: Path, fmt: str, wanted: list[str], size: int | None = None, header: bool | None = None):
-        """``wanted``: the columns kept (the first two required), unless ``columns`` is set before reading: then
+        """``wanted``: the columns kept (the first two required), unless `keep` names them before reading: then
         every slice has those (nulls where a JSON-lines slice lacks one);
         ``header``: whether a TSV has a header line (None: when its first line names the first two wanted)."""
         self.p, self.fmt, self.wanted, self.size = p, fmt, wanted, size or SLICE_BYTES
