@@ -208,7 +208,7 @@ def test_lexical_rows_read_their_own_length_of_the_same_texts():
     from twotower_cli.model.config import ModelConfig
     from twotower_cli.model.encode import lexical_tokens
 
-    texts = pl.Series([("GNU compiler collection " * 9)[: 40 + 17 * i] for i in range(10)])
+    texts = pl.Series([("GNU compiler İİ collection " * 9)[: 40 + 17 * i] for i in range(10)] + ["İ" * 150])
     vocab = Vocab.build([texts])
     model = SimpleNamespace(cfg=ModelConfig(max_document_length=64, lexical_document_length=200))
     for eager in (True, False):
@@ -216,9 +216,15 @@ def test_lexical_rows_read_their_own_length_of_the_same_texts():
         for t, rows in ((table, texts), (table.subset(torch.tensor([7, 2])), texts.gather([7, 2]))):
             got = lexical_tokens(model, t)
             assert got.shape == (len(rows), 200)
-            np.testing.assert_array_equal(got[0:len(rows)].numpy(), vocab.encode(rows, 200))
+            ids = got[0:len(rows)].numpy()  # as wide as the texts need ('İ' lowercases to two characters)
+            assert ids.shape[1] <= 200 and (ids.shape[1] == 200 or (ids[:, -1] == 0).all())
+            np.testing.assert_array_equal(np.pad(ids, ((0, 0), (0, 200 - ids.shape[1]))), vocab.encode(rows, 200))
     same = SimpleNamespace(cfg=ModelConfig(max_document_length=64))
     assert lexical_tokens(same, table) is table
+    from twotower_cli.model.encode import document_tokens  # a long setting costs what the texts need, not more
+
+    assert document_tokens(vocab, ["GNU", None], 1_000_000).shape == (2, 6)
+    assert document_tokens(vocab, pl.Series(["GNU", "compiler"]), 1_000_000).shape == (2, 16)
 
 
 def test_a_run_stopped_while_finishing_resumes_to_the_same_run(tiny_pairs, tmp_path, monkeypatch):

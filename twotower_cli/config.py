@@ -24,7 +24,7 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "label_col": ("label", "column holding the label (1 relevant, 0 negative); optional in the file"),
         "max_query_length": (128, "characters of a query the model reads (the shipped sample's p95 is ~70)"),
         "max_document_length": (1024, "characters of a document the model reads (Debian p95 is ~800; 1024 measured better than 512)"),
-        "lexical_document_length": (2048, "characters of a document that the exact lexical half reads (ngram models with lexical_exact; 0: max_document_length); it has no parameters, so reading more costs no training time (2048 measured better than 1024 on long documents)"),
+        "lexical_document_length": (2048, "characters of a document that the exact lexical half reads (ngram models with lexical_exact; 0: max_document_length); it has no parameters, so reading more does not slow the training steps; it counts when search re-scores its best rows (2048 measured better than 1024 on long documents)"),
         "tokenize": ("auto", "upfront (all texts before training), on-demand (each step its rows) or auto (upfront for one process unless the token rows would pass 1 GiB, on-demand under torchrun)"),
     },
     "vocab": {

@@ -11,7 +11,7 @@ import torch
 from twotower_cli.evaluation.eval_sets import load_eval
 from twotower_cli.evaluation.metrics import retrieval_metrics
 from twotower_cli.model.artifacts import load_model
-from twotower_cli.model.encode import embed_tokens, lexical_rows
+from twotower_cli.model.encode import document_tokens, embed_tokens, lexical_rows
 from twotower_cli.retrieval.hybrid import CANDIDATES, fuse
 from twotower_cli.retrieval.lexical import search_tokens
 from twotower_cli.retrieval.topk import exact_topk
@@ -104,10 +104,11 @@ def embed_corpus(model, vocab, documents, device, progress=None, chunk: int = CH
         tokens = torch.from_numpy(vocab.encode(docs, cfg.max_document_length))
         parts.append(embed_tokens(model.encode_documents, tokens, device, batch_size=8192 if device != "cpu" else 2048,
                                   progress=(lambda done, s=s: progress(s + done, n)) if progress else None))
-        if cfg.lexical_exact:  # read to its own length (no parameters: it may read more than the learned half)
-            if cfg.lexical_length != cfg.max_document_length:
-                tokens = torch.from_numpy(vocab.encode(docs, cfg.lexical_length))
+        if cfg.lexical_exact and cfg.lexical_length == cfg.max_document_length:
             rows.append(lexical_rows(model, tokens, "document", device))
+        elif cfg.lexical_exact:  # read to its own length (no parameters: it may read more than the learned half)
+            rows += [lexical_rows(model, document_tokens(vocab, docs.slice(b, 2048), cfg.lexical_length), "document",
+                                  device) for b in range(0, len(docs), 2048)]
     de = torch.cat(parts) if parts else torch.zeros(0, cfg.output_dim, device=device)
     return de, SparseRows.concat(rows) if cfg.lexical_exact else None
 

@@ -39,13 +39,37 @@ def lexical_rows(model, tokens, side: str, device, batch_size: int = 2048):
     return SparseRows.concat(parts)
 
 
+def document_tokens(vocab, texts, length: int) -> torch.Tensor:
+    """Token rows of documents (a Polars Series or a list) cut at ``length`` characters, only as wide as the
+    longest needs: lowercasing lengthens a text at most twice ('İ' becomes two characters), so a width of twice
+    the longest text cuts none sooner than ``length`` would, and the rest would be padding (memory and time grew
+    with ``length`` instead of the texts)."""
+    if isinstance(texts, list):
+        longest = max((len(t or "") for t in texts), default=0)
+        return torch.from_numpy(vocab.encode_list(texts, max(1, min(length, 2 * longest))))
+    longest = int(texts.str.len_chars().max() or 0) if len(texts) else 0
+    return torch.from_numpy(vocab.encode(texts, max(1, min(length, 2 * longest))))
+
+
+class LexicalTable:
+    """A token table's texts tokenised to the exact lexical half's length, a batch at a time when asked
+    (`lexical_rows` asks for slices)."""
+
+    def __init__(self, table, length: int):
+        self.table, self.length = table, length
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.table), self.length)
+
+    def __getitem__(self, idx: slice) -> torch.Tensor:
+        from twotower_cli.data.tokens import text_list
+
+        return document_tokens(self.table.vocab, text_list(self.table.texts, idx), self.length).to(self.table.device)
+
+
 def lexical_tokens(model, table):
     """The token rows that documents' exact lexical rows read: ``table``'s own (a `data.tokens.TokenTable`) when
-    it reads as many characters, else the same texts tokenised to ``cfg.lexical_length`` a batch at a time, as
-    `lexical_rows` asks for them (a whole table of long rows would be 8 KB a document)."""
-    from twotower_cli.data.tokens import TokenTable
-
+    it reads as many characters, else the same texts tokenised to ``cfg.lexical_length`` a batch at a time."""
     length = model.cfg.lexical_length
-    if table.max_len == length:
-        return table
-    return TokenTable(table.texts, table.vocab, length, eager=False).to(table.device)
+    return table if table.max_len == length else LexicalTable(table, length)

@@ -29,7 +29,10 @@ class NumpyTowers:
         is_word = np.zeros(cfg.vocab_size, dtype=bool)
         is_word[np.asarray(cfg.word_chars, dtype=np.int64)] = True
         self.is_word = is_word
-        n = max(cfg.max_query_length, cfg.max_document_length, cfg.lexical_length) + 2
+        self.powers(max(cfg.max_query_length, cfg.max_document_length) + 2)  # longer rows (tests) grow them
+
+    def powers(self, n: int) -> None:
+        """BASE^i and its inverse mod MOD for i < n (a cold search builds them for its queries' length only)."""
         pw, ipw, inv = [1] * n, [1] * n, pow(BASE, MOD - 2, MOD)
         for i in range(1, n):
             pw[i], ipw[i] = pw[i - 1] * BASE % MOD, ipw[i - 1] * inv % MOD
@@ -39,6 +42,8 @@ class NumpyTowers:
     def raw_features(self, ids: np.ndarray):
         ids = ids.astype(np.int64)
         B, L = ids.shape
+        if L + 2 > len(self.pow):
+            self.powers(L + 2)
         ext = np.pad(ids, ((0, 0), (1, 1)))
         tri = (ext[:, :-2] * BASE + ext[:, 1:-1]) * BASE + ext[:, 2:]
         word = self.is_word[ids]

@@ -56,6 +56,14 @@ class CNNEncoder(nn.Module):
         return self.proj(torch.cat(pooled, -1))
 
 
+def powers(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BASE^i and its inverse mod MOD for i < n: the words' polynomial hashes."""
+    pw, ipw, inv = [1] * n, [1] * n, pow(BASE, MOD - 2, MOD)
+    for i in range(1, n):
+        pw[i], ipw[i] = pw[i - 1] * BASE % MOD, ipw[i - 1] * inv % MOD
+    return torch.tensor(pw, dtype=torch.long), torch.tensor(ipw, dtype=torch.long)
+
+
 class NgramEncoder(nn.Module):
     table = "bag"
 
@@ -70,16 +78,9 @@ class NgramEncoder(nn.Module):
         is_word = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         is_word[torch.tensor(cfg.word_chars, dtype=torch.long)] = True
         self.register_buffer("is_word", is_word, persistent=False)
-        n = max(cfg.max_query_length, cfg.max_document_length, cfg.lexical_length) + 2
-        pw = [1] * n
-        for i in range(1, n):
-            pw[i] = pw[i - 1] * BASE % MOD
-        inv = pow(BASE, MOD - 2, MOD)
-        ipw = [1] * n
-        for i in range(1, n):
-            ipw[i] = ipw[i - 1] * inv % MOD
-        self.register_buffer("pow", torch.tensor(pw, dtype=torch.long), persistent=False)
-        self.register_buffer("inv_pow", torch.tensor(ipw, dtype=torch.long), persistent=False)
+        pw, ipw = powers(max(cfg.max_query_length, cfg.max_document_length) + 2)  # longer rows grow them
+        self.register_buffer("pow", pw, persistent=False)
+        self.register_buffer("inv_pow", ipw, persistent=False)
         self.word_share = cfg.word_share
         self.idf_power = cfg.idf_power
         if cfg.idf:  # set from the training documents by ``set_idf``; all ones until then
@@ -87,6 +88,12 @@ class NgramEncoder(nn.Module):
             self.register_buffer("mean_words", torch.ones(1))  # words in a training document, on average
         else:
             self.idf = self.mean_words = None
+
+    def grow_powers(self, length: int) -> None:
+        """Powers for rows of ``length`` (the exact lexical half may read more of a document than the towers)."""
+        if length + 2 > self.pow.numel():
+            pw, ipw = powers(length + 2)
+            self.pow, self.inv_pow = pw.to(self.pow.device), ipw.to(self.pow.device)
 
     def word_counts(self, ids: torch.Tensor) -> torch.Tensor:
         """Words in each text (runs of word characters), as floats [B]."""
@@ -97,6 +104,7 @@ class NgramEncoder(nn.Module):
         """Every trigram and word of each text as one 1-D bag: bucket ids and weights of the real features
         (padded positions, most of a [B, 2L] matrix for short texts, are dropped), and where each text starts."""
         ids = ids.long()
+        self.grow_powers(ids.shape[1])
         if self.idf is not None:
             return self.tfidf_features(*self.selected_features(ids))
         B, L = ids.shape
@@ -135,6 +143,7 @@ class NgramEncoder(nn.Module):
         measured as noise), words, and with ``word_bigrams`` pairs of consecutive words. Returns the raw values,
         their kind (0, 1, 2) and their text, and the batch size."""
         B, L = ids.shape
+        self.grow_powers(L)
         word = self.is_word[ids]
         ext = F.pad(ids, (1, 1))  # padding doubles as the boundary mark before and after the text
         tr, tc = word.nonzero(as_tuple=True)

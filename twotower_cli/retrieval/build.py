@@ -20,7 +20,7 @@ import polars as pl
 import torch
 
 from twotower_cli.errors import TrainingError, UsageError
-from twotower_cli.model.encode import lexical_rows
+from twotower_cli.model.encode import document_tokens, lexical_rows
 from twotower_cli.model.files import fingerprint
 from twotower_cli.model.sparse_rows import digest as array_digest
 from twotower_cli.retrieval.index import INDEX_FORMAT, index_dir, lock_path, read_strings, recover
@@ -177,7 +177,7 @@ def embed_batch(model, vocab, docs, max_len: int, device, lexical: bool, first: 
     if not lexical:
         return emb.cpu().numpy(), None
     if model.cfg.lexical_length != max_len:  # the exact lexical half reads more of a document (no parameters)
-        tokens = torch.from_numpy(vocab.encode(docs, model.cfg.lexical_length)).to(device)
+        tokens = document_tokens(vocab, docs, model.cfg.lexical_length).to(device)
     return emb.cpu().numpy(), lexical_rows(model, tokens, "document", device)
 
 
