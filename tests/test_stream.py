@@ -459,6 +459,9 @@ CORPORA = {  # (file, --document-col, --id-col): read in slices by `index` when 
     "late-id.jsonl": (b'{"document": "a"}\n{"document": "b", "id": "c"}\n', "document", "id"),
     "late-asked-column.jsonl": (b'{"document": "x"}\n{"body": "y"}\n', "body", None),
     "id-is-the-documents.csv": (b"document\na\nb\n", "document", "document"),
+    "missing-id.jsonl": (b'{"document": "a", "id": "x"}\n{"document": "b"}\n', "document", "id"),
+    "empty-id.csv": (b'id,document\nx,a\n,b\n', "document", "id"),
+    "ids-asked-of-lines.txt": (b"a\nb\n", "document", "id"),
 }
 
 
@@ -495,7 +498,7 @@ def test_a_corpus_read_in_slices_is_the_corpus_read_whole(tmp_path, name, size):
 
 def test_index_reads_a_large_text_corpus_a_slice_at_a_time(cli, tiny_pairs, tmp_path, monkeypatch):
     """Above a slice (32 MB; 300 bytes here) the index is built from slices: the same index, chunk by chunk."""
-    from twotower_cli.data import corpus
+    from twotower_cli.data import corpus, text_slices
 
     docs = pl.read_parquet(tiny_pairs)["document"].unique().sort().head(40)
     path = tmp_path / "corpus.tsv"
@@ -505,8 +508,10 @@ def test_index_reads_a_large_text_corpus_a_slice_at_a_time(cli, tiny_pairs, tmp_
     read = []
     monkeypatch.setattr(corpus, "read_corpus", lambda *a: read.append(a) or pytest.fail("read whole"))
     monkeypatch.setattr(corpus, "SLICE_BYTES", 300)
+    monkeypatch.setattr(text_slices, "SLICE_BYTES", 300)
     res = cli("index", path, "--id-col", "id", "--name", "sliced", "--chunk-rows", "7", "--runs-dir", "runs")
     assert res.exit_code == 0, res.output
+    assert "counting the documents of corpus.tsv" in res.stderr  # the pause before the bar is explained
     meta = json.loads(((tmp_path / "runs" / "latest").resolve() / "index/sliced/meta.json").read_text())
     assert meta["count"] == len(docs) and not read
     hits = json.loads(cli("search", docs[5], "--index", "sliced", "--json", "-k", "40", "--mode", "dense",

@@ -3,6 +3,7 @@ go through the Python API (`twotower_cli.load`), so the CLI and a program using 
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -90,6 +91,12 @@ def index_command(
     if backend == "faiss":
         faiss_available()
     cfg, run_dir = run_of(runs_dir, run, config)
+    from twotower_cli.data.text_slices import SLICE_BYTES
+
+    text = corpus.suffix.lower() not in (".parquet", ".pq") and corpus.is_file()
+    if text and corpus.stat().st_size > SLICE_BYTES and os.environ.get("RANK", "0") == "0":  # (torchrun: once)
+        note(f"counting the documents of {corpus.name} (a text file this large is read in slices: once to count "
+             "and check them, once to embed them)")
     total, chunks = corpus_chunks(corpus, document_col or cfg.data.document_col, id_col, chunk_rows)
     from twotower_cli.training.distributed import launched
 

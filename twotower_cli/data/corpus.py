@@ -51,6 +51,7 @@ def read_corpus(path, document_col: str = "document", id_col: str | None = None)
     """Documents (and ids) of a corpus file. A headerless TSV of pairs gives its documents (second column)."""
     p = check_file(path)
     if p.suffix.lower() == ".txt":
+        no_columns(p, id_col)
         docs = lines_of(p)
         if not docs:
             raise DataError(f"{p}: no documents (one document per line expected)")
@@ -87,7 +88,7 @@ def corpus_chunks(path, document_col: str = "document", id_col: str | None = Non
             for start in range(0, total, rows):
                 part = lazy.slice(start, rows).select([col] + ([id_col] if id_col else [])).collect()
                 docs = as_text(part, col, p).fill_null("").str.normalize("NFKC")
-                yield docs, id_texts(part, id_col, p)
+                yield docs, id_texts(part, id_col, p, start)
 
         return total, parquet_chunks()
     if p.stat().st_size > SLICE_BYTES and p.suffix.lower() in (".txt", ".tsv", ".tab", ".csv", ".jsonl", ".ndjson"):
@@ -108,6 +109,7 @@ def text_corpus(p: Path, document_col: str, id_col: str | None, size: int | None
     the documents, so a problem anywhere in the file is reported before any is embedded."""
     suffix = p.suffix.lower()
     if suffix == ".txt":
+        no_columns(p, id_col)
         return counted(lambda: line_slices(p, size, skip_blank=True),
                        f"{p}: no documents (one document per line expected)")
     names = list(dict.fromkeys([document_col, "document", "text"]))
@@ -125,25 +127,47 @@ def text_corpus(p: Path, document_col: str, id_col: str | None, size: int | None
         table = TextSlices(p, file_format(p), list(dict.fromkeys(names + [id_col] if id_col else names)), size)
     # the counting pass also finds the columns: a JSON-lines key may first appear in any slice (read whole, the
     # file's columns are every key of every line)
-    seen, total = {}, 0
-    for _, frame in table.parsed():
+    seen, total, no_id = {}, 0, None
+    for rows, frame in table.parsed():
         seen.update(dict.fromkeys(frame.columns))
+        if id_col and no_id is None and frame.height:  # (a JSON-lines slice may lack the key: no ids there)
+            missing = frame[id_col].is_null() if id_col in frame.columns else pl.Series([True])
+            no_id = rows + int(missing.arg_true()[0]) if missing.any() else None
         total += frame.height
     found = [c for c in table.wanted if c in seen] if table.fmt == "jsonl" else list(seen)  # as read whole
     col = document_column(found, document_col, id_col, p)
+    if no_id is not None:
+        raise missing_id(p, id_col, no_id)
     table.keep(list(dict.fromkeys([col] + ([id_col] if id_col else []))))
     if total == 0:
         raise DataError(f"{p}: no documents")
 
     def frames():
-        for _, frame in table:
-            yield as_text(frame, col, p).fill_null("").str.normalize("NFKC"), id_texts(frame, id_col, p)
+        for rows, frame in table:
+            yield as_text(frame, col, p).fill_null("").str.normalize("NFKC"), id_texts(frame, id_col, p, rows)
 
     return total, frames
 
 
-def id_texts(df: pl.DataFrame, id_col: str | None, p: Path) -> list | None:
-    return as_text(df, id_col, p).to_list() if id_col else None
+def id_texts(df: pl.DataFrame, id_col: str | None, p: Path, offset: int = 0) -> list | None:
+    """The ids of a chunk of documents (``offset``: how many came before it), as text; a missing one is an error."""
+    if not id_col:
+        return None
+    ids = as_text(df, id_col, p)
+    if ids.null_count():
+        raise missing_id(p, id_col, offset + int(ids.is_null().arg_true()[0]))
+    return ids.to_list()
+
+
+def missing_id(p: Path, id_col: str, row: int) -> DataError:
+    return DataError(f"{p}: document {row + 1} has no id (column '{id_col}' is empty or missing there); give every "
+                     "document an id, or drop --id-col to number them")
+
+
+def no_columns(p: Path, id_col: str | None) -> None:
+    if id_col:
+        raise DataError(f"{p}: a .txt corpus is a document a line, with no id column '{id_col}'; use a table with "
+                        "an id column (.tsv, .csv, .jsonl, .parquet), or drop --id-col")
 
 
 def line_slices(p: Path, size: int | None, skip_blank: bool):
