@@ -225,7 +225,7 @@ def search_command(
         for h in hits:
             table.add_row(str(h.rank), f"{h.score:.3f}", h.id, snippet(h.document, q, width))
         out.print(table)
-    note(f"[dim]{len(texts)} queries in {1e3 * elapsed:.1f} ms over {model.index.count:,} documents[/]")
+    note(f"[dim]{len(texts)} {'query' if len(texts) == 1 else 'queries'} in {1e3 * elapsed:.1f} ms over {model.index.count:,} documents[/]")
 
 
 @command(app, "evaluate", help="Measure retrieval (MRR@10, nDCG@10, Recall@k, MAP@100) on an evaluation folder.")

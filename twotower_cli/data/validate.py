@@ -96,7 +96,9 @@ def validate(pairs: Pairs, max_query_length: int, max_document_length: int) -> R
             share = stats["truncated"] / n
             add(Finding("warning" if share > 0.05 else "info", f"{col}: truncation",
                         f"{pct(stats['truncated'], n)} of {PLURAL[col]} are longer than max_{col}_length "
-                        f"{limits[col]} (p95 {stats['p95']}, max {stats['max']}) and will be cut",
+                        f"{limits[col]} (p95 {stats['p95']}, max {stats['max']}): "
+                        + ("the learned half of the model reads no further (its exact lexical half reads up to "
+                           "lexical_document_length)" if col == "document" else "the model reads no further"),
                         stats["truncated"]))
         if stats["control"]:
             add(Finding("warning", f"{col}: control characters",
