@@ -269,10 +269,16 @@ def test_a_run_saved_before_first_appearance_numbering_resumes_in_sorted_order(t
         resumed.close()
 
 
-def test_validation_holds_out_at_most_val_max_queries_and_says_so(tmp_path):
+def sample_with(tmp_path, **train):
+    """2,000 rows of the sample as Parquet, and settings with these train.* values."""
     path = tmp_path / "p.parquet"
     sample_df().head(2000).write_parquet(path)
-    cfg = load_config(env={}, overrides={("train", "runs_dir"): str(tmp_path / "runs"), ("train", "val_fraction"): 0.3})
+    return path, load_config(env={}, overrides={("train", "runs_dir"): str(tmp_path / "runs"),
+                                                **{("train", k): v for k, v in train.items()}})
+
+
+def test_validation_holds_out_at_most_val_max_queries_and_says_so(tmp_path):
+    path, cfg = sample_with(tmp_path, val_fraction=0.3)
     uncapped = prep.prepare(cfg.with_overrides({("train", "val_max_queries"): 0}), path, None, None, None)
     capped = prep.prepare(cfg.with_overrides({("train", "val_max_queries"): 120}), path, None, None, None)
     try:
@@ -286,10 +292,7 @@ def test_validation_holds_out_at_most_val_max_queries_and_says_so(tmp_path):
 
 
 def test_validation_searches_a_sample_of_a_corpus_larger_than_val_corpus_size_and_says_so(tmp_path):
-    path = tmp_path / "p.parquet"
-    sample_df().head(2000).write_parquet(path)
-    cfg = load_config(env={}, overrides={("train", "runs_dir"): str(tmp_path / "runs"),
-                                         ("train", "val_corpus_size"): 500})
+    path, cfg = sample_with(tmp_path, val_corpus_size=500)
     p = prep.prepare(cfg, path, None, None, None)
     try:
         assert len(p.ts.documents) > 500
@@ -498,7 +501,7 @@ def test_a_corpus_read_in_slices_is_the_corpus_read_whole(tmp_path, name, size):
 
 def test_index_reads_a_large_text_corpus_a_slice_at_a_time(cli, tiny_pairs, tmp_path, monkeypatch):
     """Above a slice (32 MB; 300 bytes here) the index is built from slices: the same index, chunk by chunk."""
-    from twotower_cli.data import corpus, text_slices
+    from twotower_cli.data import corpus
 
     docs = pl.read_parquet(tiny_pairs)["document"].unique().sort().head(40)
     path = tmp_path / "corpus.tsv"
@@ -508,7 +511,6 @@ def test_index_reads_a_large_text_corpus_a_slice_at_a_time(cli, tiny_pairs, tmp_
     read = []
     monkeypatch.setattr(corpus, "read_corpus", lambda *a: read.append(a) or pytest.fail("read whole"))
     monkeypatch.setattr(corpus, "SLICE_BYTES", 300)
-    monkeypatch.setattr(text_slices, "SLICE_BYTES", 300)
     res = cli("index", path, "--id-col", "id", "--name", "sliced", "--chunk-rows", "7", "--runs-dir", "runs")
     assert res.exit_code == 0, res.output
     assert "counting the documents of corpus.tsv" in res.stderr  # the pause before the bar is explained

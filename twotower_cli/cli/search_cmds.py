@@ -78,7 +78,7 @@ def index_command(
     config: ConfigOpt = None,
 ) -> None:
     from twotower_cli.api import TwoTowerModel
-    from twotower_cli.data.corpus import corpus_chunks
+    from twotower_cli.data.corpus import corpus_chunks, read_in_slices
     from twotower_cli.errors import UsageError
     from twotower_cli.retrieval.build import build_index, faiss_available
     from twotower_cli.retrieval.index import index_dir
@@ -91,10 +91,7 @@ def index_command(
     if backend == "faiss":
         faiss_available()
     cfg, run_dir = run_of(runs_dir, run, config)
-    from twotower_cli.data.text_slices import SLICE_BYTES
-
-    text = corpus.suffix.lower() not in (".parquet", ".pq") and corpus.is_file()
-    if text and corpus.stat().st_size > SLICE_BYTES and os.environ.get("RANK", "0") == "0":  # (torchrun: once)
+    if read_in_slices(corpus) and os.environ.get("RANK", "0") == "0":  # (under torchrun: said once)
         note(f"counting the documents of {corpus.name} (a text file this large is read in slices: once to count "
              "and check them, once to embed them)")
     total, chunks = corpus_chunks(corpus, document_col or cfg.data.document_col, id_col, chunk_rows)

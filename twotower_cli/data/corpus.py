@@ -56,13 +56,12 @@ def read_corpus(path, document_col: str = "document", id_col: str | None = None)
         if not docs:
             raise DataError(f"{p}: no documents (one document per line expected)")
         return pl.Series("document", docs).str.normalize("NFKC"), None
-    cols = list(dict.fromkeys([document_col, "document", "text"] + ([id_col] if id_col else [])))  # once each
     if p.suffix.lower() in (".tsv", ".tab"):
         df, header = read_tsv_table(p, (document_col, "document", "text"))
-        if not header and id_col:
-            raise DataError(f"{p}: has no header, so no id column '{id_col}'; add a header line or drop --id-col")
+        if not header:
+            no_header(p, id_col)
     else:
-        df, _ = read_table(p, cols)
+        df, _ = read_table(p, corpus_columns(document_col, id_col))
     document_col = document_column(df.columns, document_col, id_col, p)
     docs = as_text(df, document_col, p).fill_null("").str.normalize("NFKC")
     ids = id_texts(df, id_col, p)
@@ -91,7 +90,7 @@ def corpus_chunks(path, document_col: str = "document", id_col: str | None = Non
                 yield docs, id_texts(part, id_col, p, start)
 
         return total, parquet_chunks()
-    if p.stat().st_size > SLICE_BYTES and p.suffix.lower() in (".txt", ".tsv", ".tab", ".csv", ".jsonl", ".ndjson"):
+    if read_in_slices(p):
         total, slices = text_corpus(p, document_col, id_col, SLICE_BYTES)
         return total, rechunk(slices(), rows)
     docs, ids = read_corpus(p, document_col, id_col)
@@ -103,6 +102,12 @@ def corpus_chunks(path, document_col: str = "document", id_col: str | None = Non
     return len(docs), memory_chunks()
 
 
+def read_in_slices(p: Path) -> bool:
+    """Whether `corpus_chunks` reads this corpus in slices of whole records (a text file larger than one)."""
+    return p.suffix.lower() in (".txt", ".tsv", ".tab", ".csv", ".jsonl", ".ndjson") and p.is_file() and \
+        p.stat().st_size > SLICE_BYTES
+
+
 def text_corpus(p: Path, document_col: str, id_col: str | None, size: int | None = None):
     """(documents, a function giving the (documents, ids) of each slice) of a text corpus read in slices of
     whole records (`data.text_slices`), as `read_corpus` reads it whole. Every slice is parsed once to count
@@ -112,19 +117,18 @@ def text_corpus(p: Path, document_col: str, id_col: str | None, size: int | None
         no_columns(p, id_col)
         return counted(lambda: line_slices(p, size, skip_blank=True),
                        f"{p}: no documents (one document per line expected)")
-    names = list(dict.fromkeys([document_col, "document", "text"]))
+    wanted = corpus_columns(document_col, id_col)
     if suffix in (".tsv", ".tab"):
         with open(p, "rb") as f:
             first = fields(decode(p, f.readline()).removesuffix("\n"), "\t")
-        header = any(name in first for name in names)
-        if not header and id_col:
-            raise DataError(f"{p}: has no header, so no id column '{id_col}'; add a header line or drop --id-col")
+        header = any(name in first for name in (document_col, "document", "text"))
+        if not header:
+            no_header(p, id_col)
         if not header and not has_byte(p, b"\t"):  # one text a line (blank ones too, as read whole)
             return counted(lambda: line_slices(p, size, skip_blank=False), f"{p}: file is empty")
-        named = list(dict.fromkeys(names + [id_col] if id_col else names))
-        table = TextSlices(p, "tsv", named if header else ["query", "document", "label"], size, header=header)
+        table = TextSlices(p, "tsv", wanted if header else ["query", "document", "label"], size, header=header)
     else:
-        table = TextSlices(p, file_format(p), list(dict.fromkeys(names + [id_col] if id_col else names)), size)
+        table = TextSlices(p, file_format(p), wanted, size)
     # the counting pass also finds the columns: a JSON-lines key may first appear in any slice (read whole, the
     # file's columns are every key of every line)
     seen, total, no_id = {}, 0, None
@@ -138,7 +142,7 @@ def text_corpus(p: Path, document_col: str, id_col: str | None, size: int | None
     col = document_column(found, document_col, id_col, p)
     if no_id is not None:
         raise missing_id(p, id_col, no_id)
-    table.keep(list(dict.fromkeys([col] + ([id_col] if id_col else []))))
+    table.keep(corpus_columns(col, id_col, others=()))
     if total == 0:
         raise DataError(f"{p}: no documents")
 
@@ -162,6 +166,17 @@ def id_texts(df: pl.DataFrame, id_col: str | None, p: Path, offset: int = 0) -> 
 def missing_id(p: Path, id_col: str, row: int) -> DataError:
     return DataError(f"{p}: document {row + 1} has no id (column '{id_col}' is empty or missing there); give every "
                      "document an id, or drop --id-col to number them")
+
+
+def corpus_columns(document_col: str, id_col: str | None, others=("document", "text")) -> list[str]:
+    """The columns a corpus is read for, each once: the documents' (``document_col``, else one of ``others``)
+    and the ids'."""
+    return list(dict.fromkeys([document_col, *others] + ([id_col] if id_col else [])))
+
+
+def no_header(p: Path, id_col: str | None) -> None:
+    if id_col:
+        raise DataError(f"{p}: has no header, so no id column '{id_col}'; add a header line or drop --id-col")
 
 
 def no_columns(p: Path, id_col: str | None) -> None:

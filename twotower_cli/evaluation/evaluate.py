@@ -11,7 +11,7 @@ import torch
 from twotower_cli.evaluation.eval_sets import load_eval
 from twotower_cli.evaluation.metrics import retrieval_metrics
 from twotower_cli.model.artifacts import load_model
-from twotower_cli.model.encode import document_tokens, embed_tokens, lexical_rows
+from twotower_cli.model.encode import LexicalTable, embed_tokens, lexical_rows
 from twotower_cli.retrieval.hybrid import CANDIDATES, fuse
 from twotower_cli.retrieval.lexical import search_tokens
 from twotower_cli.retrieval.topk import exact_topk
@@ -92,25 +92,19 @@ def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, mod
 
 
 def embed_corpus(model, vocab, documents, device, progress=None, chunk: int = CHUNK):
-    """The documents' embeddings (on ``device``) and, for models with an exact lexical half, their sparse rows;
-    tokenised a chunk at a time, so memory holds one chunk's token rows (8 KB a document at 2,048 characters),
-    not the corpus's."""
-    from twotower_cli.model.sparse_rows import SparseRows
-
+    """The documents' embeddings (on ``device``) and, for models with an exact lexical half, their sparse rows
+    (read to that half's own length, a batch at a time); tokenised a chunk at a time, so memory holds one chunk's
+    token rows, not the corpus's."""
     cfg, n = model.cfg, len(documents)
-    parts, rows = [], []
+    parts = []
     for s in range(0, n, chunk):
-        docs = documents.slice(s, chunk)
-        tokens = torch.from_numpy(vocab.encode(docs, cfg.max_document_length))
+        tokens = torch.from_numpy(vocab.encode(documents.slice(s, chunk), cfg.max_document_length))
         parts.append(embed_tokens(model.encode_documents, tokens, device, batch_size=8192 if device != "cpu" else 2048,
                                   progress=(lambda done, s=s: progress(s + done, n)) if progress else None))
-        if cfg.lexical_exact and cfg.lexical_length == cfg.max_document_length:
-            rows.append(lexical_rows(model, tokens, "document", device))
-        elif cfg.lexical_exact:  # read to its own length (no parameters: it may read more than the learned half)
-            rows += [lexical_rows(model, document_tokens(vocab, docs.slice(b, 2048), cfg.lexical_length), "document",
-                                  device) for b in range(0, len(docs), 2048)]
     de = torch.cat(parts) if parts else torch.zeros(0, cfg.output_dim, device=device)
-    return de, SparseRows.concat(rows) if cfg.lexical_exact else None
+    if not cfg.lexical_exact:
+        return de, None
+    return de, lexical_rows(model, LexicalTable(documents, vocab, cfg.lexical_length, device), "document", device)
 
 
 def pad(ranked: list[list[int]]) -> list[list[int]]:

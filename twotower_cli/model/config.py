@@ -10,6 +10,14 @@ MIX = 2654435761  # Knuth's multiplicative hash constant
 BASE = 1000003
 
 
+def hash_powers(n: int) -> tuple[list[int], list[int]]:
+    """BASE^i and its inverse mod MOD for i < n: the words' polynomial hashes (both towers' implementations)."""
+    pw, ipw, inv = [1] * n, [1] * n, pow(BASE, MOD - 2, MOD)
+    for i in range(1, n):
+        pw[i], ipw[i] = pw[i - 1] * BASE % MOD, ipw[i - 1] * inv % MOD
+    return pw, ipw
+
+
 @dataclass
 class ModelConfig:
     encoder: str = "ngram"

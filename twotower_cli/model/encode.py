@@ -52,24 +52,24 @@ def document_tokens(vocab, texts, length: int) -> torch.Tensor:
 
 
 class LexicalTable:
-    """A token table's texts tokenised to the exact lexical half's length, a batch at a time when asked
-    (`lexical_rows` asks for slices)."""
+    """Texts (a Polars Series, a `TextStore`) as token rows of the exact lexical half's length, tokenised a batch
+    at a time when `lexical_rows` asks for a slice: memory holds a batch's rows, not every text's."""
 
-    def __init__(self, table, length: int):
-        self.table, self.length = table, length
+    def __init__(self, texts, vocab, length: int, device="cpu"):
+        self.texts, self.vocab, self.length, self.device = texts, vocab, length, device
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (len(self.table), self.length)
+        return (len(self.texts), self.length)
 
     def __getitem__(self, idx: slice) -> torch.Tensor:
         from twotower_cli.data.tokens import text_list
 
-        return document_tokens(self.table.vocab, text_list(self.table.texts, idx), self.length).to(self.table.device)
+        return document_tokens(self.vocab, text_list(self.texts, idx), self.length).to(self.device)
 
 
 def lexical_tokens(model, table):
     """The token rows that documents' exact lexical rows read: ``table``'s own (a `data.tokens.TokenTable`) when
     it reads as many characters, else the same texts tokenised to ``cfg.lexical_length`` a batch at a time."""
     length = model.cfg.lexical_length
-    return table if table.max_len == length else LexicalTable(table, length)
+    return table if table.max_len == length else LexicalTable(table.texts, table.vocab, length, table.device)

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from twotower_cli.model.config import BASE, MIX, MOD, ModelConfig
+from twotower_cli.model.config import BASE, MIX, MOD, ModelConfig, hash_powers
 
 
 class NumpyTowers:
@@ -33,10 +33,7 @@ class NumpyTowers:
 
     def powers(self, n: int) -> None:
         """BASE^i and its inverse mod MOD for i < n (a cold search builds them for its queries' length only)."""
-        pw, ipw, inv = [1] * n, [1] * n, pow(BASE, MOD - 2, MOD)
-        for i in range(1, n):
-            pw[i], ipw[i] = pw[i - 1] * BASE % MOD, ipw[i - 1] * inv % MOD
-        self.pow, self.inv_pow = np.array(pw, dtype=np.int64), np.array(ipw, dtype=np.int64)
+        self.pow, self.inv_pow = (np.array(p, dtype=np.int64) for p in hash_powers(n))
 
     # -- features: (bucket, weight) per distinct n-gram, grouped by text --------------------------------------------
     def raw_features(self, ids: np.ndarray):

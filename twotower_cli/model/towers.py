@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twotower_cli.model.config import BASE, MIX, MOD, ModelConfig  # noqa: F401  (re-exported)
+from twotower_cli.model.config import BASE, MIX, MOD, ModelConfig, hash_powers  # noqa: F401  (re-exported)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -57,11 +57,7 @@ class CNNEncoder(nn.Module):
 
 
 def powers(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """BASE^i and its inverse mod MOD for i < n: the words' polynomial hashes."""
-    pw, ipw, inv = [1] * n, [1] * n, pow(BASE, MOD - 2, MOD)
-    for i in range(1, n):
-        pw[i], ipw[i] = pw[i - 1] * BASE % MOD, ipw[i - 1] * inv % MOD
-    return torch.tensor(pw, dtype=torch.long), torch.tensor(ipw, dtype=torch.long)
+    return tuple(torch.tensor(p, dtype=torch.long) for p in hash_powers(n))
 
 
 class NgramEncoder(nn.Module):
@@ -104,10 +100,10 @@ class NgramEncoder(nn.Module):
         """Every trigram and word of each text as one 1-D bag: bucket ids and weights of the real features
         (padded positions, most of a [B, 2L] matrix for short texts, are dropped), and where each text starts."""
         ids = ids.long()
-        self.grow_powers(ids.shape[1])
         if self.idf is not None:
             return self.tfidf_features(*self.selected_features(ids))
         B, L = ids.shape
+        self.grow_powers(L)
         ext = F.pad(ids, (1, 1))  # padding doubles as the boundary mark before and after the text
         tri = (ext[:, :-2] * BASE + ext[:, 1:-1]) * BASE + ext[:, 2:]
         # Words: polynomial prefix hashes; a word's hash is read off at its last character.

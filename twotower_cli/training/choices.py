@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from twotower_cli.evaluation.metrics import retrieval_metrics
-from twotower_cli.model.encode import embed_tokens
+from twotower_cli.model.encode import embed_tokens, lexical_tokens
 from twotower_cli.retrieval.bm25 import save_bm25
 from twotower_cli.retrieval.hybrid import WEIGHTS, fused, fusion_candidates
 from twotower_cli.retrieval.lexical import search_tokens
@@ -70,7 +70,7 @@ def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[
     ``RERANK`` best rows of the embeddings as trained."""
     import numpy as np
 
-    from twotower_cli.model.encode import lexical_rows, lexical_tokens
+    from twotower_cli.model.encode import lexical_rows
     from twotower_cli.retrieval.lexical import RERANK, candidates, first_pass
 
     n_lex, w0 = model.cfg.lexical_dim, model.cfg.lexical_weight
@@ -115,11 +115,7 @@ def choose_search(model, ts, device, doc_emb, index: Path, val_docs, val_qrels, 
         de = de[val_docs.cpu()]
         bm = BM25.build(ts.documents.gather(val_docs.cpu().numpy()).to_list())
     qe = embed_tokens(model.encode_queries, ts.q_tokens[ts.val_q], device).cpu()
-    corpus = ts.d_tokens if val_docs is None else ts.d_tokens.subset(val_docs)
-    if model.cfg.lexical_exact:
-        from twotower_cli.model.encode import lexical_tokens
-
-        corpus = lexical_tokens(model, corpus)
+    corpus = lexical_tokens(model, ts.d_tokens if val_docs is None else ts.d_tokens.subset(val_docs))
     if doc_emb is not None and (Path(index) / "lexical.indptr.npy").exists():
         # the index's rows are ts.documents' rows (as for doc_emb): its exact lexical rows are read, not recomputed
         from twotower_cli.model.sparse_rows import SparseRows
