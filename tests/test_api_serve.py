@@ -457,3 +457,54 @@ def test_server_connections_send_without_waiting_for_acks():
         with conn:
             assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         del client
+
+
+def test_a_documents_opening_counts_again_at_its_weight(run):
+    """``lead_weight``: a document's row is its whole row plus the weight times its opening's row (the first
+    ``lead_characters``, cut before a word they would split), the same in torch and NumPy. Two documents with the
+    same words score alike until the query's word opens one of them."""
+    import torch
+
+    import twotower_cli
+    from twotower_cli.model.artifacts import load_model
+    from twotower_cli.model.encode import lexical_rows
+
+    api = twotower_cli.load(run)
+    model, vocab, _ = load_model(run)
+    cfg = api.config
+    assert cfg.lead_characters == 100  # the default
+    filler = " ".join(pl.read_parquet(SAMPLE)["document"].unique().sort().head(3).to_list())
+    filler = filler.encode("ascii", "ignore").decode()[:300]  # (lowercasing keeps its length)
+    docs = [". zyzzogeton " + filler + " .", ". " + filler + " zyzzogeton ."]  # the same n-grams
+    ids = vocab.encode(pl.Series(docs), cfg.lexical_length)
+    q = api.query_lexical(["zyzzogeton"])
+    table = np.zeros(cfg.ngram_buckets, dtype=np.float32)
+    scores = {}
+    saved = cfg.lead_weight, model.cfg.lead_weight
+    try:
+        for weight in (0.0, 0.35):
+            cfg.lead_weight = model.cfg.lead_weight = weight
+            ref = lexical_rows(model, torch.from_numpy(ids), "document", "cpu")
+            got = api._numpy_towers().lexical_rows(ids, "document")
+            np.testing.assert_array_equal(got.buckets, ref.buckets)
+            np.testing.assert_allclose(got.weights, ref.weights, atol=1e-6, rtol=0)
+            scores[weight] = ref.dots(q, 0, np.arange(2), table)
+        opening = lexical_rows(model, torch.from_numpy(ids), "lead", "cpu")
+        cut = vocab.encode(pl.Series([opening_of(d, 100) for d in docs]), 100)
+        whole = lexical_rows(model, torch.from_numpy(cut), "query", "cpu")  # (no length scaling on either)
+        np.testing.assert_array_equal(opening.buckets, whole.buckets)
+        np.testing.assert_allclose(opening.weights, whole.weights, atol=1e-6, rtol=0)
+    finally:
+        cfg.lead_weight, model.cfg.lead_weight = saved
+    np.testing.assert_allclose(scores[0.0][0], scores[0.0][1], rtol=1e-5)  # the same words: the same score
+    assert scores[0.35][0] > scores[0.35][1] + 0.01
+    np.testing.assert_allclose(scores[0.35][0] - scores[0.0][0], 0.35 * opening.dots(q, 0, np.arange(1), table)[0],
+                               rtol=1e-4)
+    np.testing.assert_allclose(scores[0.35][1], scores[0.0][1], rtol=1e-5)  # its opening lacks the word
+
+
+def opening_of(text: str, n: int) -> str:
+    """The first ``n`` characters, less a word they would split (what `numpy_encoder.lead_tokens` keeps)."""
+    if len(text) > n and text[n - 1].isalnum() and text[n].isalnum():
+        return text[:max(i for i in range(n) if not text[i].isalnum()) + 1]
+    return text[:n]

@@ -47,6 +47,7 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "idf_power": (0.75, "ngram encoder with idf: each n-gram is weighted by idf^power (a match scores about idf^(2 x power))"),
         "idf": (True, "ngram encoder: weight n-grams by their inverse document frequency in the training documents"),
         "lexical_exact": (True, "search re-scores its best rows with the exact sparse lexical half, not only its hashed sketch (the index stores the sparse rows)"),
+        "lead_characters": (100, "models with the exact lexical half: a document's first N characters count a second time in it, at a weight chosen on validation, 0 when that does not help (0: never)"),
     },
     "train": {
         "epochs": (8, "passes over the training pairs; the best epoch on validation is kept (the seed used 3; see benchmarks/RESULTS.md)"),

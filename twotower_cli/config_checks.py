@@ -69,6 +69,7 @@ RULES: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("model", "length_power"): at_least(0, 1),
     ("model", "idf_power"): at_least(0, 1),
     ("model", "word_share"): at_least(0, 1),
+    ("model", "lead_characters"): at_least(0, 1_000_000),
     ("train", "epochs"): at_least(1, 100_000),
     ("train", "batch_size"): at_least(1, 10_000_000),
     ("train", "learning_rate"): above(0, 10),

@@ -168,6 +168,7 @@ def train(
     max_query_length: Annotated[Optional[int], setting("data", "max_query_length", "--max-query-length", help="Characters of a query the model reads.")] = None,
     max_document_length: Annotated[Optional[int], setting("data", "max_document_length", "--max-document-length", help="Characters of a document the model reads.")] = None,
     lexical_document_length: Annotated[Optional[int], setting("data", "lexical_document_length", "--lexical-document-length", help="Characters of a document the exact lexical half reads (0: --max-document-length).")] = None,
+    lead_characters: Annotated[Optional[int], setting("model", "lead_characters", "--lead-characters", help="A document's first N characters count again in the exact lexical half, at a weight chosen on validation (0: never).")] = None,
     tokenize: Annotated[Optional[str], setting("data", "tokenize", "--tokenize", metavar="MODE")] = None,
     temperature: Annotated[Optional[float], setting("train", "temperature", "--temperature", help="Softmax temperature of infonce.")] = None,
     margin: Annotated[Optional[float], setting("train", "margin", "--margin", help="Margin of the triplet loss.")] = None,
@@ -206,7 +207,7 @@ def train(
         ("model", "hidden_dim"): hidden_dim, ("model", "lexical_dim"): lexical_dim,
         ("model", "shared_embeddings"): shared_embeddings,
         ("data", "max_query_length"): max_query_length, ("data", "max_document_length"): max_document_length,
-        ("data", "lexical_document_length"): lexical_document_length,
+        ("data", "lexical_document_length"): lexical_document_length, ("model", "lead_characters"): lead_characters,
         ("data", "tokenize"): tokenize, ("train", "temperature"): temperature, ("train", "margin"): margin,
         ("train", "seed"): seed, ("train", "val_fraction"): val_fraction, ("train", "val_corpus_size"): val_corpus_size,
         ("train", "val_max_queries"): val_max_queries,
@@ -267,6 +268,9 @@ def show_summary(summary) -> None:
     for k, v in summary.best.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(table)
+    lexical = lexical_choice(summary.run_dir)
+    if lexical:
+        out.print(lexical, highlight=False)
     s = summary.search
     if s:
         out.print(f"default search: {s['mode']}" + (f" (dense weight {s['hybrid_weight']:g})" if s["mode"] == "hybrid"
@@ -280,3 +284,27 @@ def show_summary(summary) -> None:
     out.print(f"search it: twotower search \"your query\"{'' if runs.name == 'runs' else ' --runs-dir ' + str(runs)}",
               highlight=False)
     sys.stdout.flush()
+
+
+def lexical_choice(run_dir) -> str:
+    """What training chose for the lexical half on validation (`training.choices`), in a line; "" for none."""
+    import json
+
+    from twotower_cli.training.choices import TIE  # (torch is loaded: training just ran)
+
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    lex, model = config.get("lexical_choice"), config.get("model", {})
+    if not lex:
+        return ""
+    line = f"lexical half: weight {lex['weight']:g} in the model's score"
+    lead = lex.get("lead_val_mrr@10")
+    if lead:
+        b = lex.get("lead_weight", 0.0)
+        without = lead.get("0.0", 0.0)
+        line += (f"; a document's first {model.get('lead_characters')} characters count again at weight {b:g} "
+                 f"(val/mrr@10 {lead.get(str(b), 0.0):.4f}, without {without:.4f})" if b else
+                 f"; a document's opening counts once (counting it again gained under {TIE:g} on validation)")
+    return line

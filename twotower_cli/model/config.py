@@ -57,6 +57,11 @@ class ModelConfig:
     # when documents are long (it costs no training time: it has no parameters). 0: ``max_document_length``, as
     # models saved before the setting read.
     lexical_document_length: int = 0
+    # exact lexical half of a document: its opening ``lead_characters`` (cut before a word they would split) count
+    # a second time, at ``lead_weight`` chosen on validation (`training.choices`): titles and summaries open most
+    # documents. 0: off (older models).
+    lead_characters: int = 0
+    lead_weight: float = 0.0
 
     @property
     def lexical_length(self) -> int:

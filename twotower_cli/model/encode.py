@@ -19,23 +19,38 @@ def embed_tokens(encode, tokens: torch.Tensor, device, batch_size: int = 2048, p
 @torch.no_grad()
 def lexical_rows(model, tokens, side: str, device, batch_size: int = 2048):
     """The exact lexical half of token rows (a `SparseRows`, weighted as in the embedding): the sparse TF-IDF
-    vectors that `model.towers.lexical` sketches, for models with ``lexical_exact``."""
+    vectors that `model.towers.lexical` sketches, for models with ``lexical_exact``. A document's row adds its
+    opening's row times ``lead_weight``; side "lead" is that opening's row alone (what `training.choices` weighs)."""
     import math
 
+    from twotower_cli.model.numpy_encoder import lead_tokens
     from twotower_cli.model.sparse_rows import SparseRows
 
     tower = model.query_tower if side == "query" else model.document_tower
     cfg, parts = model.cfg, []
-    for s in range(0, tokens.shape[0], batch_size):
-        ids = tokens[s:s + batch_size].to(device)
+    lead = side == "lead" or (side == "document" and cfg.lead_characters and cfg.lead_weight)
+
+    def rows(ids, scale):
         hashes, weights, offsets = tower.features(ids)
         counts = torch.diff(offsets, append=torch.tensor([hashes.numel()], device=offsets.device))
         text = torch.repeat_interleave(torch.arange(ids.shape[0], device=ids.device), counts)
+        return SparseRows.from_features(hashes.cpu().numpy(), weights.float().cpu().numpy(), text.cpu().numpy(),
+                                        ids.shape[0], scale, math.sqrt(cfg.lexical_weight))
+
+    for s in range(0, tokens.shape[0], batch_size):
+        ids = tokens[s:s + batch_size].to(device)
+        opening = None
+        if lead:
+            cut = lead_tokens(ids.cpu().numpy(), cfg.lead_characters, tower.is_word.cpu().numpy())
+            opening = rows(torch.from_numpy(cut).to(device), None)
+        if side == "lead":
+            parts.append(opening)
+            continue
         scale = None
         if side == "document" and cfg.length_power:
             scale = (tower.word_counts(ids).clamp(min=1.0) / tower.mean_words).pow(cfg.length_power).cpu().numpy()
-        parts.append(SparseRows.from_features(hashes.cpu().numpy(), weights.float().cpu().numpy(),
-                                              text.cpu().numpy(), ids.shape[0], scale, math.sqrt(cfg.lexical_weight)))
+        whole = rows(ids, scale)
+        parts.append(whole if opening is None else whole.plus(opening, cfg.lead_weight))
     return SparseRows.concat(parts)
 
 

@@ -96,7 +96,12 @@ class NumpyTowers:
         scale = None
         if side == "document" and cfg.length_power:
             scale = (np.maximum(words, 1) / self.mean_words) ** cfg.length_power
-        return SparseRows.from_features(buckets, w, text, ids.shape[0], scale, math.sqrt(cfg.lexical_weight))
+        rows = SparseRows.from_features(buckets, w, text, ids.shape[0], scale, math.sqrt(cfg.lexical_weight))
+        if side == "document" and cfg.lead_characters and cfg.lead_weight:
+            buckets, w, text, _ = self.features(lead_tokens(ids, cfg.lead_characters, self.is_word))
+            rows = rows.plus(SparseRows.from_features(buckets, w, text, ids.shape[0], None,
+                                                      math.sqrt(cfg.lexical_weight)), cfg.lead_weight)
+        return rows
 
     # -- the towers --------------------------------------------------------------------------------------------------
     def encode(self, ids: np.ndarray, side: str) -> np.ndarray:
@@ -119,6 +124,19 @@ class NumpyTowers:
             lex = lex * ((np.maximum(words, 1) / self.mean_words) ** cfg.length_power).astype(np.float32)[:, None]
         wt = cfg.lexical_weight
         return np.concatenate([math.sqrt(wt) * lex, math.sqrt(1.0 - wt) * learned], 1).astype(np.float32)
+
+
+def lead_tokens(ids: np.ndarray, n: int, is_word: np.ndarray) -> np.ndarray:
+    """The first ``n`` characters of each token row, less a word that runs past them (its first letters would be
+    another word): a document's opening, which the exact lexical half counts a second time (`lead_weight`)."""
+    lead = np.array(ids[:, :n])
+    if ids.shape[1] > n and n > 0:
+        cut = is_word[ids[:, n - 1]] & is_word[ids[:, n]]
+        pos = np.arange(n)
+        last_gap = np.where(~is_word[lead], pos, -1).max(1)  # the last character that is not part of a word
+        drop = cut & (last_gap >= 0)  # (a row that is one long word keeps its first n characters)
+        lead[drop] = np.where(pos > last_gap[drop, None], 0, lead[drop])
+    return lead
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:

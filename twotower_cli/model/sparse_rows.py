@@ -39,6 +39,21 @@ class SparseRows:
         np.cumsum(np.bincount(text, minlength=n), out=indptr[1:])
         return cls(indptr, buckets.astype(np.int32), (weights * mult[text]).astype(np.float32))
 
+    def plus(self, other: "SparseRows", factor: float) -> "SparseRows":
+        """Row by row, self + ``factor`` x other (as many rows), buckets ascending, shared buckets summed."""
+        n = len(self)
+        text = np.concatenate([np.repeat(np.arange(n), np.diff(r.indptr)) for r in (self, other)])
+        buckets = np.concatenate([self.buckets, other.buckets]).astype(np.int64)
+        weights = np.concatenate([self.weights.astype(np.float64), other.weights.astype(np.float64) * factor])
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        if not buckets.size:
+            return SparseRows(indptr, np.zeros(0, np.int32), np.zeros(0, np.float32))
+        m = int(buckets.max()) + 1
+        key, inverse = np.unique(text * m + buckets, return_inverse=True)
+        summed = np.bincount(inverse.ravel(), weights=weights, minlength=key.size)
+        np.cumsum(np.bincount(key // m, minlength=n), out=indptr[1:])
+        return SparseRows(indptr, (key % m).astype(np.int32), summed.astype(np.float32))
+
     @classmethod
     def concat(cls, parts: list["SparseRows"]) -> "SparseRows":
         if not parts:

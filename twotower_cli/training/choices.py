@@ -32,6 +32,10 @@ def choose_weight(dense_s, dense_i, lex_s, lex_i, qrels: list[dict[int, float]])
 # weights of the lexical half tried on validation: not 1.0 (see `exact_halves`); 0.95 because on manuals, where
 # the learned half is weak, validation still rose from 0.8 to 0.9
 LEXICAL_WEIGHTS = [w for w in WEIGHTS if w < 1] + [0.95]
+# weights of a document's opening in its exact lexical row (``lead_characters``): on the development splits the
+# best was 0.1-0.5 where openings are titles or summaries (manuals, docstrings, package descriptions) and 0 on
+# the dictionaries
+LEAD_WEIGHTS = [0.0, 0.1, 0.2, 0.35, 0.5]
 TIE = 0.005  # MRR@10 differences smaller than this count as ties
 
 
@@ -40,10 +44,19 @@ def pick(scores: dict[float, float]) -> float:
     return min((w for w, v in scores.items() if v >= top - TIE), key=lambda w: (abs(w - 0.5), -scores[w]))
 
 
+def pick_lead(by_lead: dict[float, float]) -> float:
+    """The weight of documents' openings, from the best MRR@10 at each: above 0 only when it beats 0 by more than
+    ``TIE`` (100 to 1,000 validation queries are a noisy estimate, and 0 is the model as trained); of those the
+    best, the smaller on a tie."""
+    return max((b for b in by_lead if b == 0 or by_lead[b] > by_lead[0.0] + TIE), key=lambda b: (by_lead[b], -b))
+
+
 @torch.no_grad()
 def choose_lexical_weight(model, ts, device, val_docs, val_qrels, chunk: int = 256) -> dict:
     """The weight of the lexical half with the best MRR@10 on the validation queries (the learned half was trained
-    beside it at the configured weight). Each half's scores are computed once; the grid only re-mixes them."""
+    beside it at the configured weight), and the weight of a document's opening in that half: one above 0 only
+    when it gains more than ``TIE`` (an opening is not special in every corpus). Each half's scores are computed
+    once; the grid only re-mixes them."""
 
     n_lex, w0 = model.cfg.lexical_dim, model.cfg.lexical_weight
     corpus = ts.d_tokens if val_docs is None else ts.d_tokens.subset(val_docs)
@@ -55,19 +68,26 @@ def choose_lexical_weight(model, ts, device, val_docs, val_qrels, chunk: int = 2
     else:
         halves = [(qe[:, :n_lex] / math.sqrt(w0), de[:, :n_lex] / math.sqrt(w0)),
                   (qe[:, n_lex:] / math.sqrt(1 - w0), de[:, n_lex:] / math.sqrt(1 - w0))]
-        ranked = {w: [] for w in sorted({*LEXICAL_WEIGHTS, *WEIGHTS})}  # with 1.0: no exact re-scoring here
+        ranked = {(0.0, w): [] for w in sorted({*LEXICAL_WEIGHTS, *WEIGHTS})}  # 1.0: no exact re-scoring here
         for s in range(0, qe.shape[0], chunk):
             lex, learned = ((q[s:s + chunk] @ d.T) for q, d in halves)
-            for w in ranked:
-                ranked[w].append(torch.topk(w * lex + (1 - w) * learned, min(10, de.shape[0]), dim=1).indices.cpu())
-    scores = {w: retrieval_metrics(torch.cat(r).numpy(), qrels, ("mrr@10",))["mrr@10"] for w, r in ranked.items()}
-    best = max(scores, key=lambda w: (round(scores[w], 4), -abs(w - w0)))
-    return {"weight": best, "val_mrr@10": {str(w): v for w, v in scores.items()}}
+            for _, w in ranked:
+                score = w * lex + (1 - w) * learned
+                ranked[0.0, w].append(torch.topk(score, min(10, de.shape[0]), dim=1).indices.cpu())
+    scores = {k: retrieval_metrics(torch.cat(r).numpy(), qrels, ("mrr@10",))["mrr@10"] for k, r in ranked.items()}
+    by_lead = {b: max(v for (bb, _), v in scores.items() if bb == b) for b in sorted({b for b, _ in scores})}
+    lead = pick_lead(by_lead)
+    mine = {w: v for (b, w), v in scores.items() if b == lead}
+    best = max(mine, key=lambda w: (round(mine[w], 4), -abs(w - w0)))
+    out = {"weight": best, "val_mrr@10": {str(w): v for w, v in mine.items()}}
+    if model.cfg.lead_characters and model.cfg.lexical_exact:
+        out.update({"lead_weight": lead, "lead_val_mrr@10": {str(b): v for b, v in by_lead.items()}})
+    return out
 
 
-def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[float, list[torch.Tensor]]:
-    """Top 10 rows per query at every weight of the grid, the lexical half exact (`retrieval.lexical`), among the
-    ``RERANK`` best rows of the embeddings as trained."""
+def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[tuple, list[torch.Tensor]]:
+    """Top 10 rows per query at every (opening weight, lexical weight) of the grids, the lexical half exact
+    (`retrieval.lexical`), among the ``RERANK`` best rows of the embeddings as trained."""
     import numpy as np
 
     from twotower_cli.model.encode import lexical_rows
@@ -79,21 +99,26 @@ def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[
                                  for s in range(0, first.shape[0], chunk)]).numpy(), qe.shape[0])
     cand = np.sort(cand, 1)
     repeat = torch.from_numpy(np.pad(cand[:, 1:] == cand[:, :-1], ((0, 0), (1, 0))))  # a row twice: counted once
-    d_rows = lexical_rows(model, lexical_tokens(model, d_tokens), "document", device)
+    tokens = lexical_tokens(model, d_tokens)
+    d_rows = lexical_rows(model, tokens, "document", device)  # the opening at weight 0: not chosen yet
+    lead_rows = lexical_rows(model, tokens, "lead", device) if model.cfg.lead_characters else None
     q_rows = lexical_rows(model, q_tokens, "query", device)
     learned_d, learned_q = de[:, n_lex:].float().cpu().numpy(), qe[:, n_lex:].float().cpu().numpy()
     table = np.zeros(model.cfg.ngram_buckets, dtype=np.float32)
     # not 1.0: the index keeps the learned half at sqrt(1 - weight), and at 0 the first pass (`lexical.first_pass`)
     # would rank by the sketch alone, whose noise loses rows of the exact top 10 on short queries
-    ranked = {w: [] for w in LEXICAL_WEIGHTS}
+    leads = LEAD_WEIGHTS if lead_rows is not None else [0.0]
+    ranked = {(b, w): [] for b in leads for w in LEXICAL_WEIGHTS}
     for s in range(0, cand.shape[0], chunk):
         c = cand[s:s + chunk]  # [q, K]: every query has K candidates
         learned = torch.from_numpy(np.einsum("qkd,qd->qk", learned_d[c], learned_q[s:s + chunk]) / (1 - w0))
         lex = torch.from_numpy(np.stack([d_rows.dots(q_rows, s + j, c[j], table) for j in range(len(c))]) / w0)
-        for w in ranked:
-            score = (w * lex + (1 - w) * learned).masked_fill(repeat[s:s + chunk], float("-inf"))
+        opening = torch.zeros_like(lex) if lead_rows is None else torch.from_numpy(
+            np.stack([lead_rows.dots(q_rows, s + j, c[j], table) for j in range(len(c))]) / w0)
+        for b, w in ranked:
+            score = (w * (lex + b * opening) + (1 - w) * learned).masked_fill(repeat[s:s + chunk], float("-inf"))
             top = torch.topk(score, min(10, c.shape[1]), dim=1).indices
-            ranked[w].append(torch.gather(torch.from_numpy(c), 1, top))
+            ranked[b, w].append(torch.gather(torch.from_numpy(c), 1, top))
     return ranked
 
 

@@ -56,6 +56,7 @@ def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hoo
         hooks.message("choosing the weight of the lexical half of the embedding on the validation queries")
         lex = choose_lexical_weight(model, ts, device, val_docs, val_qrels)
         model.cfg.lexical_weight = lex["weight"]
+        model.cfg.lead_weight = lex.get("lead_weight", 0.0)
         save_model(run_dir, model)
         config = read_json(run_dir / "config.json")
         config["model"] = model.cfg.to_dict()

@@ -56,7 +56,7 @@ def sample_val_corpus(ts: TrainingSet, size: int, seed: int):
 
 # what a run saved before a setting existed did (so that it resumes on the same split); else today's default
 BEFORE_SETTING = {("train", "val_min_queries"): 0, ("train", "val_max_queries"): 0, ("train", "val_corpus_size"): 0,
-                  ("data", "lexical_document_length"): 0}
+                  ("data", "lexical_document_length"): 0, ("model", "lead_characters"): 0}
 
 
 def stored_settings(stored: dict) -> dict:

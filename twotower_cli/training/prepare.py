@@ -56,7 +56,8 @@ def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
                        word_bigrams=m.word_bigrams, shared_embeddings=m.shared_embeddings, idf=m.idf and ngram,
                        lexical_dim=m.lexical_dim if ngram else 0, lexical_weight=m.lexical_weight,
                        word_share=m.word_share, length_power=m.length_power, idf_power=m.idf_power,
-                       lexical_exact=exact, lexical_document_length=cfg.data.lexical_document_length if exact else 0)
+                       lexical_exact=exact, lexical_document_length=cfg.data.lexical_document_length if exact else 0,
+                       lead_characters=m.lead_characters if exact else 0)
 
 
 UPFRONT_LIMIT = 1 << 30  # auto tokenises on demand when the token rows of all texts would take more (bytes)
