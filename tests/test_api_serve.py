@@ -419,9 +419,11 @@ def test_readme_api_example_runs(run, tmp_path):
     assert out.returncode == 0, out.stderr
 
 
-def test_a_run_saved_by_session_2_code_loads_and_embeds_bit_for_bit(tmp_path, cli):
+def test_a_run_saved_by_session_2_code_loads_and_embeds_as_it_did(tmp_path, cli):
     """A run written before the restructuring (tests/data/session2_runs, trained with the code of commit c5264f2):
-    the new code rebuilds its embeddings bit for bit, the NumPy path agrees, and search, evaluate and index work."""
+    the new code rebuilds its embeddings to float32 rounding, the NumPy path agrees, and search, evaluate and index
+    work. (Bit for bit on the machine that wrote them; on an AMD EPYC the sums' last bits differ, by ~1e-8, with
+    the old code too: the CPU's kernels add in another order.)"""
     import shutil
 
     import torch
@@ -436,7 +438,7 @@ def test_a_run_saved_by_session_2_code_loads_and_embeds_bit_for_bit(tmp_path, cl
     docs = pl.read_parquet(run / "index/default/documents/*.parquet")["document"]
     with torch.no_grad():
         again = model.encode_documents(torch.from_numpy(vocab.encode(docs, model.cfg.max_document_length))).numpy()
-    assert np.array_equal(again, np.load(run / "index/default/embeddings.npy"))
+    np.testing.assert_allclose(again, np.load(run / "index/default/embeddings.npy"), atol=1e-6, rtol=0)
     api = twotower_cli.load(run)
     assert api.choice["mode"] == "dense" and api.config.lexical_dim == 0  # what such a run did: the model alone
     queries = ["gnu c compiler", "", "ümlaut"]

@@ -160,6 +160,11 @@ def test_torchrun_trains_one_run_matching_a_single_process(tiny_pairs, tmp_path)
     two = runs[0]
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     for name in a:
+        if name.endswith("bag.weight"):  # sparse Adam: an entry whose gradient is ~0 moves by up to a step (lr
+            # 0.01) either way, so float sums added in another order (another CPU's kernels) can flip a few of them
+            far = (a[name] - b[name]).abs() > 2e-4 + 1e-3 * b[name].abs()
+            assert int(far.sum()) <= a[name].numel() // 10_000 and float((a[name] - b[name]).abs().max()) <= 0.01
+            continue
         torch.testing.assert_close(a[name], b[name], atol=2e-4, rtol=1e-3, msg=name)
     assert (two / "metrics.jsonl").read_text().count("epoch/loss") == 1
     assert (two / "hard_negatives_epoch0.safetensors").exists()

@@ -59,6 +59,7 @@ def choose_lexical_weight(model, ts, device, val_docs, val_qrels, chunk: int = 2
     once; the grid only re-mixes them."""
 
     n_lex, w0 = model.cfg.lexical_dim, model.cfg.lexical_weight
+    model.cfg.lead_weight = 0.0  # the model as trained: the opening's weight is chosen here
     corpus = ts.d_tokens if val_docs is None else ts.d_tokens.subset(val_docs)
     qrels = ts.val_qrels if val_docs is None else val_qrels
     de = embed_tokens(model.encode_documents, corpus, device)

@@ -147,8 +147,10 @@ def train_prepared(cfg: Config, p: Prepared, data: Path, hooks: Hooks, should_st
         t = cfg.train
     mcfg = model_config(cfg, p.vocab)
     if resume_dir:  # rebuilt from the model config it saved (keys added since take ModelConfig's defaults: what
-        # older models did); with the lexical weight it was trained at (finishing stores the one it chose)
-        mcfg = ModelConfig(**{**read_config(resume_dir)["model"], "lexical_weight": mcfg.lexical_weight})
+        # older models did); with the lexical weight it was trained at and no opening weight (a stop while
+        # finishing may have stored the ones it chose)
+        mcfg = ModelConfig(**{**read_config(resume_dir)["model"], "lexical_weight": mcfg.lexical_weight,
+                              "lead_weight": 0.0})
     torch.manual_seed(t.seed)
     model = TwoTower(mcfg).to(device)
     ts = p.ts.to(device) if device.type == "cuda" else p.ts
