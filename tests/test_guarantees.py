@@ -249,6 +249,11 @@ def damage(run: Path, what: str) -> None:
         cfg = json.loads((run / "config.json").read_text())
         cfg["format_version"] = "1"
         (run / "config.json").write_text(json.dumps(cfg))
+    elif what in ("lead_weight", "lead_nan"):  # config.json edited: the opening's weight changes the lexical rows
+        cfg = json.loads((run / "config.json").read_text())
+        cfg["model"].update(lead_characters=100, lead_weight=float("nan") if what == "lead_nan"
+                            else cfg["model"]["lead_weight"] + 0.2)
+        (run / "config.json").write_text(json.dumps(cfg))
     elif what == "nan":
         emb = np.load(index / "embeddings.npy")
         emb[0, :] = np.nan
@@ -262,8 +267,10 @@ def damage(run: Path, what: str) -> None:
 
 @pytest.mark.parametrize("what,needle", [("empty_embeddings", "embeddings.npy"), ("short_documents", "texts.bin"),
                                          ("faiss_missing", "faiss.index"), ("version_string", "format_version"),
-                                         ("nan", "non-finite")])
+                                         ("nan", "non-finite"), ("lead_weight", "recorded fingerprint"),
+                                         ("lead_nan", "lead_weight is nan")])
 def test_f9_f10_damaged_artifacts_name_the_file_and_nan_is_never_served(cli, runs, what, needle):
+    assert cli("search", "gnu compiler", "--json", "--mode", "dense").exit_code == 0  # verified once (a marker)
     damage((runs / "latest").resolve(), what)
     res = cli("search", "gnu compiler", "--json", "--mode", "dense")
     one_line(res, 1, needle)

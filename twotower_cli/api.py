@@ -116,7 +116,7 @@ class TwoTowerModel:
                 # The fingerprint check reads every weight: done once per file (like git's stat cache, a marker
                 # records the file's size, time and inode when it matched), on the other core, while the query is
                 # answered.
-                if not Verification.known_good(path, self.fingerprint):
+                if not Verification.known_good(path, self.fingerprint, self.config):
                     self._verified = Verification(path, tensors, self.config, self.fingerprint)
                 self._numpy = NumpyTowers(self.config, tensors, str(path))
             return self._numpy
@@ -292,19 +292,24 @@ class Verification:
         threading.Thread(target=self.run, args=(tensors, cfg, expected), daemon=True).start()
 
     @staticmethod
-    def stamp(path: Path, fingerprint: str) -> dict:
+    def stamp(path: Path, fingerprint: str, cfg) -> dict:
+        """What was verified: the file as it was (size, time, inode) and the settings of config.json that the
+        fingerprint covers (an edited lexical or opening weight is checked again, and refused)."""
+        from twotower_cli.model.files import with_settings
+
         st = path.stat()
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "fingerprint": fingerprint}
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "fingerprint": fingerprint,
+                "settings": with_settings("", cfg)}
 
     @staticmethod
     def marker(path: Path) -> Path:
         return path.parent / f".{path.name}.verified.json"
 
     @classmethod
-    def known_good(cls, path: Path, fingerprint: str) -> bool:
+    def known_good(cls, path: Path, fingerprint: str, cfg) -> bool:
         from twotower_cli.runs import read_json_or
 
-        return read_json_or(cls.marker(path), {}) == cls.stamp(path, fingerprint)
+        return read_json_or(cls.marker(path), {}) == cls.stamp(path, fingerprint, cfg)
 
     def run(self, tensors, cfg, expected):
         try:
@@ -317,7 +322,7 @@ class Verification:
                 try:  # a read-only run: checked again next time
                     from twotower_cli.runs import atomic_write_json
 
-                    atomic_write_json(self.marker(self.path), self.stamp(self.path, expected))
+                    atomic_write_json(self.marker(self.path), self.stamp(self.path, expected, cfg))
                 except Exception:
                     pass
         except Exception as exc:  # pragma: no cover - reported below

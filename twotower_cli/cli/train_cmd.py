@@ -304,7 +304,10 @@ def lexical_choice(run_dir) -> str:
     if lead:
         b = lex.get("lead_weight", 0.0)
         without = lead.get("0.0", 0.0)
-        line += (f"; a document's first {model.get('lead_characters')} characters count again at weight {b:g} "
+        reads = model.get("lexical_document_length") or model.get("max_document_length") or 0
+        n = min(model.get("lead_characters") or 0, reads)
+        line += (f"; a document's first {n} characters count again at weight {b:g} "
                  f"(val/mrr@10 {lead.get(str(b), 0.0):.4f}, without {without:.4f})" if b else
-                 f"; a document's opening counts once (counting it again gained under {TIE:g} on validation)")
+                 f"; a document's opening counts once (counting it again did not gain more than {TIE:g} on "
+                 "validation)")
     return line

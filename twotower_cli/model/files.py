@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,8 @@ def read_config(run_dir: Path) -> dict:
                 else isinstance(value, type(default))
             if not ok or (isinstance(default, int) and not isinstance(default, bool) and isinstance(value, bool)):
                 raise TypeError(f"{key} is {value!r}")
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and not 0 <= value < math.inf:
+                raise TypeError(f"{key} is {value!r}, not a finite number of at least 0")  # (NaN too)
     except TypeError as exc:
         raise ArtifactError(f"{path}: 'model' section is invalid ({exc}); the file is corrupt") from None
     return cfg
@@ -107,10 +110,14 @@ def mapped_tensors(path: Path) -> dict[str, np.ndarray]:
 
 def with_settings(weights_digest: str, cfg: ModelConfig) -> str:
     """The model's fingerprint from its weights' digest: the settings outside the weights that change its
-    embeddings (the lexical half) are part of it, when the model has them."""
+    embeddings or its exact lexical rows (the lexical half's weight, the opening's) are part of it, when the model
+    has them."""
     if not cfg.lexical_dim:
         return weights_digest
-    extra = json.dumps({"lexical_dim": cfg.lexical_dim, "lexical_weight": cfg.lexical_weight}, sort_keys=True)
+    settings = {"lexical_dim": cfg.lexical_dim, "lexical_weight": cfg.lexical_weight}
+    if cfg.lead_characters and cfg.lead_weight:  # (only then: models without an opening weight keep their print)
+        settings.update(lead_characters=cfg.lead_characters, lead_weight=cfg.lead_weight)
+    extra = json.dumps(settings, sort_keys=True)
     return hashlib.sha256((weights_digest + extra).encode()).hexdigest()
 
 
