@@ -341,3 +341,18 @@ def test_ctrl_c_checkpoints_and_prints_the_resume_command(tiny_pairs, tmp_path):
     assert "twotower train --resume" in err and "Traceback" not in err
     run = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
     assert (run / "checkpoint.safetensors").exists()
+
+
+def test_settings_of_the_exact_lexical_half_set_for_a_model_without_one_are_noted():
+    from twotower_cli.config import load_config
+    from twotower_cli.training.prepare import unused_settings
+
+    def notes(env, lead=None):
+        return unused_settings(load_config(env=env, overrides={("model", "lead_characters"): lead}))
+
+    assert notes({}) == [] and notes({}, 50) == []  # the default model reads it
+    mean = notes({"TWOTOWER_MODEL_ENCODER": "mean"}, 50)
+    assert mean == ["--lead-characters 50 has no effect: --encoder mean has no lexical half"]
+    flat = notes({"TWOTOWER_MODEL_LEXICAL_DIM": "0", "TWOTOWER_DATA_LEXICAL_DOCUMENT_LENGTH": "500"})
+    assert len(flat) == 1 and flat[0].startswith("--lexical-document-length 500 has no effect")
+    assert notes({"TWOTOWER_MODEL_ENCODER": "cnn"}) == []  # defaults are never noted

@@ -60,6 +60,19 @@ def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
                        lead_characters=m.lead_characters if exact else 0)
 
 
+def unused_settings(cfg: Config) -> list[str]:
+    """Notes for settings of the exact lexical half that a user set (not defaults) on a model without one."""
+    m = cfg.model
+    if m.lexical_exact and m.encoder == "ngram" and m.idf and m.lexical_dim:
+        return []
+    why = (f"--encoder {m.encoder} has no lexical half" if m.encoder != "ngram" else "the model has no exact "
+           "lexical half (it needs model.idf, model.lexical_dim and model.lexical_exact)")
+    return [f"{flag} {cfg.values[section][key]} has no effect: {why}" for (section, key), flag in
+            ((("model", "lead_characters"), "--lead-characters"),
+             (("data", "lexical_document_length"), "--lexical-document-length"))
+            if cfg.sources.get(section, {}).get(key, "default") != "default"]
+
+
 UPFRONT_LIMIT = 1 << 30  # auto tokenises on demand when the token rows of all texts would take more (bytes)
 
 
@@ -120,6 +133,7 @@ def prepare_in(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: 
     if 0 < t.val_corpus_size < len(ts.documents) and len(ts.val_q):
         messages.append(f"validation searches {t.val_corpus_size:,} of the {len(ts.documents):,} documents, a "
                         "sample that keeps every validation positive (--val-corpus-size 0: all of them)")
+    messages += unused_settings(cfg)
     if ts.n_train < TOO_SMALL:
         messages.append(f"only {ts.n_train} training pairs: too few to learn much from; the run is trained, but "
                         "expect the lexical baseline (BM25) to do as well or better")
