@@ -21,6 +21,14 @@ def test_version_and_short_help(cli):
     assert cli("train", "-h").exit_code == 0
 
 
+def test_help_keeps_the_values_a_flag_takes_as_typed():
+    from twotower_cli.cli.options import setting
+
+    assert setting("train", "device", "--device").help.startswith("cpu, cuda, cuda:N or auto.")
+    assert setting("train", "loss", "--loss").help.startswith("infonce (in-batch softmax)")
+    assert setting("train", "learning_rate", "--lr").help.startswith("Peak learning rate (")  # a sentence
+
+
 def test_module_entry_point():
     res = subprocess.run([sys.executable, "-m", "twotower_cli", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and "twotower" in res.stdout

@@ -3,6 +3,7 @@ default (config.toml, the environment and `twotower config` may change it)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -16,7 +17,9 @@ METAVARS = {int: "N", float: "X", str: "TEXT"}
 def setting(section: str, key: str, *decls: str, help: str | None = None, metavar: str | None = None) -> Any:
     """A flag for a setting of config.toml; its help ends with the built-in default."""
     default, doc = FIELDS[section][key]
-    text = help or (doc[0].upper() + doc[1:] + ".")
+    # a sentence, capitalised; but a list of the values the flag takes ("cpu, cuda, cuda:N or auto") keeps them
+    # as they are typed
+    text = help or ((doc if re.match(r"[a-z0-9_-]+(,| or | \()", doc) else doc[0].upper() + doc[1:]) + ".")
     if isinstance(default, bool):
         return typer.Option(*decls, help=f"{text} [default: {'on' if default else 'off'}]", metavar="",
                             show_default=False)
