@@ -469,7 +469,7 @@ def test_a_documents_opening_counts_again_at_its_weight(run):
 
     import twotower_cli
     from twotower_cli.model.artifacts import load_model
-    from twotower_cli.model.encode import lexical_rows
+    from twotower_cli.model.encode import document_and_opening_rows, lexical_rows
 
     api = twotower_cli.load(run)
     model, vocab, _ = load_model(run)
@@ -491,7 +491,7 @@ def test_a_documents_opening_counts_again_at_its_weight(run):
             np.testing.assert_array_equal(got.buckets, ref.buckets)
             np.testing.assert_allclose(got.weights, ref.weights, atol=1e-6, rtol=0)
             scores[weight] = ref.dots(q, 0, np.arange(2), table)
-        opening = lexical_rows(model, torch.from_numpy(ids), "lead", "cpu")
+        opening = document_and_opening_rows(model, torch.from_numpy(ids), "cpu")[1]
         cut = vocab.encode(pl.Series([opening_of(d, 100) for d in docs]), 100)
         whole = lexical_rows(model, torch.from_numpy(cut), "query", "cpu")  # (no length scaling on either)
         np.testing.assert_array_equal(opening.buckets, whole.buckets)

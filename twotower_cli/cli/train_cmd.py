@@ -290,6 +290,7 @@ def lexical_choice(run_dir) -> str:
     """What training chose for the lexical half on validation (`training.choices`), in a line; "" for none."""
     import json
 
+    from twotower_cli.model.config import ModelConfig
     from twotower_cli.training.choices import TIE  # (torch is loaded: training just ran)
 
     try:
@@ -304,8 +305,8 @@ def lexical_choice(run_dir) -> str:
     if lead:
         b = lex.get("lead_weight", 0.0)
         without = lead.get("0.0", 0.0)
-        reads = model.get("lexical_document_length") or model.get("max_document_length") or 0
-        n = min(model.get("lead_characters") or 0, reads)
+        cfg = ModelConfig(**model)
+        n = min(cfg.lead_characters, cfg.lexical_length)  # (no more than the exact half reads)
         line += (f"; a document's first {n} characters count again at weight {b:g} "
                  f"(val/mrr@10 {lead.get(str(b), 0.0):.4f}, without {without:.4f})" if b else
                  f"; a document's opening counts once (counting it again did not gain more than {TIE:g} on "

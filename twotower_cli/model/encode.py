@@ -20,15 +20,35 @@ def embed_tokens(encode, tokens: torch.Tensor, device, batch_size: int = 2048, p
 def lexical_rows(model, tokens, side: str, device, batch_size: int = 2048):
     """The exact lexical half of token rows (a `SparseRows`, weighted as in the embedding): the sparse TF-IDF
     vectors that `model.towers.lexical` sketches, for models with ``lexical_exact``. A document's row adds its
-    opening's row times ``lead_weight``; side "lead" is that opening's row alone (what `training.choices` weighs)."""
+    opening's row times ``lead_weight``."""
+    from twotower_cli.model.sparse_rows import SparseRows
+
+    cfg = model.cfg
+    weight = cfg.lead_weight if side == "document" and cfg.lead_characters else 0.0
+    return SparseRows.concat([whole if opening is None else whole.plus(opening, weight)
+                              for whole, opening in batch_rows(model, tokens, side, device, batch_size, bool(weight))])
+
+
+@torch.no_grad()
+def document_and_opening_rows(model, tokens, device, batch_size: int = 2048):
+    """Documents' exact lexical rows without their openings, and the openings' rows (what `training.choices`
+    weighs against each other), from one pass over the token rows."""
+    from twotower_cli.model.sparse_rows import SparseRows
+
+    pairs = list(batch_rows(model, tokens, "document", device, batch_size, True))
+    return SparseRows.concat([w for w, _ in pairs]), SparseRows.concat([o for _, o in pairs])
+
+
+def batch_rows(model, tokens, side: str, device, batch_size: int, opening: bool):
+    """(rows, the openings' rows or None) a batch of token rows at a time: an opening is a document's first
+    ``lead_characters`` (`numpy_encoder.lead_tokens`), a unit row without the length scaling."""
     import math
 
     from twotower_cli.model.numpy_encoder import lead_tokens
     from twotower_cli.model.sparse_rows import SparseRows
 
     tower = model.query_tower if side == "query" else model.document_tower
-    cfg, parts = model.cfg, []
-    lead = side == "lead" or (side == "document" and cfg.lead_characters and cfg.lead_weight)
+    cfg = model.cfg
 
     def rows(ids, scale):
         hashes, weights, offsets = tower.features(ids)
@@ -37,21 +57,17 @@ def lexical_rows(model, tokens, side: str, device, batch_size: int = 2048):
         return SparseRows.from_features(hashes.cpu().numpy(), weights.float().cpu().numpy(), text.cpu().numpy(),
                                         ids.shape[0], scale, math.sqrt(cfg.lexical_weight))
 
+    is_word = tower.is_word.cpu().numpy() if opening else None
     for s in range(0, tokens.shape[0], batch_size):
         ids = tokens[s:s + batch_size].to(device)
-        opening = None
-        if lead:
-            cut = lead_tokens(ids.cpu().numpy(), cfg.lead_characters, tower.is_word.cpu().numpy())
-            opening = rows(torch.from_numpy(cut).to(device), None)
-        if side == "lead":
-            parts.append(opening)
-            continue
         scale = None
         if side == "document" and cfg.length_power:
             scale = (tower.word_counts(ids).clamp(min=1.0) / tower.mean_words).pow(cfg.length_power).cpu().numpy()
-        whole = rows(ids, scale)
-        parts.append(whole if opening is None else whole.plus(opening, cfg.lead_weight))
-    return SparseRows.concat(parts)
+        first = None
+        if opening:
+            first = rows(torch.from_numpy(lead_tokens(ids.cpu().numpy(), cfg.lead_characters, is_word)).to(device),
+                         None)
+        yield rows(ids, scale), first
 
 
 def document_tokens(vocab, texts, length: int) -> torch.Tensor:

@@ -26,11 +26,8 @@ class SparseRows:
         """Unit rows (times ``scale`` per row and ``factor``), buckets ascending, from features grouped by text as
         the towers build them."""
         buckets, weights, text = np.asarray(buckets), np.asarray(weights, dtype=np.float64), np.asarray(text)
-        if buckets.size:  # a bucket that two kinds of feature share (a hash collision) is one entry: their sum
-            m = int(buckets.max()) + 1
-            key, inverse = np.unique(text.astype(np.int64) * m + buckets, return_inverse=True)
-            weights = np.bincount(inverse.ravel(), weights=weights, minlength=key.size)
-            text, buckets = key // m, key % m
+        # a bucket that two kinds of feature share (a hash collision) is one entry: their sum
+        text, buckets, weights = summed_entries(text, buckets, weights)
         norm = np.sqrt(np.bincount(text, weights=weights * weights, minlength=n))
         mult = factor / np.maximum(norm, 1e-12)
         if scale is not None:
@@ -42,17 +39,13 @@ class SparseRows:
     def plus(self, other: "SparseRows", factor: float) -> "SparseRows":
         """Row by row, self + ``factor`` x other (as many rows), buckets ascending, shared buckets summed."""
         n = len(self)
-        text = np.concatenate([np.repeat(np.arange(n), np.diff(r.indptr)) for r in (self, other)])
-        buckets = np.concatenate([self.buckets, other.buckets]).astype(np.int64)
-        weights = np.concatenate([self.weights.astype(np.float64), other.weights.astype(np.float64) * factor])
+        text, buckets, weights = summed_entries(
+            np.concatenate([np.repeat(np.arange(n), np.diff(r.indptr)) for r in (self, other)]),
+            np.concatenate([self.buckets, other.buckets]),
+            np.concatenate([self.weights.astype(np.float64), other.weights.astype(np.float64) * factor]))
         indptr = np.zeros(n + 1, dtype=np.int64)
-        if not buckets.size:
-            return SparseRows(indptr, np.zeros(0, np.int32), np.zeros(0, np.float32))
-        m = int(buckets.max()) + 1
-        key, inverse = np.unique(text * m + buckets, return_inverse=True)
-        summed = np.bincount(inverse.ravel(), weights=weights, minlength=key.size)
-        np.cumsum(np.bincount(key // m, minlength=n), out=indptr[1:])
-        return SparseRows(indptr, (key % m).astype(np.int32), summed.astype(np.float32))
+        np.cumsum(np.bincount(text, minlength=n), out=indptr[1:])
+        return SparseRows(indptr, buckets.astype(np.int32), weights.astype(np.float32))
 
     @classmethod
     def concat(cls, parts: list["SparseRows"]) -> "SparseRows":
@@ -113,6 +106,15 @@ class SparseRows:
             out[some] = np.add.reduceat(values, offsets[some])
         table[qb] = 0.0
         return out
+
+
+def summed_entries(text: np.ndarray, buckets: np.ndarray, weights: np.ndarray):
+    """(text, bucket, weight) entries sorted by text then bucket, entries of one text and bucket summed into one."""
+    if not buckets.size:
+        return text.astype(np.int64), buckets.astype(np.int64), weights
+    m = int(buckets.max()) + 1
+    key, inverse = np.unique(text.astype(np.int64) * m + buckets, return_inverse=True)
+    return key // m, key % m, np.bincount(inverse.ravel(), weights=weights, minlength=key.size)
 
 
 def digest(a: np.ndarray) -> str:

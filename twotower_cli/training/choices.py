@@ -59,7 +59,6 @@ def choose_lexical_weight(model, ts, device, val_docs, val_qrels, chunk: int = 2
     once; the grid only re-mixes them."""
 
     n_lex, w0 = model.cfg.lexical_dim, model.cfg.lexical_weight
-    model.cfg.lead_weight = 0.0  # the model as trained: the opening's weight is chosen here
     corpus = ts.d_tokens if val_docs is None else ts.d_tokens.subset(val_docs)
     qrels = ts.val_qrels if val_docs is None else val_qrels
     de = embed_tokens(model.encode_documents, corpus, device)
@@ -91,7 +90,7 @@ def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[
     (`retrieval.lexical`), among the ``RERANK`` best rows of the embeddings as trained."""
     import numpy as np
 
-    from twotower_cli.model.encode import lexical_rows
+    from twotower_cli.model.encode import document_and_opening_rows, lexical_rows
     from twotower_cli.retrieval.lexical import RERANK, candidates, first_pass
 
     n_lex, w0 = model.cfg.lexical_dim, model.cfg.lexical_weight
@@ -101,8 +100,10 @@ def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[
     cand = np.sort(cand, 1)
     repeat = torch.from_numpy(np.pad(cand[:, 1:] == cand[:, :-1], ((0, 0), (1, 0))))  # a row twice: counted once
     tokens = lexical_tokens(model, d_tokens)
-    d_rows = lexical_rows(model, tokens, "document", device)  # the opening at weight 0: not chosen yet
-    lead_rows = lexical_rows(model, tokens, "lead", device) if model.cfg.lead_characters else None
+    if model.cfg.lead_characters:  # the rows without the opening, and the opening's, to weigh on the grid
+        d_rows, lead_rows = document_and_opening_rows(model, tokens, device)
+    else:
+        d_rows, lead_rows = lexical_rows(model, tokens, "document", device), None
     q_rows = lexical_rows(model, q_tokens, "query", device)
     learned_d, learned_q = de[:, n_lex:].float().cpu().numpy(), qe[:, n_lex:].float().cpu().numpy()
     table = np.zeros(model.cfg.ngram_buckets, dtype=np.float32)

@@ -47,7 +47,7 @@ class Prepared:
 
 def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
     m, ngram = cfg.model, cfg.model.encoder == "ngram"
-    exact = bool(m.lexical_exact and ngram and m.idf and m.lexical_dim)
+    exact = has_exact_half(m)
     return ModelConfig(encoder=m.encoder, vocab_size=len(vocab), embedding_dim=m.embedding_dim,
                        hidden_dim=m.hidden_dim, ngram_buckets=m.ngram_buckets,
                        cnn_widths=[int(w) for w in str(m.cnn_widths).split(",") if w.strip()],
@@ -60,10 +60,15 @@ def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
                        lead_characters=m.lead_characters if exact else 0)
 
 
+def has_exact_half(m) -> bool:
+    """Whether the model settings ``m`` (config.toml's [model]) give an exact lexical half."""
+    return bool(m.lexical_exact and m.encoder == "ngram" and m.idf and m.lexical_dim)
+
+
 def unused_settings(cfg: Config) -> list[str]:
     """Notes for settings of the exact lexical half that a user set (not defaults) on a model without one."""
     m = cfg.model
-    if m.lexical_exact and m.encoder == "ngram" and m.idf and m.lexical_dim:
+    if has_exact_half(m):
         return []
     why = (f"--encoder {m.encoder} has no lexical half" if m.encoder != "ngram" else "the model has no exact "
            "lexical half (it needs model.idf, model.lexical_dim and model.lexical_exact)")
