@@ -102,12 +102,11 @@ def test_the_exact_lexical_half_reads_past_the_learned_half(run):
 def test_search_scores_are_the_learned_half_plus_the_exact_lexical_half(run):
     """Brute force over every document, sparse vectors as Python dicts: what the index's re-scoring must give."""
     import twotower_cli
-    from twotower_cli.retrieval.bm25 import read_all_documents
 
     api = twotower_cli.load(run)
     index, cfg = api.index, api.config
     assert index.lexical is not None and index.count <= 1000  # every row is re-scored: the result is exact
-    docs = read_all_documents(index)
+    docs = index.all_documents()
     towers = api._numpy_towers()
 
     def dicts(texts, side):
@@ -142,7 +141,7 @@ def test_api_search_is_what_the_cli_prints(run, cli):
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert [[h.to_dict() for h in q] for q in hits] == [r["hits"] for r in doc["results"]]
-    assert doc["mode"] == api.choice["mode"] and len(hits[0]) == 5 and hits[0][0].rank == 1
+    assert doc["mode"] == api.plan.mode and len(hits[0]) == 5 and hits[0][0].rank == 1
     dense = api.search("GNU C compiler", k=3, hybrid=False)[0]
     assert [h.score for h in dense] == sorted((h.score for h in dense), reverse=True)
     from twotower_cli.errors import UsageError
@@ -440,7 +439,7 @@ def test_a_run_saved_by_session_2_code_loads_and_embeds_as_it_did(tmp_path, cli)
         again = model.encode_documents(torch.from_numpy(vocab.encode(docs, model.cfg.max_document_length))).numpy()
     np.testing.assert_allclose(again, np.load(run / "index/default/embeddings.npy"), atol=1e-6, rtol=0)
     api = twotower_cli.load(run)
-    assert api.choice["mode"] == "dense" and api.config.lexical_dim == 0  # what such a run did: the model alone
+    assert api.plan.mode == "dense" and api.config.lexical_dim == 0  # what such a run did: the model alone
     queries = ["gnu c compiler", "", "ümlaut"]
     with torch.no_grad():
         ref = model.encode_queries(torch.from_numpy(vocab.encode(pl.Series(queries), model.cfg.max_query_length)))

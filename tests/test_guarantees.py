@@ -395,7 +395,7 @@ def test_triplet_fallback_never_picks_a_positive_of_the_query():
                      d_tokens=torch.zeros(4, 3, dtype=torch.int32), pos_q=torch.tensor([0, 0, 0, 1]),
                      pos_d=torch.tensor([0, 1, 2, 3]), neg_ptr=torch.zeros(3, dtype=torch.long),
                      neg_doc=torch.zeros(0, dtype=torch.long), val_q=torch.zeros(0, dtype=torch.long), val_qrels=[],
-                     pos_keys=torch.tensor([0, 1, 2, 4 + 3]))
+                     test_q=torch.zeros(0, dtype=torch.long), test_qrels=[], pos_keys=torch.tensor([0, 1, 2, 4 + 3]))
     batch = make_batch(ts, torch.arange(4), torch.full((4,), -1), "triplet")
     for q, n in zip(batch.qi.tolist(), batch.ni.tolist()):
         assert not bool(ts.is_pair(torch.tensor([q]), torch.tensor([n])))
@@ -509,9 +509,12 @@ def test_index_dedup_compares_texts_not_only_hashes(tmp_path, monkeypatch):
 
     vocab = Vocab.build([pl.Series(["abc"])], 1, 10)
     chunks = [(pl.Series(["alpha", "beta", "alpha"]), None), (pl.Series(["beta", "gamma"]), None)]
-    n, _, _, _ = write_folder(tmp_path / "ix", Tiny(), vocab, chunks, "cpu", "float32", 8, None, None)
-    assert n == 3  # alpha, beta, gamma: hash collisions kept apart, true copies dropped
-    assert TwoTowerModel  # the API reads such an index like any other
+    n, *_ = write_folder(tmp_path / "ix", Tiny(), vocab, chunks, "cpu", "float32", 8, None, None)
+    from twotower_cli.retrieval.snapshot import Strings
+
+    # alpha, beta, gamma: hash collisions kept apart, true copies dropped, the rows in the order first seen
+    assert n == 3 and Strings(tmp_path / "ix", "texts")[[0, 1, 2]] == ["alpha", "beta", "gamma"]
+    assert Strings(tmp_path / "ix", "ids")[[0, 1, 2]] == ["0", "1", "4"]
 
 
 # -- trusted-tool additions ----------------------------------------------------------------------------------------

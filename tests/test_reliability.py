@@ -111,7 +111,7 @@ def search(cli, run_dir):
 
 @pytest.mark.parametrize("damage,needle", [
     (lambda r: (r / "model.safetensors").write_bytes((r / "model.safetensors").read_bytes()[:1000]), "model.safetensors"),
-    (lambda r: flip(r / "model.safetensors", -100), "model.safetensors: weights do not match"),
+    (lambda r: flip(r / "model.safetensors", -100), "model.safetensors: does not match its recorded fingerprint"),
     (lambda r: (r / "vocab.json").write_text("{broken"), "vocab.json"),
     (lambda r: (r / "config.json").write_text((r / "config.json").read_text()[:50]), "config.json"),
     (lambda r: edit(r / "config.json", lambda c: c.update(format_version=99)), "newer"),

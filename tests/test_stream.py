@@ -278,11 +278,12 @@ def sample_with(tmp_path, **train):
 
 
 def test_validation_holds_out_at_most_val_max_queries_and_says_so(tmp_path):
-    path, cfg = sample_with(tmp_path, val_fraction=0.3)
+    path, cfg = sample_with(tmp_path, val_fraction=0.3, val_min_queries=100)
     uncapped = prep.prepare(cfg.with_overrides({("train", "val_max_queries"): 0}), path, None, None, None)
     capped = prep.prepare(cfg.with_overrides({("train", "val_max_queries"): 120}), path, None, None, None)
     try:
-        assert len(uncapped.ts.val_q) > 120 and len(capped.ts.val_q) == 120
+        held = [len(p.ts.val_q) + len(p.ts.test_q) for p in (uncapped, capped)]
+        assert held[0] > 120 and held[1] == 120 and len(capped.ts.test_q) == 60
         assert capped.ts.n_train > uncapped.ts.n_train  # the queries not held out train
         assert any("validation holds out 120 queries" in m for m in capped.messages)
         assert not any("validation holds out" in m for m in uncapped.messages)

@@ -44,9 +44,17 @@ def test_training_learns_and_writes_a_complete_run(cli, tiny_pairs, tmp_path):
     epochs = [r for r in records(run) if "epoch/loss" in r]
     assert len(epochs) == 4
     assert epochs[-1]["epoch/loss"] < epochs[0]["epoch/loss"]
-    n_docs = json.loads((run / "config.json").read_text())["data"]["documents"]
-    chance = sum(1 / r for r in range(1, 11)) / n_docs  # MRR@10 of a random ranking, one relevant document
-    assert max(r["val/mrr@10"] for r in epochs) > 10 * chance
+    import polars as pl
+
+    model, vocab, _ = load_model(run)
+    model.vocab = vocab
+    pairs = pl.read_parquet(tiny_pairs).filter(pl.col("label") == 1).unique("query", keep="first").head(300)
+    trained, untrained = (learned_mrr(m, pairs["query"].to_list(), pairs["document"].to_list(), learned_only=True)
+                          for m in (model.eval(), untrained_twin(model)))
+    assert trained > untrained + 0.05, (trained, untrained)  # the learned half, not only the fixed lexical one
+    record = json.loads((run / "run.json").read_text())
+    assert record["test_queries"] > 0 and 0 < record["test"]["test/search/mrr@10"] <= 1
+    assert {"test/mrr@10", "test/bm25/mrr@10", "test/search/mrr@10"} <= set(records(run)[-1])
     steps = [r for r in records(run) if "train/loss" in r]
     assert {"train/pos_sim", "train/neg_sim", "train/sim_gap", "train/grad_norm", "train/lr", "perf/data_ms",
             "perf/forward_ms", "perf/backward_ms", "perf/optim_ms", "perf/pairs_per_s"} <= set(steps[0])
@@ -69,14 +77,74 @@ def test_saved_model_reloads_to_identical_embeddings(cli, tiny_pairs, tmp_path):
     np.testing.assert_allclose(again.numpy(), saved, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss", ["infonce", "triplet"])
-@pytest.mark.parametrize("encoder", ["ngram", "cnn", "mean"])
-def test_every_encoder_and_loss_trains(tiny_pairs, tmp_path, encoder, loss):
-    lr, epochs = (1e-2, 2) if encoder == "ngram" else (1e-3, 4)  # character encoders: a smaller rate, longer
-    cfg = small_cfg(tmp_path, epochs=epochs, loss=loss, learning_rate=lr).with_overrides(
+def learned_mrr(model, queries, documents, learned_only=False) -> float:
+    """MRR@10 of each query's own document among ``documents`` (by the learned part of the embeddings alone: the
+    ngram model's fixed lexical half finds most of them untrained)."""
+    from twotower_cli.evaluation.metrics import retrieval_metrics
+    from twotower_cli.model.towers import TwoTower  # noqa: F401
+
+    import polars as pl
+
+    vocab = model.vocab
+    with torch.no_grad():
+        q = model.encode_queries(torch.from_numpy(vocab.encode(pl.Series(queries), model.cfg.max_query_length)))
+        d = model.encode_documents(torch.from_numpy(vocab.encode(pl.Series(documents), model.cfg.max_document_length)))
+    n = model.cfg.lexical_dim if learned_only else 0
+    q, d = torch.nn.functional.normalize(q[:, n:], dim=1), torch.nn.functional.normalize(d[:, n:], dim=1)
+    ranked = torch.topk(q @ d.T, 10, dim=1).indices.numpy()
+    return retrieval_metrics(ranked, [{i: 1.0} for i in range(len(queries))], ("mrr@10",))["mrr@10"]
+
+
+def untrained_twin(model):
+    """A model of the same configuration at its initial weights, with the trained one's idf (not learned)."""
+    from twotower_cli.model.towers import TwoTower
+
+    torch.manual_seed(13)
+    fresh = TwoTower(model.cfg)
+    state = fresh.state_dict()
+    state.update({k: v for k, v in model.state_dict().items() if k.endswith(("idf", "mean_words"))})
+    fresh.load_state_dict(state)
+    fresh.vocab = model.vocab
+    return fresh.eval()
+
+
+@pytest.mark.parametrize("encoder,loss,lr,epochs,negatives", [
+    ("ngram", "infonce", 1e-2, 2, "none"), ("ngram", "triplet", 1e-2, 2, "bm25"), ("cnn", "infonce", 1e-3, 4, "none")])
+def test_each_encoder_learns_the_pairs_it_is_shown(tiny_pairs, tmp_path, encoder, loss, lr, epochs, negatives):
+    """The trained model ranks its training pairs well above the same model at its initial weights (the learned
+    part of the embedding: the ngram model's fixed lexical half would pass untrained)."""
+    import polars as pl
+
+    cfg = small_cfg(tmp_path, epochs=epochs, loss=loss, learning_rate=lr, hard_negatives=negatives).with_overrides(
         {("model", "encoder"): encoder, ("data", "max_document_length"): 48})
     out = run_train(cfg, tiny_pairs, Hooks(), lambda: False)
-    assert not out.interrupted and np.isfinite(out.history[-1]["epoch/loss"])
+    assert not out.interrupted and out.history[-1]["epoch/loss"] < out.history[0]["epoch/loss"]
+    model, vocab, _ = load_model(out.run_dir)
+    model.vocab = vocab
+    pairs = pl.read_parquet(tiny_pairs).filter(pl.col("label") == 1).unique("query", keep="first").head(300)
+    trained, untrained = (learned_mrr(m, pairs["query"].to_list(), pairs["document"].to_list(), learned_only=True)
+                          for m in (model.eval(), untrained_twin(model)))
+    assert trained > untrained + 0.05, (trained, untrained)
+
+
+@pytest.mark.parametrize("encoder,loss", [("mean", "infonce"), ("mean", "triplet"), ("cnn", "triplet"),
+                                          ("ngram", "triplet")])
+def test_the_other_encoder_and_loss_pairs_run_end_to_end(tiny_pairs, tmp_path, encoder, loss):
+    """The seed's character encoders and the triplet loss with random negatives learn little from 540 pairs (they
+    are not asserted to learn: see benchmarks/RESULTS.md); they must still train, save and search."""
+    from twotower_cli.errors import TrainingError
+
+    cfg = small_cfg(tmp_path, epochs=2, loss=loss, learning_rate=1e-3).with_overrides(
+        {("model", "encoder"): encoder, ("data", "max_document_length"): 48})
+    try:
+        out = run_train(cfg, tiny_pairs, Hooks(), lambda: False)
+    except TrainingError as exc:  # refused as collapsed: kept, never made latest
+        assert "collapsed" in str(exc) and not (tmp_path / "runs" / "latest").exists()
+        return
+    assert np.isfinite(out.history[-1]["epoch/loss"]) and out.search["mode"] in ("dense", "hybrid", "bm25")
+    import twotower_cli
+
+    assert len(twotower_cli.load(out.run_dir).search("text editor", k=3)[0]) == 3
 
 
 @pytest.mark.parametrize("shared", [True, False])

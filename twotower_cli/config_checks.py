@@ -26,6 +26,10 @@ def below_one(v) -> str | None:
     return None if 0 <= v < 1 else "at least 0 and below 1"
 
 
+def between_zero_and_one(v) -> str | None:
+    return None if 0 < v < 1 else "above 0 and below 1"
+
+
 def one_of(*allowed: str) -> Callable[[Any], str | None]:
     def check(v):
         return None if v in allowed else "one of " + ", ".join(repr(a) for a in allowed)
@@ -65,13 +69,13 @@ RULES: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("model", "ngram_buckets"): at_least(16, 2**30),
     ("model", "cnn_widths"): widths,
     ("model", "lexical_dim"): at_least(0, 65536),
-    ("model", "lexical_weight"): below_one,
+    ("model", "lexical_weight"): between_zero_and_one,  # each half is divided by its weight when scored
     ("model", "length_power"): at_least(0, 1),
     ("model", "idf_power"): at_least(0, 1),
     ("model", "word_share"): at_least(0, 1),
     ("model", "lead_characters"): at_least(0, 1_000_000),
     ("train", "epochs"): at_least(1, 100_000),
-    ("train", "batch_size"): at_least(1, 10_000_000),
+    ("train", "batch_size"): at_least(2, 10_000_000),  # a pair needs another in its batch to learn from
     ("train", "learning_rate"): above(0, 10),
     ("train", "warmup_fraction"): at_least(0, 1),
     ("train", "weight_decay"): at_least(0, 10),
@@ -83,6 +87,7 @@ RULES: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("train", "val_corpus_size"): at_least(0),
     ("train", "val_max_queries"): at_least(0),
     ("train", "val_min_queries"): at_least(0),
+    ("train", "test_fraction"): below_one,
     ("train", "device"): device,
     ("train", "precision"): one_of("fp32", "bf16"),
     ("train", "run_name"): name_or_empty,

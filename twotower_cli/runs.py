@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import secrets
 import shutil
@@ -61,6 +60,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_folder(path.parent)  # the rename itself survives a power loss only once the folder is synced
     except BaseException as exc:
         try:
             os.unlink(tmp)
@@ -69,6 +69,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise disk_full(path, exc) from None
         raise
+
+
+def fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -277,13 +290,3 @@ def wandb_id(run_dir: Path) -> str | None:
 
 def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def search_choice(run_dir: Path) -> dict:
-    """What training chose as the run's default search (run.json); runs from before the choice: dense."""
-    choice = read_json_or(Path(run_dir) / "run.json", {}).get("search")
-    if isinstance(choice, dict) and choice.get("mode") in ("dense", "hybrid", "bm25"):
-        w = choice.get("hybrid_weight", 0.5)
-        if isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and 0 <= w <= 1:
-            return choice
-    return {"mode": "dense", "hybrid_weight": 0.5}

@@ -258,7 +258,7 @@ def create_app(model):
     def health() -> dict:
         return {"status": "ok", "run": model.run_dir.name, "model_fingerprint": model.fingerprint,
                 "index": model.index_name, "documents": model.index.count, "dim": model.dim,
-                "search": model.choice.get("mode")}
+                "search": model.plan.mode}
 
     async def answer(request: Request, key: tuple, texts: list[str]):
         """The batcher's answer; given up (and skipped by the batcher) if the client goes away while it waits:

@@ -58,9 +58,11 @@ def search_mode(cfg, mode: str | None, hybrid: bool, weight: float | None) -> tu
     mode = mode or ("hybrid" if hybrid or weight is not None else cfg.search.mode)
     if mode not in ("auto", "dense", "hybrid", "bm25"):
         raise UsageError(f"--mode {mode!r} is not one of auto, dense, hybrid, bm25")
+    if mode != "hybrid":
+        return (None if mode == "auto" else mode), None
     if weight is None and cfg.sources["search"]["hybrid_weight"] != "default":
-        weight = cfg.search.hybrid_weight
-    return (None if mode == "auto" else mode), weight
+        weight = cfg.search.hybrid_weight  # (a fusion the user forces; auto keeps the weight chosen on validation)
+    return mode, weight
 
 
 @command(app, "index", help="Embed a corpus file into a named index of a run (for `search`).")
@@ -106,8 +108,7 @@ def index_command(
     with progress:
         path = build_index(run_dir, model.torch_model(), model.vocab, chunks, name, device=dev, dtype=dtype,
                            backend=backend, progress=update, total=total,
-                           batch_size=8192 if dev.startswith("cuda") else 2048)
-    model.after_indexing(name)
+                           batch_size=8192 if dev.startswith("cuda") else 2048, bm25=model.plan.mode != "dense")
     from twotower_cli.runs import read_json
 
     meta = read_json(path / "meta.json")
@@ -132,9 +133,8 @@ def index_sharded(corpus, cfg, run_dir, name, document_col, id_col, chunk_rows, 
                                  lambda: corpus_chunks(corpus, document_col or cfg.data.document_col, id_col,
                                                        chunk_rows)[1],
                                  name, d, dtype=dtype, backend=backend, progress=update, total=total,
-                                 batch_size=8192 if d.device.type == "cuda" else 2048)
+                                 batch_size=8192 if d.device.type == "cuda" else 2048, bm25=model.plan.mode != "dense")
         if d.main:
-            model.after_indexing(name)
             meta = read_json(path / "meta.json")
             note(f"indexed {meta['count']:,} documents ({meta['dim']}-d {meta['dtype']}, {backend}) into {path} "
                  f"with {d.world} processes")
@@ -198,11 +198,9 @@ def search_command(
     cfg, run_dir = run_of(runs_dir, run, config, {("search", "top_k"): top_k})
     mode, weight = search_mode(cfg, mode, hybrid, hybrid_weight)
     model = TwoTowerModel(run_dir, index or cfg.search.index, device)
-    if weight is not None:
-        model.choice = {**model.choice, "hybrid_weight": weight}
     t0 = time.perf_counter()
-    used, w = model.resolve_mode(None, mode)
-    results = model.search(texts, cfg.search.top_k, mode=used)
+    used, w = model.resolve_mode(None, mode, weight)
+    results = model.search(texts, cfg.search.top_k, mode=mode, weight=weight)
     elapsed = time.perf_counter() - t0
     if json_out:
         print_json({"run": run_dir.name, "index": model.index_name, "top_k": cfg.search.top_k, "mode": used,

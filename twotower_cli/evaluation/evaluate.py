@@ -1,19 +1,18 @@
-"""Scoring retrieval: a model on token rows (validation), and a run, BM25 and the run's default search on an
-evaluation folder (`twotower evaluate`)."""
+"""Scoring retrieval: a model on token rows (validation each epoch), and a run's search on an evaluation folder
+(`twotower evaluate`): the model alone, BM25 and the run's default search, each through `retrieval.search`."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from twotower_cli.evaluation.eval_sets import load_eval
 from twotower_cli.evaluation.metrics import retrieval_metrics
-from twotower_cli.model.artifacts import load_model
 from twotower_cli.model.encode import LexicalTable, embed_tokens, lexical_rows
-from twotower_cli.retrieval.hybrid import CANDIDATES, fuse
-from twotower_cli.retrieval.lexical import search_tokens
+from twotower_cli.retrieval.search import Search
 from twotower_cli.retrieval.topk import exact_topk
 
 K = 100
@@ -21,13 +20,14 @@ CHUNK = 65536  # documents tokenised at a time
 
 
 def row(system: str, ranked, ev, seconds: float) -> dict:
-    return {"system": system, "metrics": retrieval_metrics(ranked, ev.qrels), "queries": len(ev.qrels),
+    return {"system": system, "metrics": retrieval_metrics(pad(ranked), ev.qrels), "queries": len(ev.qrels),
             "documents": len(ev.doc_ids), "queries_per_s": len(ev.qrels) / max(seconds, 1e-9)}
 
 
 @torch.no_grad()
 def evaluate_model(model, q_tokens: torch.Tensor, d_tokens: torch.Tensor, qrels: list[dict[int, float]],
                    device, k: int = 100) -> dict[str, float]:
+    """The model's embeddings alone, exact top-k: what each epoch's validation scores."""
     was_training = model.training
     model.eval()
     try:
@@ -39,73 +39,67 @@ def evaluate_model(model, q_tokens: torch.Tensor, d_tokens: torch.Tensor, qrels:
         model.train(was_training)
 
 
-@torch.no_grad()
 def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, mode: str | None = None,
                  weight: float | None = None, progress=None, ev=None, device: str = "cpu") -> list[dict]:
-    """Rows: the dense model alone (always), BM25 (``baseline``), and the run's default search when it is not the
-    dense model alone (what training chose on validation), or the search ``mode`` forced (with ``weight`` for
-    hybrid). Each row has ``default``: whether it is what `twotower search` does."""
-    from twotower_cli.runs import search_choice
+    """Rows: the model alone (always), BM25 (``baseline``), and the run's default search when it is not the model
+    alone, or the search ``mode`` forced (with ``weight`` for hybrid). Each row has ``default``: whether it is what
+    `twotower search` does."""
+    from twotower_cli.model.run_encoder import RunEncoder
+    from twotower_cli.retrieval.search import stored_plan
 
     ev = ev or load_eval(eval_dir)
-    model, vocab, _ = load_model(run_dir, device)
-    cfg = model.cfg
-    choice = search_choice(run_dir)
-    forced = mode is not None
-    mode = mode or choice["mode"]
-    w = weight if weight is not None else float(choice.get("hybrid_weight", 0.5))
-    if mode == "hybrid" and not 0 < w < 1:
-        w = 0.5
-    de, d_rows = embed_corpus(model, vocab, ev.documents, device, progress)  # (what an index holds)
-    t0 = time.perf_counter()  # query time: tokenise, embed, search (the corpus is indexed beforehand)
-    q_tokens = torch.from_numpy(vocab.encode(ev.queries, cfg.max_query_length))
-    qe = embed_tokens(model.encode_queries, q_tokens, device)
-    # exact top-k on the device when it is a GPU (the corpus fits there); re-scored with the exact lexical half
-    ds, di = search_tokens(model, qe, de, q_tokens, lambda: d_rows, max(K, CANDIDATES), device)
-    dense_time = time.perf_counter() - t0
-    rows = [row(f"two-tower ({run_dir.name})", di[:, :K].numpy(), ev, dense_time)]
-    rows[0]["default"] = choice["mode"] == "dense"
-    if baseline == "bm25" or mode != "dense":
-        from twotower_cli.retrieval.bm25 import BM25
+    run = RunEncoder(run_dir, device)  # the run's query side, as `search` encodes
+    default = stored_plan(run_dir)
+    index = corpus_index(run, ev.documents, device, progress)
+    queries = ev.queries.to_list()
+    asked = default.forced(mode, weight) if mode is not None or weight is not None else default
 
-        bm = BM25.build(ev.documents.to_list())
-        t0 = time.perf_counter()
-        ls, li = bm.search(ev.queries.to_list(), max(K, CANDIDATES))
-        bm_time = time.perf_counter() - t0
-        if baseline == "bm25":
-            rows.append(row("bm25", pad(li[:, :K].tolist()), ev, bm_time))
-        why = "forced" if forced else "the run's default search, chosen on validation" \
-            if "val_mrr@10" in choice else "the run's default search"
-        if mode == "bm25":
-            rows.append(row(f"bm25 ({why})", pad(li[:, :K].tolist()), ev, bm_time))
-        elif mode == "hybrid":
-            t0 = time.perf_counter()
-            _, fi = fuse(ds.numpy(), di.numpy(), ls, li, w, K)
-            rows.append(row(f"hybrid (dense weight {w:g}; {why})", pad(fi), ev,
-                            bm_time + dense_time + time.perf_counter() - t0))
-        if mode != "dense":  # the row of the run's own default search, unless a forced one differs from it
-            rows[-1]["default"] = mode == choice["mode"] and (mode == "bm25" or
-                                                            w == float(choice.get("hybrid_weight", 0.5)))
+    def ranked(plan):
+        t0 = time.perf_counter()  # query time: encode, search (the corpus is indexed beforehand)
+        _, rows = Search(plan, run, index, device).rank(queries, K)
+        return rows, time.perf_counter() - t0
+
+    rows = []
+    dense_plan = default.forced("dense")
+    found, seconds = ranked(dense_plan)
+    rows.append({**row(f"two-tower ({run_dir.name})", found, ev, seconds), "default": default == dense_plan})
+    if baseline == "bm25":
+        index.bm25()  # built before the clock starts, as an index's is
+        found, seconds = ranked(default.forced("bm25"))
+        rows.append({**row("bm25", found, ev, seconds), "default": False})
+    if asked.mode != "dense":
+        why = "forced" if asked != default else "the run's default search, chosen on validation"
+        name = "bm25" if asked.mode == "bm25" else f"hybrid (dense weight {asked.hybrid_weight:g}"
+        name = f"{name} ({why})" if asked.mode == "bm25" else f"{name}; {why})"
+        index.bm25()
+        found, seconds = ranked(asked)
+        rows.append({**row(name, found, ev, seconds), "default": asked == default})
     for r in rows:
         r["notes"] = ev.notes
     return rows
 
 
-def embed_corpus(model, vocab, documents, device, progress=None, chunk: int = CHUNK):
-    """The documents' embeddings (on ``device``) and, for models with an exact lexical half, their sparse rows
-    (read to that half's own length, a batch at a time); tokenised a chunk at a time, so memory holds one chunk's
-    token rows, not the corpus's."""
+@torch.no_grad()
+def corpus_index(run, documents, device, progress=None, chunk: int = CHUNK):
+    """The documents as an in-memory index of the run (`retrieval.snapshot.Index.in_memory`): their embeddings and,
+    for models with an exact lexical half, their sparse rows, tokenised a chunk at a time; BM25 built on demand."""
+    from twotower_cli.retrieval.bm25 import BM25
+    from twotower_cli.retrieval.snapshot import Index
+
+    model, vocab = run.torch_model(), run.vocab
     cfg, n = model.cfg, len(documents)
     parts = []
     for s in range(0, n, chunk):
         tokens = torch.from_numpy(vocab.encode(documents.slice(s, chunk), cfg.max_document_length))
         parts.append(embed_tokens(model.encode_documents, tokens, device, batch_size=8192 if device != "cpu" else 2048,
-                                  progress=(lambda done, s=s: progress(s + done, n)) if progress else None))
-    de = torch.cat(parts) if parts else torch.zeros(0, cfg.output_dim, device=device)
-    if not cfg.lexical_exact:
-        return de, None
-    return de, lexical_rows(model, LexicalTable(documents, vocab, cfg.lexical_length, device), "document", device)
+                                  progress=(lambda done, s=s: progress(s + done, n)) if progress else None).cpu())
+    embeddings = torch.cat(parts).numpy() if parts else np.zeros((0, cfg.output_dim), np.float32)
+    rows, meta = None, None
+    if cfg.lexical_exact:
+        rows = lexical_rows(model, LexicalTable(documents, vocab, cfg.lexical_length, device), "document", device)
+        meta = {"dim": cfg.lexical_dim, "buckets": cfg.ngram_buckets, "weight": cfg.lexical_weight}
+    return Index.in_memory(embeddings, rows, meta, lambda: BM25.build(documents))
 
 
 def pad(ranked: list[list[int]]) -> list[list[int]]:
-    return [r + [-1] * (K - len(r)) for r in ranked]
+    return [list(r) + [-1] * (K - len(r)) for r in ranked]

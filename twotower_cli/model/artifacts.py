@@ -21,7 +21,8 @@ from twotower_cli import __version__
 from twotower_cli.data.vocab import Vocab
 from twotower_cli.errors import ArtifactError
 from twotower_cli.model.config import ModelConfig
-from twotower_cli.model.files import FORMAT_VERSION, fingerprint, header_metadata, read_config, with_settings  # noqa: F401
+from twotower_cli.model.files import (FINGERPRINT_VERSION, FORMAT_VERSION, altered, fingerprint_version,
+                                      header_metadata, model_fingerprint, read_config)
 from twotower_cli.model.towers import TwoTower
 from twotower_cli.runs import atomic_write_bytes, atomic_write_json
 
@@ -47,12 +48,6 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def model_digest(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> str:
-    """The model's fingerprint: the sha256 of its weights, and of the settings outside the weights that change
-    its embeddings (the lexical half), when it has them. Models without them keep their weights' digest."""
-    return with_settings(weights_digest(tensors), cfg)
-
-
 HALF_FROM = 1 << 20  # embedding tables of at least this many values are stored in float16
 
 
@@ -69,8 +64,10 @@ def save_model(run_dir: Path, model: torch.nn.Module) -> str:
     """Write model.safetensors atomically. Its metadata carries a fingerprint (``model_digest``), which indexes
     record (searching with another model is refused) and loading checks (altered weights are refused)."""
     tensors = {k: stored(k, v.detach().cpu().contiguous()) for k, v in sorted(model.weights().items())}
-    digest = model_digest(tensors, model.cfg)
-    meta = {"format": "twotower", "format_version": str(FORMAT_VERSION), "fingerprint": digest}
+    vocab = Vocab.load(Path(run_dir) / "vocab.json").to_json()  # (written first, when the run folder is made)
+    digest = model_fingerprint(weights_digest(tensors), model.cfg, vocab)
+    meta = {"format": "twotower", "format_version": str(FORMAT_VERSION), "fingerprint": digest,
+            "fingerprint_version": str(FINGERPRINT_VERSION)}
     atomic_write_bytes(Path(run_dir) / "model.safetensors", st_save(tensors, metadata=meta))
     return digest
 
@@ -113,9 +110,9 @@ def load_model(run_dir: Path, device="cpu") -> tuple[TwoTower, Vocab, dict]:
     model = TwoTower(mcfg)
     path = run_dir / "model.safetensors"
     tensors, meta = read_tensors(path)
-    if meta.get("fingerprint") and model_digest(tensors, mcfg) != meta["fingerprint"]:
-        raise ArtifactError(f"{path}: weights do not match their recorded fingerprint; the file was altered or "
-                            "damaged. Retrain, or restore the file from a copy")
+    if meta.get("fingerprint") and model_fingerprint(weights_digest(tensors), mcfg, vocab.to_json(),
+                                                     fingerprint_version(path)) != meta["fingerprint"]:
+        raise altered(run_dir)
     load_weights(model, tensors, path)
     return model.to(device).eval(), vocab, cfg
 

@@ -108,23 +108,36 @@ def mapped_tensors(path: Path) -> dict[str, np.ndarray]:
         raise ArtifactError(f"{path}: not a valid safetensors file ({exc}); it is truncated or corrupt") from None
 
 
-def with_settings(weights_digest: str, cfg: ModelConfig) -> str:
-    """The model's fingerprint from its weights' digest: the settings outside the weights that change its
-    embeddings or its exact lexical rows (the lexical half's weight, the opening's) are part of it, when the model
-    has them."""
-    if not cfg.lexical_dim:
-        return weights_digest
-    settings = {"lexical_dim": cfg.lexical_dim, "lexical_weight": cfg.lexical_weight}
-    if cfg.lead_characters and cfg.lead_weight:  # (only then: models without an opening weight keep their print)
-        settings.update(lead_characters=cfg.lead_characters, lead_weight=cfg.lead_weight)
-    extra = json.dumps(settings, sort_keys=True)
-    return hashlib.sha256((weights_digest + extra).encode()).hexdigest()
+FINGERPRINT_VERSION = 2  # 2: the weights, config.json's model section and vocab.json (1: weights, lexical weights)
 
 
-def numpy_digest(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> str:
-    """``artifacts.model_digest`` over arrays mapped from the file: the same bytes, the same order."""
+def fingerprint_version(path: Path) -> int:
+    """How the fingerprint in a model file's header was computed (header only)."""
+    value = header_metadata(path).get("fingerprint_version", "1")
+    return int(value) if str(value).isdigit() else 0
+
+
+def model_fingerprint(weights: str, cfg: ModelConfig, vocab_json: dict, version: int = FINGERPRINT_VERSION) -> str:
+    """The model's fingerprint from its weights' sha256: with everything else that shapes its embeddings, the model
+    settings and the vocabulary, so that an edit of config.json or vocab.json is noticed as an altered weight is."""
+    if version < 2:
+        from twotower_cli.compat import fingerprint_v1
+
+        return fingerprint_v1(weights, cfg)
+    text = json.dumps({"model": cfg.to_dict(), "vocab": vocab_json}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256((weights + text).encode("utf-8")).hexdigest()
+
+
+def altered(run_dir: Path) -> ArtifactError:
+    return ArtifactError(f"{Path(run_dir) / 'model.safetensors'}: does not match its recorded fingerprint: the "
+                         "weights, config.json's model settings or vocab.json were altered or damaged. Retrain, "
+                         "or restore the run from a copy")
+
+
+def numpy_weights_digest(tensors: dict[str, np.ndarray]) -> str:
+    """The sha256 of a model file's tensors mapped from it, as ``artifacts.weights_digest`` computes it."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         h.update(name.encode())
         h.update(memoryview(np.ascontiguousarray(tensors[name])).cast("B"))
-    return with_settings(h.hexdigest(), cfg)
+    return h.hexdigest()

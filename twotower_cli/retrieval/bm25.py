@@ -20,6 +20,8 @@ from twotower_cli.errors import ArtifactError, UsageError
 
 TOKEN = re.compile(r"(?u)\b\w\w+\b")  # bm25s' default token pattern
 K1, B = 1.5, 0.75
+ARRAYS = ("data", "indices", "indptr")
+VERIFY_UP_TO = 64 << 20  # BM25 files up to this size are checked against bm25.json's sha256 when loaded
 
 
 def stop_words() -> set[str]:
@@ -54,9 +56,10 @@ def bm25s_module():
 class BM25:
     """Scores [n_docs] of a query are ``data`` summed over the columns of its terms (CSC: ``indptr`` per term)."""
 
-    def __init__(self, data, indices, indptr, vocab: dict[str, int], n_docs: int, stopwords: set[str]):
+    def __init__(self, data, indices, indptr, vocab: dict[str, int], n_docs: int, stopwords: set[str],
+                 folder: Path | None = None):
         self.data, self.indices, self.indptr = data, indices, indptr
-        self.vocab, self.n_docs, self.stopwords = vocab, n_docs, stopwords
+        self.vocab, self.n_docs, self.stopwords, self.folder = vocab, n_docs, stopwords, folder
 
     @classmethod
     def build(cls, documents, folder: Path | None = None, chunk: int = 65536) -> "BM25":
@@ -122,13 +125,17 @@ class BM25:
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("data", "indices", "indptr"):
+        for name in ARRAYS:
             np.save(folder / f"{name}.npy", getattr(self, name))
         self.write_meta(folder)
 
     def write_meta(self, folder: Path) -> None:
+        """bm25.json, written last: the vocabulary, the settings and the three arrays' sha256."""
+        from twotower_cli.retrieval.index import file_digest
+
+        digests = {name: file_digest(folder / f"{name}.npy") for name in ARRAYS}
         (folder / "bm25.json").write_text(json.dumps({"format": "twotower-bm25", "num_docs": self.n_docs,
-                                                     "k1": K1, "b": B, "method": "lucene",
+                                                     "k1": K1, "b": B, "method": "lucene", "sha256": digests,
                                                      "stopwords": sorted(self.stopwords), "vocab": self.vocab},
                                                     ensure_ascii=False))
 
@@ -137,7 +144,8 @@ class BM25:
         folder = Path(folder)
         try:
             meta = json.loads((folder / "bm25.json").read_text(encoding="utf-8"))
-            arrays = [np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("data", "indices", "indptr")]
+            arrays = [np.load(folder / f"{n}.npy", mmap_mode="r") for n in ARRAYS]
+            verify(folder, arrays, meta.get("sha256"))
             vocab = meta["vocab"]
             n_docs = int(meta["num_docs"])
             terms = max((v for t, v in vocab.items() if t), default=-1) + 1 if isinstance(vocab, dict) else -1
@@ -148,7 +156,7 @@ class BM25:
         except (ValueError, KeyError, TypeError, EOFError, OSError) as exc:
             raise ArtifactError(f"{folder}: the BM25 index is damaged ({exc}); rebuild it with twotower "
                                 "index") from None
-        return cls(*arrays, vocab, n_docs, set(meta.get("stopwords", [])))
+        return cls(*arrays, vocab, n_docs, set(meta.get("stopwords", [])), folder)
 
     def term_ids(self, text: str) -> list[int]:
         """The query's terms (`terms`) that some document has (repeated terms count again, as in bm25s)."""
@@ -161,42 +169,47 @@ class BM25:
             return np.zeros(self.n_docs, dtype=np.float32)
         rows = np.concatenate([self.indices[a:b] for a, b in spans])
         values = np.concatenate([self.data[a:b] for a, b in spans]).astype(np.float64)
+        if not np.isfinite(values).all() or (rows.size and not 0 <= int(rows.min()) <= int(rows.max()) < self.n_docs):
+            raise ArtifactError(f"{self.folder or 'BM25'}: its scores of a query term are damaged (not finite, or "
+                                "naming no document); rebuild the index")
         return np.bincount(rows, weights=values, minlength=self.n_docs).astype(np.float32)
 
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and document rows [Q, min(k, n)], best first (ties: lower row first; no match scores 0)."""
+        """Scores and document rows [Q, min(k, n)], best first (ties: lower row first, across the k-th place too;
+        no match scores 0)."""
+        from twotower_cli.retrieval.fusion import best_rows
+
         k = min(k, self.n_docs)
         out_s = np.zeros((len(queries), k), dtype=np.float32)
         out_i = np.zeros((len(queries), k), dtype=np.int64)
         for j, q in enumerate(queries):
             s = self.scores(q)
-            top = np.argpartition(-s, k - 1)[:k] if k < s.size else np.arange(s.size)
-            order = top[np.lexsort((top, -s[top]))]
+            order = best_rows(s, k)
             out_s[j], out_i[j] = s[order], order
         return out_s, out_i
 
 
+def verify(folder: Path, arrays: list[np.ndarray], digests) -> None:
+    """The arrays against bm25.json's sha256 when they are small enough to read at every load."""
+    if not isinstance(digests, dict) or sum(a.nbytes for a in arrays) > VERIFY_UP_TO:
+        return
+    from twotower_cli.retrieval.index import file_digest
+
+    for name in ARRAYS:
+        if file_digest(folder / f"{name}.npy") != digests.get(name):
+            raise ValueError(f"{name}.npy does not match its checksum in bm25.json")
+
+
 def load_bm25(index) -> BM25:
-    """The BM25 index saved beside a dense index (``index.path / "bm25"``); built on first use when the index has
-    none, and saved there when the folder is writable (reading a run never needs write access)."""
+    """The BM25 side saved in an index (``index.path / "bm25"``); built on first use when the index has none, and
+    saved there when the folder is writable (reading a run never needs write access)."""
     folder = index.path / "bm25"
     if (folder / "bm25.json").is_file():
         return BM25.load(folder)
-    documents = read_all_documents(index)
     try:
-        return save_bm25(index.path, documents)
-    except OSError:  # a read-only run: build it for this process only
-        return BM25.build(documents)
-
-
-def read_all_documents(index) -> list[str]:
-    if (index.path / "texts.bin").exists():
-        data = (index.path / "texts.bin").read_bytes()
-        offsets = np.load(index.path / "texts.offsets.npy")
-        return [data[a:b].decode("utf-8") for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
-    import polars as pl
-
-    return pl.read_parquet(index.path / "documents" / "*.parquet")["document"].to_list()
+        return save_bm25(index.path, index.texts if index.texts is not None else index.all_documents())
+    except OSError:  # a read-only run: built for this process only
+        return BM25.build(index.texts if index.texts is not None else index.all_documents())
 
 
 def save_bm25(index_path: Path, documents) -> BM25:
@@ -207,13 +220,12 @@ def save_bm25(index_path: Path, documents) -> BM25:
 
     tmp = Path(index_path) / f".bm25.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    old = Path(index_path) / "bm25"
+    final = Path(index_path) / "bm25"
     try:
-        bm = BM25.build(documents, tmp)
-        del bm  # its files are mapped: let go of them before the folder moves
-        if old.exists():  # an older layout (bm25s' own files): replaced
-            shutil.rmtree(old)
-        os.replace(tmp, old)
+        BM25.build(documents, tmp)
+        if final.exists():  # another layout (bm25s' own files): replaced
+            shutil.rmtree(final)
+        os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return BM25.load(old)
+    return BM25.load(final)

@@ -24,7 +24,7 @@ from twotower_cli.model.encode import document_tokens, lexical_rows
 from twotower_cli.model.files import fingerprint
 from twotower_cli.model.sparse_rows import digest as array_digest
 from twotower_cli.retrieval.index import INDEX_FORMAT, index_dir, lock_path, read_strings, recover
-from twotower_cli.runs import Lock, atomic_write_json, check_free_space, disk_full, remove_stale
+from twotower_cli.runs import Lock, atomic_write_json, check_free_space, disk_full, fsync_folder, remove_stale
 
 HEADER = 128  # bytes reserved for the .npy header, written once the row count is known
 
@@ -45,25 +45,34 @@ class Strings:
         self.folder, self.name = folder, name
         self.fh = open(folder / f"{name}.bin", "wb")
         self.offsets = [0]
+        self.sha = hashlib.sha256()
 
     def add(self, values: list[str]) -> None:
         for v in values:
             b = v.encode("utf-8")
             self.fh.write(b)
+            self.sha.update(b)
             self.offsets.append(self.offsets[-1] + len(b))
 
-    def close(self) -> None:
+    def close(self) -> dict[str, str]:
+        """Closes the file, writes the offsets; returns both files' sha256."""
         self.fh.close()
-        np.save(self.folder / f"{self.name}.offsets.npy", np.asarray(self.offsets, dtype=np.int64))
+        offsets = np.asarray(self.offsets, dtype=np.int64)
+        np.save(self.folder / f"{self.name}.offsets.npy", offsets)
+        from twotower_cli.retrieval.index import file_digest
+
+        return {f"{self.name}.bin": self.sha.hexdigest(),
+                f"{self.name}.offsets.npy": file_digest(self.folder / f"{self.name}.offsets.npy")}
 
 
 @torch.no_grad()
 def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", device="cpu", dtype: str = "float32",
                 backend: str = "exact", batch_size: int = 2048, progress=None, total: int | None = None,
-                precomputed=None) -> Path:
+                precomputed=None, bm25: bool = False) -> Path:
     """Embed ``chunks`` (an iterable of (documents Series, ids list or None)) into ``index/<name>/``.
     ``precomputed(i, docs)``: the embeddings and lexical rows of every row of chunk ``i``, computed elsewhere (by the
-    processes of a sharded build, `sharded.py`); what is stored is the same as when computed here."""
+    processes of a sharded build, `sharded.py`); what is stored is the same as when computed here. ``bm25``: the
+    BM25 side too (written before the index is swapped in, so that no reader sees the index without it)."""
     if dtype not in ("float32", "float16"):
         raise UsageError(f"--dtype {dtype!r}: use float32 or float16")
     final = index_dir(run_dir, name)
@@ -74,10 +83,10 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
         tmp = final.parent / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            n, dim, digest, nnz = write_folder(tmp, model, vocab, chunks, device, dtype, batch_size, progress, total,
-                                               precomputed)
+            n, dim, digest, nnz, files = write_folder(tmp, model, vocab, chunks, device, dtype, batch_size, progress,
+                                                      total, precomputed)
             meta = {"format_version": INDEX_FORMAT, "model_fingerprint": fingerprint(run_dir), "dim": dim,
-                    "count": n, "dtype": dtype, "backend": backend, "sha256": digest,
+                    "count": n, "dtype": dtype, "backend": backend, "sha256": digest, "files_sha256": files,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             if nnz is not None:
                 nnz, digests = nnz
@@ -85,6 +94,11 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
                                    "weight": model.cfg.lexical_weight, "sha256": digests}
             if backend == "faiss":
                 meta["faiss"] = build_faiss(tmp, n, dim)
+            if bm25:
+                from twotower_cli.retrieval.bm25 import BM25
+                from twotower_cli.retrieval.snapshot import Strings as StringsFile
+
+                BM25.build(StringsFile(tmp, "texts"), tmp / "bm25")
             atomic_write_json(tmp / "meta.json", meta)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -95,76 +109,91 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)  # a kill between the two renames is undone by recover()
+        fsync_folder(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size: int, progress, total,
                  precomputed=None):
+    """Writes the index's files into ``tmp``; returns the count, the dimension, the embeddings' sha256, the lexical
+    rows' (entries, sha256) or None, and the document files' sha256."""
     (tmp / "documents").mkdir(parents=True)
-    dim, max_len = model.cfg.output_dim, model.cfg.max_document_length
+    dim = model.cfg.output_dim
     if total:
         check_free_space(tmp / "embeddings.npy", HEADER + int(total) * dim * np.dtype(dtype).itemsize)
-    seen_h, seen_row = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
-    n = offset = 0
-    digest = hashlib.sha256()
     was = model.training
     model.eval()
     texts, ids_out = Strings(tmp, "texts"), Strings(tmp, "ids")
     lexical = LexicalWriter(tmp) if getattr(model.cfg, "lexical_exact", False) else None
-    with open(tmp / "embeddings.npy", "wb") as raw:
-        raw.write(b"\0" * HEADER)
-        for part, (docs, ids) in enumerate(chunks):
-            docs = docs.fill_null("").cast(pl.String)
-            ids = ids if ids is not None else [str(offset + i) for i in range(len(docs))]
-            offset += len(docs)
-            frame = pl.DataFrame({"id": pl.Series(ids, dtype=pl.String), "document": docs,
-                                  "row": np.arange(len(docs), dtype=np.int64)})
-            pre = precomputed(part, docs) if precomputed is not None else None
-            frame = frame.filter(pl.col("document").is_first_distinct())  # exact texts, not hashes
-            h = frame["document"].hash(seed=0).to_numpy()
-            repeat = np.isin(h, seen_h)
-            if repeat.any():  # a hash seen in an earlier chunk: the same text only if one of its texts is equal
-                texts.fh.flush()
-                same = np.zeros(len(h), dtype=bool)
-                docs_now = frame["document"].to_list()
-                for i in np.flatnonzero(repeat).tolist():
-                    lo, hi = np.searchsorted(seen_h, h[i], "left"), np.searchsorted(seen_h, h[i], "right")
-                    earlier = read_strings(tmp, "texts", seen_row[lo:hi].tolist(), texts.offsets)
-                    same[i] = docs_now[i] in earlier
-                frame, h = frame.filter(pl.Series(~same)), h[~same]
-            for s in range(0, frame.height, batch_size):
-                if pre is not None:  # rows of the chunk as read (the kept ones), computed by a sharded build
-                    keep = frame["row"].slice(s, batch_size).to_numpy()
-                    emb, rows = pre[0][keep], pre[1].take(keep) if lexical is not None else None
-                else:
-                    emb, rows = embed_batch(model, vocab, frame["document"].slice(s, batch_size), max_len, device,
-                                            lexical is not None, n + s)
-                data = emb.astype(dtype).tobytes()
-                digest.update(data)
-                raw.write(data)
-                if lexical is not None:
-                    lexical.add(rows)
-            frame = frame.drop("row")
-            frame.write_parquet(tmp / "documents" / f"part-{part:05d}.parquet")
-            texts.add(frame["document"].to_list())
-            ids_out.add(frame["id"].to_list())
-            order = np.argsort(np.concatenate([seen_h, h]), kind="stable")
-            seen_h = np.concatenate([seen_h, h])[order]
-            seen_row = np.concatenate([seen_row, np.arange(n, n + frame.height)])[order]
-            n += frame.height
-            if progress:
-                progress(offset, total)
-        if n == 0:
-            raise UsageError("the corpus has no documents to index")
-        raw.seek(0)
-        raw.write(npy_header((n, dim), dtype))
-        raw.flush()
-        os.fsync(raw.fileno())
-    texts.close()
-    ids_out.close()
-    model.train(was)
-    return n, dim, digest.hexdigest(), lexical.close() if lexical is not None else None
+    try:
+        with open(tmp / "embeddings.npy", "wb") as raw:
+            n, digest = write_chunks(raw, tmp, model, vocab, chunks, device, dtype, batch_size, progress, total,
+                                     precomputed, texts, ids_out, lexical)
+        files = {**texts.close(), **ids_out.close()}
+        return n, dim, digest, lexical.close() if lexical is not None else None, files
+    finally:
+        for fh in [texts.fh, ids_out.fh] + (list(lexical.files.values()) if lexical is not None else []):
+            fh.close()  # (closed already unless something failed)
+        model.train(was)
+
+
+def write_chunks(raw, tmp: Path, model, vocab, chunks, device, dtype: str, batch_size: int, progress, total,
+                 precomputed, texts: Strings, ids_out: Strings, lexical) -> tuple[int, str]:
+    """Embeddings appended to ``raw`` (its header written last), documents to their files; identical documents once."""
+    max_len = model.cfg.max_document_length
+    seen_h, seen_row = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    n = offset = 0
+    digest = hashlib.sha256()
+    raw.write(b"\0" * HEADER)
+    for part, (docs, ids) in enumerate(chunks):
+        docs = docs.fill_null("").cast(pl.String)
+        ids = ids if ids is not None else [str(offset + i) for i in range(len(docs))]
+        offset += len(docs)
+        frame = pl.DataFrame({"id": pl.Series(ids, dtype=pl.String), "document": docs,
+                              "row": np.arange(len(docs), dtype=np.int64)})
+        pre = precomputed(part, docs) if precomputed is not None else None
+        frame = frame.filter(pl.col("document").is_first_distinct())  # exact texts, not hashes
+        h = frame["document"].hash(seed=0).to_numpy()
+        repeat = np.isin(h, seen_h)
+        if repeat.any():  # a hash seen in an earlier chunk: the same text only if one of its texts is equal
+            texts.fh.flush()
+            same = np.zeros(len(h), dtype=bool)
+            docs_now = frame["document"].to_list()
+            for i in np.flatnonzero(repeat).tolist():
+                lo, hi = np.searchsorted(seen_h, h[i], "left"), np.searchsorted(seen_h, h[i], "right")
+                earlier = read_strings(tmp, "texts", seen_row[lo:hi].tolist(), texts.offsets)
+                same[i] = docs_now[i] in earlier
+            frame, h = frame.filter(pl.Series(~same)), h[~same]
+        for s in range(0, frame.height, batch_size):
+            if pre is not None:  # rows of the chunk as read (the kept ones), computed by a sharded build
+                keep = frame["row"].slice(s, batch_size).to_numpy()
+                emb, rows = pre[0][keep], pre[1].take(keep) if lexical is not None else None
+            else:
+                emb, rows = embed_batch(model, vocab, frame["document"].slice(s, batch_size), max_len, device,
+                                        lexical is not None, n + s)
+            data = emb.astype(dtype).tobytes()
+            digest.update(data)
+            raw.write(data)
+            if lexical is not None:
+                lexical.add(rows)
+        frame = frame.drop("row")
+        frame.write_parquet(tmp / "documents" / f"part-{part:05d}.parquet")
+        texts.add(frame["document"].to_list())
+        ids_out.add(frame["id"].to_list())
+        order = np.argsort(np.concatenate([seen_h, h]), kind="stable")
+        seen_h = np.concatenate([seen_h, h])[order]
+        seen_row = np.concatenate([seen_row, np.arange(n, n + frame.height)])[order]
+        n += frame.height
+        if progress:
+            progress(offset, total)
+    if n == 0:
+        raise UsageError("the corpus has no documents to index")
+    raw.seek(0)
+    raw.write(npy_header((n, model.cfg.output_dim), dtype))
+    raw.flush()
+    os.fsync(raw.fileno())
+    return n, digest.hexdigest()
 
 
 def embed_batch(model, vocab, docs, max_len: int, device, lexical: bool, first: int = 0):

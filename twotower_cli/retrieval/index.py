@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ import numpy as np
 from twotower_cli.config_checks import NAME
 from twotower_cli.errors import ArtifactError, UsageError
 from twotower_cli.model.files import fingerprint
+from twotower_cli.retrieval.snapshot import Index, Strings, file_stamp
 from twotower_cli.runs import is_locked, read_json
 
 INDEX_FORMAT = 2  # 2: texts.bin/ids.bin beside the Parquet parts, a checksum in meta.json (1 is still read)
@@ -60,96 +61,8 @@ def recover(run_dir: Path, name: str) -> Path:
         return best
 
 
-@dataclass
-class Index:
-    path: Path
-    meta: dict
-    embeddings: np.ndarray
-    on_device: object = None  # the embeddings copied once to a GPU (``search(..., device="cuda")``)
-    lexical: object = None  # the documents' exact lexical rows (`lexical.SparseRows`), for models that have them
-
-    @property
-    def count(self) -> int:
-        return int(self.meta["count"])
-
-    def documents(self, rows: list[int]) -> list[dict]:
-        """Id and text of the given rows, read without loading the rest."""
-        if (self.path / "texts.bin").exists():
-            texts, ids = read_strings(self.path, "texts", rows), read_strings(self.path, "ids", rows)
-            return [{"row": r, "id": i, "document": t} for r, i, t in zip(rows, ids, texts)]
-        import polars as pl  # format 1 indexes: the Parquet parts only
-
-        p = self.path / "documents"
-        try:
-            frame = (pl.scan_parquet(p / "*.parquet").with_row_index("row").filter(pl.col("row").is_in(rows))
-                     .collect())
-        except Exception as exc:
-            raise ArtifactError(f"{p}: cannot read ({str(exc).splitlines()[0]}); rebuild with twotower index") from None
-        by_row = {r["row"]: r for r in frame.to_dicts()}
-        missing = [r for r in rows if r not in by_row]
-        if missing:
-            raise ArtifactError(f"{p}: has no document for row {missing[0]} of the embeddings; rebuild the index")
-        return [by_row[r] for r in rows]
-
-    def search(self, queries: np.ndarray, k: int, device: str = "cpu",
-               query_rows=None) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and rows [Q, min(k, count)], best first; exact in NumPy (or on a GPU, the embeddings copied there
-        once), or FAISS HNSW when built with it. With the queries' exact lexical rows (``query_rows``) and an index
-        that has the documents', the best ``RERANK`` rows are re-scored with them (`lexical.rescore`)."""
-        k = min(k, self.count)
-        if query_rows is not None and self.lexical is not None:
-            from twotower_cli.retrieval.lexical import RERANK, candidates, first_pass, rescore
-
-            lex = self.meta["lexical"]
-            _, rows = self.dense_search(first_pass(queries, lex["dim"], lex.get("weight")), max(k, RERANK), device)
-            rows = candidates(rows, len(queries))
-            try:
-                return rescore(queries, query_rows, self.embeddings, self.lexical, rows, lex["dim"], k,
-                               lex["buckets"])
-            except FloatingPointError as exc:
-                raise ArtifactError(f"{self.path / str(exc)}: holds non-finite values (NaN or infinity); rebuild "
-                                    f"the index: twotower index CORPUS --name {self.path.name}") from None
-        return self.dense_search(queries, k, device)
-
-    def dense_search(self, queries: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.ndarray]:
-        k = min(k, self.count)
-        if device != "cpu" and self.meta.get("backend") != "faiss":
-            return self.search_on(queries, k, device)
-        if self.meta.get("backend") == "faiss":
-            import faiss
-
-            index = faiss.read_index(str(self.path / "faiss.index"))
-            index.hnsw.efSearch = max(int(self.meta.get("faiss", {}).get("ef_search", 128)), k)
-            s, i = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-            return s, i.astype(np.int64)  # rows the graph could not fill are -1
-        from twotower_cli.retrieval.topk_numpy import numpy_topk
-
-        try:
-            return numpy_topk(queries, self.embeddings, k)
-        except FloatingPointError as exc:
-            raise ArtifactError(f"{self.path / 'embeddings.npy'}: {exc} (NaN or infinity); rebuild the index: "
-                                f"twotower index CORPUS --name {self.path.name}") from None
-
-
-    def search_on(self, queries: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        from twotower_cli.retrieval.topk import exact_topk
-
-        if self.on_device is None:
-            self.on_device = torch.from_numpy(np.ascontiguousarray(self.embeddings)).to(device)
-        s, i = exact_topk(torch.from_numpy(np.asarray(queries, dtype=np.float32)).to(device), self.on_device, k)
-        s, i = s.cpu().numpy(), i.cpu().numpy()
-        if not np.isfinite(s).all():
-            raise ArtifactError(f"{self.path / 'embeddings.npy'}: holds non-finite values (NaN or infinity); "
-                                f"rebuild the index: twotower index CORPUS --name {self.path.name}")
-        return s, i
-
-
 def read_strings(folder: Path, name: str, rows: list[int], offsets=None) -> list[str]:
-    """Rows of a strings file (`texts.bin`, `ids.bin`), by its offsets (read from disk unless given)."""
-    if offsets is None:
-        offsets = np.load(folder / f"{name}.offsets.npy", mmap_mode="r")
+    """Rows of a strings file being written (`build.py`), by its offsets."""
     with open(folder / f"{name}.bin", "rb") as fh:
         out = []
         for r in rows:
@@ -160,20 +73,52 @@ def read_strings(folder: Path, name: str, rows: list[int], offsets=None) -> list
 
 
 def load_index(run_dir: Path, name: str = "default", check_model: bool = True) -> Index:
-    folder = recover(run_dir, name)
-    if not folder.is_dir():
-        parent = Path(run_dir) / "index"
-        have = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-            if parent.is_dir() else []
-        raise ArtifactError(f"no index '{name}' in {run_dir} (have: {', '.join(have) or 'none'}); "
-                            f"build one with: twotower index CORPUS --name {name}")
-    meta = read_json(folder / "meta.json", "index metadata")
+    """The index ``name`` of a run, every file from one build: a rebuild that lands while it is opened is noticed
+    (meta.json changed, or a file vanished) and the new build is opened instead."""
+    for attempt in range(5):
+        folder = recover(run_dir, name)
+        if not folder.is_dir():
+            if attempt < 4 and is_locked(lock_path(run_dir, name)):  # a writer is between its two renames
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            parent = Path(run_dir) / "index"
+            have = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+                if parent.is_dir() else []
+            raise ArtifactError(f"no index '{name}' in {run_dir} (have: {', '.join(have) or 'none'}); "
+                                f"build one with: twotower index CORPUS --name {name}")
+        try:
+            before = file_stamp(folder / "meta.json")
+        except FileNotFoundError:
+            before = None
+        try:
+            index = open_index(run_dir, folder, name, check_model)
+        except ArtifactError:
+            if before is not None and stamp_or_none(folder / "meta.json") == before:
+                raise  # the build it read is damaged, not replaced
+            continue
+        if index.stamp == before:
+            return index
+    raise ArtifactError(f"{index_dir(run_dir, name)}: the index kept changing while it was read (is it being "
+                        "rebuilt in a loop?); retry when it is written")
+
+
+def stamp_or_none(path: Path):
+    try:
+        return file_stamp(path)
+    except OSError:
+        return None
+
+
+def open_index(run_dir: Path, folder: Path, name: str, check_model: bool) -> Index:
+    meta_path = folder / "meta.json"
+    stamp = stamp_or_none(meta_path)
+    meta = read_json(meta_path, "index metadata")
     version = meta.get("format_version", 0)
     if not isinstance(version, int) or isinstance(version, bool):
-        raise ArtifactError(f"{folder / 'meta.json'}: format_version is {version!r}, not a number; rebuild the index")
+        raise ArtifactError(f"{meta_path}: format_version is {version!r}, not a number; rebuild the index")
     if version > INDEX_FORMAT:
-        raise ArtifactError(f"{folder / 'meta.json'}: index format {version} is newer than this twotower "
-                            "understands; upgrade twotower")
+        raise ArtifactError(f"{meta_path}: index format {version} is newer than this twotower understands; "
+                            "upgrade twotower")
     if check_model and meta.get("model_fingerprint") != fingerprint(run_dir):
         raise ArtifactError(f"{folder}: index was built by another model (fingerprint differs from "
                             f"{Path(run_dir) / 'model.safetensors'}); rebuild it with: twotower index CORPUS "
@@ -190,10 +135,45 @@ def load_index(run_dir: Path, name: str = "default", check_model: bool = True) -
                             f"({meta.get('count')}x{meta.get('dim')} {meta.get('dtype')}); rebuild the index")
     check_documents(folder, meta)
     verify_checksum(path, emb, meta)
+    texts = ids = None
+    if version >= 2 or (folder / "texts.bin").exists():
+        try:
+            texts, ids = Strings(folder, "texts"), Strings(folder, "ids")
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{folder}: its document files cannot be read ({exc}); rebuild the index") from None
+        verify_files(folder, meta)
     if meta.get("backend") == "faiss" and not (folder / "faiss.index").is_file():
         raise ArtifactError(f"{folder / 'faiss.index'}: missing, but meta.json says the index uses FAISS; "
                             "rebuild the index")
-    return Index(folder, meta, emb, lexical=load_lexical(folder, meta))
+    return Index(folder, meta, emb, load_lexical(folder, meta), texts, ids, stamp=stamp)
+
+
+def verify_files(folder: Path, meta: dict) -> None:
+    """Compare the document files with the checksums written when they were built (all of them, up to
+    ``VERIFY_UP_TO`` bytes in all; `twotower verify` checks any size)."""
+    digests = meta.get("files_sha256")
+    if not isinstance(digests, dict):
+        return
+    sizes = {f: (folder / f).stat().st_size for f in digests if (folder / f).exists()}
+    if sum(sizes.values()) > VERIFY_UP_TO:
+        return
+    for name, expected in digests.items():
+        if file_digest(folder / name) != expected:
+            raise ArtifactError(f"{folder / name}: does not match the checksum in meta.json; the file was altered or "
+                                "damaged: rebuild the index")
+
+
+def file_digest(path: Path) -> str | None:
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except FileNotFoundError:
+        return None
+    return h.hexdigest()
 
 
 def load_lexical(folder: Path, meta: dict):

@@ -38,11 +38,9 @@ def first_pass(queries: np.ndarray, lexical_dim: int, weight) -> np.ndarray:
     return np.concatenate([np.asarray(queries, dtype=np.float32), q])
 
 
-def candidates(rows: np.ndarray, n_queries: int) -> np.ndarray:
-    """Candidate rows [Q, K (+ EXTRA)] from the first pass's ranking of ``first_pass`` vectors (may repeat rows)."""
-    if rows.shape[0] == n_queries:
-        return rows
-    return np.concatenate([rows[:n_queries], rows[n_queries:, :EXTRA]], 1)
+def candidate_rows(first: np.ndarray, extra: np.ndarray | None) -> np.ndarray:
+    """Candidate rows [Q, K (+ EXTRA)]: the first pass's, then the even mix's best (may repeat rows)."""
+    return first if extra is None else np.concatenate([first, extra[:, :EXTRA]], 1)
 
 
 def rescore(queries: np.ndarray, query_rows: SparseRows, embeddings, doc_rows: SparseRows, rows: np.ndarray,
@@ -68,29 +66,3 @@ def rescore(queries: np.ndarray, query_rows: SparseRows, embeddings, doc_rows: S
         best = np.lexsort((cand, -s))[:k]
         out_s[j, :best.size], out_i[j, :best.size] = s[best], cand[best]
     return out_s, out_i
-
-
-def search_tokens(model, qe, de, q_tokens, d_tokens, k: int, device):
-    """Top ``k`` (scores, rows) of query embeddings ``qe`` over document embeddings ``de`` as the model's search
-    ranks them: exact dot products, re-scored with the exact lexical half when the model has one (``d_tokens``
-    may be a callable that returns the documents' `SparseRows`, to compute them once)."""
-    import torch
-
-    from twotower_cli.model.encode import lexical_rows
-    from twotower_cli.retrieval.topk import exact_topk
-
-    cfg = model.cfg
-    if not getattr(cfg, "lexical_exact", False):
-        s, i = exact_topk(qe, de, k)
-        return s.cpu(), i.cpu()
-    first = torch.from_numpy(first_pass(qe.float().cpu().numpy(), cfg.lexical_dim, cfg.lexical_weight)).to(qe.device)
-    n = qe.shape[0]
-    cand = exact_topk(first[:n], de, max(k, RERANK))[1].cpu().numpy()
-    if first.shape[0] > n:  # the even mix's rows: only its best EXTRA are needed (top 1,000 of thousands of
-        extra = exact_topk(first[n:], de, min(EXTRA, de.shape[0]))[1].cpu().numpy()  # queries costs minutes)
-        cand = np.concatenate([cand, extra], 1)
-    d_rows = d_tokens() if callable(d_tokens) else lexical_rows(model, d_tokens, "document", device)
-    q_rows = lexical_rows(model, q_tokens, "query", device)
-    s, i = rescore(qe.float().cpu().numpy(), q_rows, de.float().cpu().numpy(), d_rows, cand,
-                   cfg.lexical_dim, k, cfg.ngram_buckets)
-    return torch.from_numpy(s), torch.from_numpy(i)

@@ -124,6 +124,34 @@ def flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+TEST_SYSTEMS = (("default search", "test/search/"), ("model alone", "test/"), ("BM25", "test/bm25/"))
+
+
+def search_section(run: dict, cfg: dict) -> str:
+    """The default search chosen on validation, and the model, BM25 and that search on the test queries."""
+    plan = run.get("search") if isinstance(run.get("search"), dict) else {}
+    test = run.get("test") if isinstance(run.get("test"), dict) else {}
+    lexical = cfg.get("lexical_choice") if isinstance(cfg.get("lexical_choice"), dict) else {}
+    parts = []
+    if plan:
+        how = plan.get("mode", "dense") + (f" at dense weight {plan.get('hybrid_weight'):g}"
+                                            if plan.get("mode") == "hybrid" else "")
+        parts.append(f"<p>Default search: <b>{esc(how)}</b>; {esc(plan.get('reason', ''))}.</p>")
+    if lexical:
+        parts.append(f"<p>Weight of the exact lexical half in the model's score: {esc(lexical.get('weight'))}; of a "
+                     f"document's opening: {esc(lexical.get('lead_weight', 0.0))}.</p>")
+    if not test:
+        return "".join(parts) + "<p>No test split: the run has no figures measured apart from its choices.</p>"
+    names = ["mrr@10", "ndcg@10", "recall@1", "recall@10", "recall@100", "map@100"]
+    rows = [[label] + [float(test.get(prefix + n, 0.0)) for n in names] for label, prefix in TEST_SYSTEMS]
+    parts.append(f"<p>On {esc(run.get('test_queries', '?'))} test queries, held out from training and from every "
+                 "choice:</p>" + table(["system"] + names, rows, ["hit", "", ""]))
+    if test.get("test/mrr@10", 1.0) < test.get("test/bm25/mrr@10", 0.0):
+        parts.append('<p class="miss">The model alone is below BM25 on these queries: with few or noisy pairs the '
+                     "default search leans on BM25 (check the data with <code>twotower validate-data</code>).</p>")
+    return "".join(parts)
+
+
 def build_html(run_dir: Path, title: str | None = None, description: str | None = None) -> str:
     run_dir = Path(run_dir)
     cfg = read_json(run_dir / "config.json", "model configuration")
@@ -139,8 +167,12 @@ def build_html(run_dir: Path, title: str | None = None, description: str | None 
     data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
     source = data.get("name") or Path(str(data.get("path", "pairs"))).name  # a shared report shows no local path
     description = description or f"A {cfg['model']['encoder']} two-tower model trained on {source}."
+    test = run.get("test") if isinstance(run.get("test"), dict) else {}
+    shown = ({f"{label} · {k.rsplit('/', 1)[1]}": test[k] for label, prefix in TEST_SYSTEMS
+              for k in (prefix + "mrr@10", prefix + "recall@10") if isinstance(test.get(k), float)} if test else
+             {k: v for k, v in best.items() if isinstance(v, float) and k.startswith(("val/", "eval/"))})
     cards = "".join(f'<div class="card"><div class="v">{v:.3f}</div><div class="k">{esc(k)}</div></div>'
-                    for k, v in best.items() if isinstance(v, float) and k.startswith(("val/", "eval/")))
+                    for k, v in shown.items())
     info = (f"run <code>{esc(run_dir.name)}</code> · {len(epochs)} epochs, {steps[-1]['step'] if steps else 0} steps · "
             f"best epoch {esc(run.get('best_epoch', '-'))} · created {esc(run.get('created', '-'))}")
     charts = [
@@ -166,8 +198,11 @@ def build_html(run_dir: Path, title: str | None = None, description: str | None 
                              "✔" if h["relevant"] else ""])
             res_cls.append("hit" if h["relevant"] else "")
     found = sum(r["found"] for r in results)
-    res_html = (f"<p>{found} of {len(results)} validation queries have their relevant document in the top 5.</p>"
-                + table(["query", "rank", "score", "document", "relevant"], res_rows, res_cls)) if results else "<p>No validation queries.</p>"
+    which = "test" if test else "validation"
+    res_html = (f"<p>What the default search returns for {len(results)} {which} queries: {found} have their "
+                "relevant document in the top 5.</p>"
+                + table(["query", "rank", "score", "document", "relevant"], res_rows, res_cls)) if results else \
+        "<p>No held-out queries.</p>"
     ex_html = table(list(examples[0]), [[str(v)[:200] for v in e.values()] for e in examples]) if examples else ""
     settings = table(["setting", "value"], [[k, v] for k, v in flatten(cfg.get("settings", {}))])
     model = table(["model", "value"], [[k, v] for k, v in flatten(cfg.get("model", {}))]
@@ -177,7 +212,9 @@ def build_html(run_dir: Path, title: str | None = None, description: str | None 
 <h1>{esc(title)}</h1><p class="sub">{esc(description)}</p><p class="sub">{info}</p>
 <div class="cards">{cards}</div>
 <h2>Charts</h2><div class="grid">{figs}</div>
-<h2>Final metrics (best epoch)</h2>{final}
+<h2>The run's search, and its figures on held-out queries</h2>{search_section(run, cfg)}
+<h2>Validation metrics (best epoch)</h2><p class="sub">Measured on the validation queries, on which the epoch, the
+weights and the search were chosen: they flatter the run; the figures above do not.</p>{final}
 <h2>Retrieval results</h2>{res_html}
 <h2>Data examples</h2>{ex_html}
 <h2>Configuration</h2><div class="grid"><div>{settings}</div><div>{model}</div></div>

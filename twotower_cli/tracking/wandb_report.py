@@ -16,10 +16,14 @@ SECTIONS = [
                                                         "perf/optim_ms"]),
                                 ("Throughput (pairs/s)", ["perf/pairs_per_s"])]),
     ("Gradient norms", [("Gradient norm", ["train/grad_norm"]), ("Learning rate", ["train/lr"])]),
-    ("Validation metrics", [("Validation", ["val/mrr@10", "val/ndcg@10", "val/recall@1", "val/recall@10",
-                                            "val/recall@100"])]),
+    ("Validation metrics (the queries every choice was made on)",
+     [("Validation", ["val/mrr@10", "val/ndcg@10", "val/recall@1", "val/recall@10", "val/recall@100"])]),
 ]
-TABLES = [("Retrieval results for the validation queries", "retrieval/results"), ("Data examples", "data/examples")]
+# the run's figures: the test queries, held out from training and every choice (one value each, at the last step)
+SUMMARY = ("Held-out test queries: the model alone, BM25 and the default search",
+           ["test/mrr@10", "test/bm25/mrr@10", "test/search/mrr@10", "test/recall@10", "test/bm25/recall@10",
+            "test/search/recall@10"])
+TABLES = [("What the default search returns for test queries", "retrieval/results"), ("Data examples", "data/examples")]
 
 
 def build_report(run_id: str, project: str, entity: str, title: str, description: str):
@@ -35,6 +39,9 @@ def build_report(run_id: str, project: str, entity: str, title: str, description
         blocks.append(wr.PanelGrid(runsets=runset(), panels=[
             wr.LinePlot(title=t, x="Step", y=ys, layout=wr.Layout(x=8 * i, y=0, w=8, h=6))
             for i, (t, ys) in enumerate(plots)]))
+    blocks.append(wr.H2(SUMMARY[0]))
+    blocks.append(wr.PanelGrid(runsets=runset(), panels=[
+        wr.BarPlot(title=SUMMARY[0], metrics=SUMMARY[1], orientation="h", layout=wr.Layout(x=0, y=0, w=24, h=8))]))
     for heading, key in TABLES:
         blocks.append(wr.H2(heading))
         blocks.append(wr.PanelGrid(runsets=runset(), panels=[wr.WeavePanelSummaryTable(

@@ -153,7 +153,7 @@ class WandbSink:
         if payload:
             self.run.log(payload, step=int(summary.get("step", 0)))
         for k, v in summary.items():
-            if k.startswith(("val/", "eval/")):
+            if k.startswith(("val/", "eval/", "test/")):
                 self.run.summary[k] = v
         art = wandb.Artifact(f"model-{self.run.id}", type="model",
                              metadata={k: v for k, v in summary.items() if isinstance(v, (int, float, str))})

@@ -39,8 +39,10 @@ class TrainingSet:
     pos_d: torch.Tensor  # [P] training positives: document index
     neg_ptr: torch.Tensor  # [n_queries + 1] CSR offsets into neg_doc
     neg_doc: torch.Tensor  # [M] negative document indices
-    val_q: torch.Tensor  # [V] validation query indices
+    val_q: torch.Tensor  # [V] validation query indices: what every choice is made on
     val_qrels: list[dict[int, float]]  # per validation query: {document index: 1.0}
+    test_q: torch.Tensor  # [T] held out from training and from every choice: the run's reported figures
+    test_qrels: list[dict[int, float]]
     # Span pairs: this epoch's extra positives, a span of words cut from a training document (the query) and that
     # document. Positions n_train.. of the epoch's order are span pairs; their query ids follow the real ones.
     span_d: torch.Tensor | None = None  # [S] document index of each span pair
@@ -58,6 +60,10 @@ class TrainingSet:
     def is_pair(self, q_ids: torch.Tensor, d_ids: torch.Tensor) -> torch.Tensor:
         """Element by element: whether (q_ids[i], d_ids[i]) is a known positive."""
         return sorted_member(q_ids * self.n_documents + d_ids, self.pos_keys.to(q_ids.device)) & (d_ids >= 0)
+
+    def held_out_documents(self) -> list[int]:
+        """The positives of the validation and test queries: never seen in training (idf, span pairs)."""
+        return sorted({d for rel in self.val_qrels + self.test_qrels for d in rel})
 
     @property
     def n_train(self) -> int:
@@ -78,7 +84,7 @@ class TrainingSet:
 
     def to(self, device) -> "TrainingSet":
         for name in ("q_tokens", "d_tokens", "pos_q", "pos_d", "neg_ptr", "neg_doc", "span_d", "span_tokens",
-                     "pos_keys"):
+                     "pos_keys"):  # (val_q and test_q stay on the CPU: they index texts)
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
         return self
@@ -88,19 +94,23 @@ MIN_FOR_VALIDATION = 10  # fewer queries with a positive: no validation split (t
 
 
 def build(df: pl.DataFrame, vocab, max_query_length: int, max_document_length: int, val_fraction: float,
-          seed: int, eager: bool = True, val_min_queries: int = 0, val_max_queries: int = 0) -> TrainingSet:
+          seed: int, eager: bool = True, val_min_queries: int = 0, val_max_queries: int = 0,
+          test_fraction: float = 0.0) -> TrainingSet:
     """The training set of a frame of usable pairs held in memory (see `from_rows`)."""
     from twotower_cli.data.stream import rows_in_memory
 
     return from_rows(rows_in_memory(df), vocab, max_query_length, max_document_length, val_fraction, seed, eager,
-                     val_min_queries, val_max_queries)
+                     val_min_queries, val_max_queries, test_fraction)
 
 
 def from_rows(rows, vocab, max_query_length: int, max_document_length: int, val_fraction: float, seed: int,
-              eager: bool = True, val_min_queries: int = 0, val_max_queries: int = 0) -> TrainingSet:
+              eager: bool = True, val_min_queries: int = 0, val_max_queries: int = 0, test_fraction: float = 0.0,
+              grouped: bool = True) -> TrainingSet:
     """The training set of a file's numbered rows (`data.stream.PairRows`). ``eager``: tokenise every text now
     (one process); else only the rows a step uses, when it uses them. ``val_max_queries``: validation holds out
-    at most this many queries (0: no cap): the rest of a large file trains."""
+    at most this many queries (0: no cap): the rest of a large file trains. Of the held-out queries,
+    ``test_fraction`` are kept from every choice, for the run's figures (`test_q`). ``grouped``: queries that the
+    query tower reads alike (`seen_text`) are held out together, so that none has a twin in training."""
     queries, documents = rows.queries, rows.documents
     nq, nd = len(queries), len(documents)
     qid, did, label = rows.qid, rows.did, rows.label
@@ -117,17 +127,22 @@ def from_rows(rows, vocab, max_query_length: int, max_document_length: int, val_
     if n_val >= len(candidates):
         raise DataError(f"validation would take all {len(candidates)} queries with a positive; "
                         "lower --val-fraction or use more data")
+    n_test = int(round(test_fraction * n_val)) if n_val >= 2 * MIN_FOR_VALIDATION else 0
     rng = np.random.default_rng(seed)
-    val_q = np.sort(rng.permutation(candidates)[:n_val])
-    is_val = np.zeros(nq, dtype=bool)
-    is_val[val_q] = True
+    if grouped:
+        groups = seen_text_groups(queries, candidates, vocab, max_query_length)
+        val_q, test_q = held_out(candidates, groups, n_val - n_test, n_test, rng)
+    else:  # (how runs saved before grouping split: resumed on their own split)
+        val_q, test_q = np.sort(rng.permutation(candidates)[:n_val]), np.zeros(0, np.int64)
+    is_held = np.zeros(nq, dtype=bool)
+    is_held[val_q] = is_held[test_q] = True
 
-    train = ~is_val[pos_q]
-    qrels: dict[int, dict[int, float]] = {int(q): {} for q in val_q}
+    train = ~is_held[pos_q]
+    qrels: dict[int, dict[int, float]] = {int(q): {} for q in np.concatenate([val_q, test_q])}
     for q, d in zip(pos_q[~train].tolist(), pos_d[~train].tolist()):
         qrels[q][d] = 1.0
 
-    neg = np.unique(qid[~pos & ~is_val[qid]] * nd + did[~pos & ~is_val[qid]])  # sorted by (query, document)
+    neg = np.unique(qid[~pos & ~is_held[qid]] * nd + did[~pos & ~is_held[qid]])  # sorted by (query, document)
     neg_ptr, neg_doc = csr(neg // max(nd, 1), neg % max(nd, 1), nq)
 
     return TrainingSet(
@@ -137,8 +152,47 @@ def from_rows(rows, vocab, max_query_length: int, max_document_length: int, val_
         pos_q=torch.from_numpy(pos_q[train].astype(np.int64)), pos_d=torch.from_numpy(pos_d[train].astype(np.int64)),
         neg_ptr=neg_ptr, neg_doc=neg_doc,
         val_q=torch.from_numpy(val_q.astype(np.int64)), val_qrels=[qrels[int(q)] for q in val_q],
+        test_q=torch.from_numpy(test_q.astype(np.int64)), test_qrels=[qrels[int(q)] for q in test_q],
         pos_keys=torch.from_numpy(np.unique(keys)),
     )
+
+
+def seen_text(texts: pl.Series, vocab, max_len: int) -> pl.Series:
+    """A query as the query tower reads it: cut, lowercased when the vocabulary is, spaces runs as one."""
+    return vocab.prepare_texts(texts, max_len).str.replace_all(r"\s+", " ").str.strip_chars()
+
+
+def seen_text_groups(queries, candidates: np.ndarray, vocab, max_len: int, rows: int = 65536) -> np.ndarray:
+    """A group number per candidate query: equal for queries whose `seen_text` is equal (two 64-bit hashes)."""
+    from twotower_cli.data.tokens import text_list
+
+    parts = []
+    for s in range(0, len(candidates), rows):
+        texts = seen_text(pl.Series(text_list(queries, candidates[s:s + rows]), dtype=pl.String), vocab, max_len)
+        key = np.empty(len(texts), dtype=[("a", "<u8"), ("b", "<u8")])
+        key["a"], key["b"] = texts.hash(0x5EE).to_numpy(), texts.hash(0x7E7).to_numpy()
+        parts.append(key)
+    keys = np.concatenate(parts) if parts else np.zeros(0, dtype=[("a", "<u8"), ("b", "<u8")])
+    return np.unique(keys, return_inverse=True)[1].reshape(-1)
+
+
+def held_out(candidates: np.ndarray, groups: np.ndarray, n_val: int, n_test: int, rng) -> tuple[np.ndarray, ...]:
+    """Whole groups of candidate queries, in a random order of groups: into validation while it has room for the
+    group, else into the test split while it has room; at most ``n_val`` and ``n_test`` queries. Each sorted."""
+    order = rng.permutation(int(groups.max()) + 1 if groups.size else 0)
+    members = np.argsort(groups, kind="stable")
+    starts = np.searchsorted(groups[members], np.arange(order.size + 1))
+    val, test, room = [], [], [n_val, n_test]
+    for g in order.tolist():
+        if room[0] == room[1] == 0:
+            break
+        size = int(starts[g + 1] - starts[g])
+        side = 0 if size <= room[0] else 1 if size <= room[1] else None
+        if side is not None:  # (a group too large for the room left stays in training)
+            (val, test)[side].append(candidates[members[starts[g]:starts[g + 1]]])
+            room[side] -= size
+    cat = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)  # noqa: E731
+    return cat(val), cat(test)
 
 
 def csr(keys: np.ndarray, values: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +232,7 @@ def span_pairs(ts: TrainingSet, vocab, max_len: int, share: float, seed: int, ep
         return
     rng = np.random.default_rng([seed, epoch, 0x5BA2])
     exclude = np.zeros(len(ts.documents), dtype=bool)
-    exclude[[d for rel in ts.val_qrels for d in rel]] = True
+    exclude[ts.held_out_documents()] = True
     pool = np.flatnonzero(~exclude)
     docs = pool[rng.integers(0, len(pool), m)]
     words = ts.documents.gather(docs).str.extract_all(r"\S+")
@@ -210,8 +264,20 @@ def sample_negatives(ts: TrainingSet, seed: int, epoch: int) -> torch.Tensor:
     return torch.cat([neg, torch.full((ts.n_epoch - ts.n_train,), -1, dtype=torch.long)])
 
 
-def steps_per_epoch(n_train: int, batch_size: int) -> int:
-    return math.ceil(n_train / batch_size)
+def steps_per_epoch(n: int, batch_size: int, processes: int = 1) -> int:
+    """Steps of an epoch of ``n`` positives. Under DDP every process takes the same number of full batches (the
+    ragged rest is dropped); one process takes them all, a last single pair joining the batch before it (a pair
+    alone has nothing to be told apart from)."""
+    if processes > 1:
+        return n // (batch_size * processes)
+    return n // batch_size if n % batch_size == 1 and n > 1 else math.ceil(n / batch_size)
+
+
+def step_positions(step: int, steps: int, global_batch: int, rank: int, batch_size: int) -> slice:
+    """The positions of this epoch's order that process ``rank`` trains on at ``step`` (see `steps_per_epoch`)."""
+    start = step * global_batch + rank * batch_size
+    last = step == steps - 1 and global_batch == batch_size  # one process: the last step takes the rest
+    return slice(start, None if last else start + batch_size)
 
 
 @dataclass
@@ -263,8 +329,7 @@ def epoch_batches(ts: TrainingSet, order: torch.Tensor, negs: torch.Tensor, firs
     With ``prefetch`` the next step's batch is made in a background thread (tokenising on demand overlaps the
     current step)."""
     def fetch(i: int):
-        start = i * global_batch + rank * batch_size
-        idx = order[start:start + batch_size].to(device, non_blocking=True)
+        idx = order[step_positions(i, steps, global_batch, rank, batch_size)].to(device, non_blocking=True)
         return idx, make_batch(ts, idx, negs, loss)
 
     if not prefetch:

@@ -1,32 +1,20 @@
 """What training decides on its validation queries once the best epoch is known: the weight of the embedding's
-lexical half, and the default search (the dense model, BM25, or their fusion at a weight). Both are stored in the
-run, so `search`, `evaluate` and the Python API use them without being told."""
+lexical half, then the default search (the model alone, BM25, or their fusion at a weight), chosen by running the
+run's own search (`retrieval.search`) on the index it ships. Both are stored in the run, so `search`, `evaluate`
+and the Python API use them without being told. The run's figures come from the test queries, which no choice saw.
+"""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
 from twotower_cli.evaluation.metrics import retrieval_metrics
 from twotower_cli.model.encode import embed_tokens, lexical_tokens
-from twotower_cli.retrieval.bm25 import save_bm25
-from twotower_cli.retrieval.hybrid import WEIGHTS, fused, fusion_candidates
-from twotower_cli.retrieval.lexical import search_tokens
+from twotower_cli.retrieval.fusion import WEIGHTS, fused
+from twotower_cli.retrieval.search import Search, SearchPlan
 from twotower_cli.retrieval.topk import exact_topk
-
-
-def choose_weight(dense_s, dense_i, lex_s, lex_i, qrels: list[dict[int, float]]) -> dict:
-    """The fusion weight chosen on validation queries, and what each weight scored: of the weights within
-    ``TIE`` of the best MRR@10, the one closest to 0.5. The estimate from a hundred or a few hundred queries is noisy
-    (a curve flat to within 0.01 was seen on 100 queries), and an even mix is the safer bet on unseen queries."""
-    cands = fusion_candidates(dense_s, dense_i, lex_s, lex_i)
-    scores = {}
-    for w in WEIGHTS:
-        _, ranked = fused(cands, w, 10)
-        scores[w] = retrieval_metrics([r + [-1] * (10 - len(r)) for r in ranked], qrels, ("mrr@10",))["mrr@10"]
-    return {"weight": pick(scores), "mrr@10": scores}
 
 
 # weights of the lexical half tried on validation: not 1.0 (see `exact_halves`); 0.95 because on manuals, where
@@ -91,12 +79,14 @@ def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[
     import numpy as np
 
     from twotower_cli.model.encode import document_and_opening_rows, lexical_rows
-    from twotower_cli.retrieval.lexical import RERANK, candidates, first_pass
+    from twotower_cli.retrieval.lexical import RERANK, candidate_rows, first_pass
 
     n_lex, w0 = model.cfg.lexical_dim, model.cfg.lexical_weight
     first = torch.from_numpy(first_pass(qe.float().cpu().numpy(), n_lex, w0)).to(qe.device)  # as search ranks
-    cand = candidates(torch.cat([exact_topk(first[s:s + chunk], de, min(RERANK, de.shape[0]))[1].cpu()
-                                 for s in range(0, first.shape[0], chunk)]).numpy(), qe.shape[0])
+    found = torch.cat([exact_topk(first[s:s + chunk], de, min(RERANK, de.shape[0]))[1].cpu()
+                       for s in range(0, first.shape[0], chunk)]).numpy()
+    n = qe.shape[0]
+    cand = candidate_rows(found[:n], found[n:] if found.shape[0] > n else None)
     cand = np.sort(cand, 1)
     repeat = torch.from_numpy(np.pad(cand[:, 1:] == cand[:, :-1], ((0, 0), (1, 0))))  # a row twice: counted once
     tokens = lexical_tokens(model, d_tokens)
@@ -124,37 +114,40 @@ def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[
     return ranked
 
 
-@torch.no_grad()
-def choose_search(model, ts, device, doc_emb, index: Path, val_docs, val_qrels, default_weight: float) -> dict:
-    """Score the dense model, BM25 and their fusion at every weight on the validation queries; the best is what
-    `search` and `evaluate` use by default. BM25 over the training documents is saved inside the default index."""
-
-    bm = save_bm25(index, ts.documents)  # read from the store in slices: the texts are never all in memory
-    if len(ts.val_q) == 0:
-        return {"mode": "hybrid", "hybrid_weight": default_weight,
-                "reason": "no validation split: the configured weight"}
-    qrels = ts.val_qrels if val_docs is None else val_qrels
-    texts = ts.queries.gather(ts.val_q.cpu().numpy()).to_list()
-    de = doc_emb if doc_emb is not None else embed_tokens(model.encode_documents, ts.d_tokens, device).cpu()
-    if val_docs is not None:  # validation searched a sample of the documents: so do both sides here
-        from twotower_cli.retrieval.bm25 import BM25
-
-        de = de[val_docs.cpu()]
-        bm = BM25.build(ts.documents.gather(val_docs.cpu().numpy()).to_list())
-    qe = embed_tokens(model.encode_queries, ts.q_tokens[ts.val_q], device).cpu()
-    corpus = lexical_tokens(model, ts.d_tokens if val_docs is None else ts.d_tokens.subset(val_docs))
-    if doc_emb is not None and (Path(index) / "lexical.indptr.npy").exists():
-        # the index's rows are ts.documents' rows (as for doc_emb): its exact lexical rows are read, not recomputed
-        from twotower_cli.model.sparse_rows import SparseRows
-
-        rows = SparseRows.load(index, len(ts.documents))
-        corpus = (lambda: rows) if val_docs is None else (lambda: rows.take(val_docs.cpu().numpy()))
-    ds, di = search_tokens(model, qe, de.float(), ts.q_tokens[ts.val_q], corpus, 100, device)
-    ls, li = bm.search(texts, 100)
-    choice = choose_weight(ds.numpy(), di.numpy(), ls, li, qrels)
-    w, scores = choice["weight"], choice["mrr@10"]
+def choose_search(encoder, index, queries: list[str], qrels: list[dict[int, float]]) -> tuple[SearchPlan, dict]:
+    """The default search of a run (its `RunEncoder` and default index), chosen on ``queries``:
+    the fusion weight (1: the model alone, 0: BM25 alone) with the best MRR@10, or of those within ``TIE`` of it the
+    one closest to an even mix (a curve flat to within 0.01 was seen on 100 queries: the estimate is noisy, and an
+    even mix is the safer bet on unseen queries). Returns the plan and what each weight scored."""
+    plan = SearchPlan(mode="hybrid")
+    cands = Search(plan, encoder, index, encoder.device).candidates(queries)
+    scores = {w: mrr_at_10(fused(cands, w, 10)[1], qrels) for w in WEIGHTS}
+    w = pick(scores)
     mode = "dense" if w == 1.0 else "bm25" if w == 0.0 else "hybrid"
-    return {"mode": mode, "hybrid_weight": w, "queries": len(qrels),
-            "reason": f"best val/mrr@10 on {len(qrels)} validation queries: dense {scores[1.0]:.4f}, bm25 "
-                      f"{scores[0.0]:.4f}, fused at weight {w:g} {scores[w]:.4f}",
-            "val_mrr@10": {str(k): v for k, v in scores.items()}}
+    best = max(scores, key=lambda x: (scores[x], -abs(x - 0.5)))
+    why = (f"the best val/mrr@10 on {len(qrels)} validation queries" if w == best else
+           f"within {TIE:g} of the best val/mrr@10 on {len(qrels)} validation queries ({scores[best]:.4f} at weight "
+           f"{best:g}), the one closest to an even mix")
+    record = {"queries": len(qrels), "reason": f"{why}: model alone {scores[1.0]:.4f}, BM25 {scores[0.0]:.4f}, "
+                                                f"fused at weight {w:g} {scores[w]:.4f}",
+              "val_mrr@10": {str(k): v for k, v in scores.items()}}
+    return SearchPlan(mode=mode, hybrid_weight=w), record
+
+
+def measure(encoder, index, plan: SearchPlan, queries: list[str], qrels: list[dict[int, float]],
+            k: int = 100) -> dict:
+    """The run's figures on held-out queries: the model alone, BM25 and the default search, as `search` ranks
+    them (``test/mrr@10``, ``test/bm25/mrr@10``, ``test/search/mrr@10``, ...)."""
+    out = {}
+    for prefix, p in (("test/", plan.forced("dense")), ("test/bm25/", plan.forced("bm25")), ("test/search/", plan)):
+        _, rows = Search(p, encoder, index, encoder.device).rank(queries, k)
+        out.update({prefix + name: v for name, v in retrieval_metrics(padded(rows, k), qrels).items()})
+    return out
+
+
+def mrr_at_10(rows: list[list[int]], qrels) -> float:
+    return retrieval_metrics(padded(rows, 10), qrels, ("mrr@10",))["mrr@10"]
+
+
+def padded(rows: list[list[int]], k: int) -> list[list[int]]:
+    return [list(r[:k]) + [-1] * (k - len(r[:k])) for r in rows]

@@ -12,8 +12,9 @@ import torch
 
 from twotower_cli.errors import TrainingError
 from twotower_cli.model.artifacts import read_tensors, save_model
+from twotower_cli.retrieval.search import RUN_FORMAT, SearchPlan
 from twotower_cli.runs import atomic_write_json, read_json, set_latest
-from twotower_cli.training.choices import choose_lexical_weight, choose_search
+from twotower_cli.training.choices import choose_lexical_weight, choose_search, measure
 
 CHUNK = 65536  # documents embedded into the default index at a time
 HARMONIC_10 = sum(1.0 / r for r in range(1, 11))
@@ -45,9 +46,12 @@ def check_not_collapsed(run_dir: Path, out, doc_emb: torch.Tensor | None, n_docs
 
 def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hooks, val_docs, val_qrels,
                cfg) -> dict:
-    """Returns the default search chosen on validation (also stored in run.json)."""
+    """Returns what run.json records of the finished run: the default search (its plan, and why) and the test
+    figures."""
+    from twotower_cli.model.run_encoder import RunEncoder
     from twotower_cli.retrieval.build import build_index
-    from twotower_cli.training.examples import retrieval_examples
+    from twotower_cli.retrieval.index import load_index
+    from twotower_cli.training.report_samples import retrieval_examples
 
     tensors, _ = read_tensors(run_dir / "model.safetensors")
     model.load_weights(tensors)
@@ -64,22 +68,33 @@ def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hoo
         atomic_write_json(run_dir / "config.json", config)
     hooks.message("embedding the training documents into the default index")
     chunks = ((ts.documents[a:a + CHUNK], None) for a in range(0, len(ts.documents), CHUNK))
-    index = build_index(run_dir, model, vocab, chunks, "default", device=device)
+    folder = build_index(run_dir, model, vocab, chunks, "default", device=device, bm25=True)
     # ts.documents are unique, so the index's rows are ts.documents' rows: reuse them, don't embed twice (mapped
     # from the file, read-only, rather than a second copy of the index in memory)
-    embeddings = np.load(index / "embeddings.npy", mmap_mode="r")
+    embeddings = np.load(folder / "embeddings.npy", mmap_mode="r")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # not writable: only read
         doc_emb = torch.from_numpy(embeddings) if len(embeddings) == len(ts.documents) else None
     check_not_collapsed(run_dir, out, doc_emb, len(ts.documents) if val_docs is None else len(val_docs))
-    retrieval_examples(run_dir, model, ts, device, doc_emb)
-    hooks.message("choosing the default search on the validation queries (dense, BM25 or both)")
-    search = choose_search(model, ts, device, doc_emb, index, val_docs, val_qrels, cfg.search.hybrid_weight)
-    run = read_json(run_dir / "run.json")
-    run.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), best_epoch=out.best_epoch,
-               best=out.best, search=search)
-    atomic_write_json(run_dir / "run.json", run)
+    encoder, index = RunEncoder(run_dir, str(device)), load_index(run_dir, "default")  # as `search` loads them
+    if len(ts.val_q):
+        hooks.message("choosing the default search on the validation queries (the model, BM25 or both)")
+        plan, record = choose_search(encoder, index, texts_of(ts, ts.val_q), ts.val_qrels)
+    else:
+        plan = SearchPlan(mode="hybrid", hybrid_weight=cfg.search.hybrid_weight)
+        record = {"reason": "no validation split: a fusion at the configured weight"}
+    test = measure(encoder, index, plan, texts_of(ts, ts.test_q), ts.test_qrels) if len(ts.test_q) else {}
+    retrieval_examples(run_dir, encoder, index, plan, ts)
+    run_record = read_json(run_dir / "run.json")
+    run_record.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), best_epoch=out.best_epoch,
+                      best=out.best, search={**plan.to_dict(), **record}, test=test,
+                      test_queries=len(ts.test_q), format_version=RUN_FORMAT)
+    atomic_write_json(run_dir / "run.json", run_record)
     set_latest(runs_dir, run_dir)
     if not cfg.train.keep_checkpoint:  # the model is complete; the resumable state is not needed any more
         (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)
-    return search
+    return {"search": run_record["search"], "test": test}
+
+
+def texts_of(ts, rows: torch.Tensor) -> list[str]:
+    return [str(t) for t in ts.queries.gather(rows.cpu().numpy()).to_list()]

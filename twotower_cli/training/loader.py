@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from twotower_cli.data.text_store import StoreWriter, TextStore
-from twotower_cli.training.batches import make_batch, sorted_member
+from twotower_cli.training.batches import make_batch, sorted_member, step_positions
 
 
 class StoreTable:
@@ -79,8 +79,8 @@ class StepBatches(torch.utils.data.Dataset):
         return self.steps - int(self.first)
 
     def __getitem__(self, j: int):
-        start = (int(self.first) + j) * self.global_batch + self.rank * self.batch_size
-        idx = self.order[start:start + self.batch_size]
+        idx = self.order[step_positions(int(self.first) + j, self.steps, self.global_batch, self.rank,
+                                        self.batch_size)]
         return idx, make_batch(self.src, idx, self.negs, self.loss)
 
 

@@ -21,7 +21,8 @@ from twotower_cli.errors import TrainingError, UsageError
 from twotower_cli.evaluation.evaluate import evaluate_model
 from twotower_cli.model import losses
 from twotower_cli.model.artifacts import load_checkpoint, save_checkpoint, save_model
-from twotower_cli.training.batches import Batch, epoch_batches, epoch_order, sample_negatives, span_pairs
+from twotower_cli.training.batches import (Batch, epoch_batches, epoch_order, sample_negatives, span_pairs,
+                                            steps_per_epoch)
 from twotower_cli.training.optim import grad_norm, lr_at, make_optimizers, set_lr
 
 
@@ -162,8 +163,7 @@ class Loop:
         self.main = self.rank == 0
         self.global_batch = tcfg.batch_size * self.world
         n_epoch = ts.n_train + int(round(tcfg.span_pairs * ts.n_train))  # the file's pairs, then span pairs
-        # under DDP every process must take the same number of equal steps: the ragged last batch is dropped
-        self.spe = n_epoch // self.global_batch if ddp else math.ceil(n_epoch / tcfg.batch_size)
+        self.spe = steps_per_epoch(n_epoch, tcfg.batch_size, self.world)
         self.total = self.spe * tcfg.epochs
         if tcfg.max_steps > 0:
             self.total = min(self.total, tcfg.max_steps)
@@ -341,8 +341,6 @@ def fit(model, ts, tcfg, run_dir: Path, device: torch.device, tracker, hooks: Ho
         batches = loop.begin_epoch(epoch)
         for i in range(loop.st["step"], loop.spe):
             idx, batch = next(batches)
-            if idx.shape[0] < 2:
-                continue
             hooks.step(loop.train_step(idx, batch, epoch, i))
             if loop.stop_requested(should_stop):
                 batches.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from twotower_cli.compat import BEFORE_SETTING
 from twotower_cli.config import FIELDS, Config
 from twotower_cli.errors import ArtifactError, TrainingError, UsageError
 from twotower_cli.model.artifacts import header_metadata, read_config, write_config
@@ -22,7 +23,7 @@ from twotower_cli.tracking.metrics_log import MetricsLog, NullTracker, Tracker
 from twotower_cli.training.batches import TrainingSet
 from twotower_cli.training.finish import finish_run
 from twotower_cli.training.loop import Hooks, Validation, fit, resolve_device
-from twotower_cli.training.prepare import TEXT_ORDER, Prepared, model_config, prepare
+from twotower_cli.training.prepare import HELD_OUT, TEXT_ORDER, Prepared, model_config, prepare
 
 
 @dataclass
@@ -34,7 +35,8 @@ class TrainSummary:
     history: list
     written: dict = field(default_factory=dict)
     messages: list = field(default_factory=list)
-    search: dict = field(default_factory=dict)
+    search: dict = field(default_factory=dict)  # the default search: its plan, and why
+    test: dict = field(default_factory=dict)  # the run's figures on the test queries
     size_bytes: int = 0
 
 
@@ -52,11 +54,6 @@ def sample_val_corpus(ts: TrainingSet, size: int, seed: int):
     docs = torch.cat([torch.tensor(positives, dtype=torch.long), others]).sort().values
     remap = {int(d): i for i, d in enumerate(docs.tolist())}
     return docs, [{remap[d]: g for d, g in rel.items()} for rel in ts.val_qrels]
-
-
-# what a run saved before a setting existed did (so that it resumes on the same split); else today's default
-BEFORE_SETTING = {("train", "val_min_queries"): 0, ("train", "val_max_queries"): 0, ("train", "val_corpus_size"): 0,
-                  ("data", "lexical_document_length"): 0, ("model", "lead_characters"): 0}
 
 
 def stored_settings(stored: dict) -> dict:
@@ -112,8 +109,8 @@ def open_run(cfg: Config, p: Prepared, mcfg: ModelConfig, data: Path, ddp) -> tu
         lock = Lock(run_dir / ".lock", f"run {run_dir.name}")
         atomic_write_json(run_dir / "vocab.json", p.vocab.to_json())
         data_info = {"path": str(Path(data).resolve()), "name": Path(data).name, "rows": p.file_rows,
-                     "train_pairs": p.ts.n_train, "val_queries": len(p.ts.val_q), "documents": len(p.ts.documents),
-                     "text_order": TEXT_ORDER}
+                     "train_pairs": p.ts.n_train, "val_queries": len(p.ts.val_q), "test_queries": len(p.ts.test_q),
+                     "documents": len(p.ts.documents), "text_order": TEXT_ORDER, "held_out": HELD_OUT}
         write_config(run_dir, mcfg, cfg.to_dict(), {"data": data_info})
         atomic_write_json(run_dir / "run.json", {"id": run_dir.name, "complete": False, "created": now()})
         write_examples(run_dir, p.examples)
@@ -154,12 +151,15 @@ def train_prepared(cfg: Config, p: Prepared, data: Path, hooks: Hooks, should_st
     torch.manual_seed(t.seed)
     model = TwoTower(mcfg).to(device)
     ts = p.ts.to(device) if device.type == "cuda" else p.ts
-    if mcfg.idf and not resume_dir:  # from the training documents only: validation positives stay unseen
+    if mcfg.idf and not resume_dir:  # from the training documents only: held-out positives stay unseen
+        from twotower_cli.model.encode import lexical_tokens
+
         keep = torch.ones(len(ts.documents), dtype=torch.bool)
-        keep[[d for rel in ts.val_qrels for d in rel]] = False
+        keep[ts.held_out_documents()] = False
+        # counted over the characters that the exact lexical half reads, whose weights and length factor they are;
         # under torchrun each process counts its share of the documents, and the counts are added up
-        model.set_idf(ts.d_tokens, torch.nonzero(keep).flatten(), share=(ddp.rank, ddp.world, ddp.add_up) if ddp
-                      else None)
+        model.set_idf(lexical_tokens(model, ts.d_tokens), torch.nonzero(keep).flatten(),
+                      share=(ddp.rank, ddp.world, ddp.add_up) if ddp else None)
     hooks.message(plan(p, t, device, ddp, resume_dir))
     for m in p.messages:  # said before training, where they explain what follows
         hooks.message(f"note: {m}")
@@ -195,10 +195,13 @@ def train_and_finish(cfg: Config, p: Prepared, model, run_dir: Path, device, hoo
             if hasattr(should_stop, "finishing"):  # from here a stop request stops at once (`--resume` finishes)
                 should_stop.finishing(run_dir.name)
             summary.interrupted = True  # until finished: W&B closes a run stopped here with exit code 1
-            summary.search = finish_run(run_dir, runs_dir, model, p.vocab, p.ts, device, out, hooks, val_docs,
-                                        val_qrels, cfg)
+            finished = finish_run(run_dir, runs_dir, model, p.vocab, p.ts, device, out, hooks, val_docs, val_qrels,
+                                  cfg)
+            summary.search, summary.test = finished["search"], finished["test"]
             summary.interrupted = False
-            tracker.log_artifacts(run_dir, {**out.best, "step": out.global_step})
+            if summary.test:
+                tracker.log({"step": out.global_step, **summary.test})
+            tracker.log_artifacts(run_dir, {**out.best, **summary.test, "step": out.global_step})
             summary.written = {"run": run_dir, "model": run_dir / "model.safetensors",
                                "metrics": run_dir / "metrics.jsonl", "index": run_dir / "index" / "default",
                                "latest": runs_dir / "latest"}
@@ -227,9 +230,11 @@ def train_and_finish(cfg: Config, p: Prepared, model, run_dir: Path, device, hoo
 def plan(p: Prepared, t, device, ddp, resume_dir) -> str:
     ts = p.ts
     where = f"{device}" + (f" x {ddp.world} processes" if ddp else "")
-    return (f"{'resuming' if resume_dir else 'training on'} {ts.n_train:,} pairs ({len(ts.val_q):,} validation "
-            f"queries held out), {len(ts.documents):,} documents, {p.vocab.__len__():,} characters; {where}, "
-            f"batch {t.batch_size}, {t.epochs} epochs" + (f", at most {t.max_steps} steps" if t.max_steps else ""))
+    held = (f"{len(ts.val_q):,} validation and {len(ts.test_q):,} test queries held out" if len(ts.test_q) else
+            f"{len(ts.val_q):,} validation queries held out")
+    return (f"{'resuming' if resume_dir else 'training on'} {ts.n_train:,} pairs ({held}), {len(ts.documents):,} "
+            f"documents, {len(p.vocab):,} characters; {where}, batch {t.batch_size}, {t.epochs} "
+            f"{'epoch' if t.epochs == 1 else 'epochs'}" + (f", at most {t.max_steps} steps" if t.max_steps else ""))
 
 
 def publish_wandb_report(cfg: Config, run_dir: Path, sink) -> str:

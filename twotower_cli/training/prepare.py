@@ -15,13 +15,14 @@ import torch
 from twotower_cli.config import Config
 from twotower_cli.data.stream import read_pairs_rows, sorted_numbering
 from twotower_cli.data.vocab import Vocab
-from twotower_cli.errors import UsageError
+from twotower_cli.errors import DataError, UsageError
 from twotower_cli.model.towers import ModelConfig
 from twotower_cli.runs import Lock, read_json, scratch_dir
 from twotower_cli.training.batches import TrainingSet, from_rows
 
 TEXTS = ".texts-"  # the folders of the texts training reads back (runs_dir/.texts-PID-RANDOM)
 TEXT_ORDER = "first-seen"  # texts are numbered as they first appear in the file (before: sorted)
+HELD_OUT = "by seen text"  # queries the query tower reads alike are held out together (before: by exact text)
 TOO_SMALL = 50  # fewer training pairs than this: train, but say that nothing much can be learned
 
 
@@ -107,10 +108,13 @@ def prepare_in(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: 
     messages = []
     if rows.dropped:
         messages.append(f"dropped {rows.dropped} rows with an empty query or document")
-    if resume_dir:
+    grouped = True
+    if resume_dir:  # the run's own split, as it was made
         vocab = Vocab.load(resume_dir / "vocab.json")
-        if read_json(resume_dir / "config.json").get("data", {}).get("text_order") != TEXT_ORDER:
-            rows = sorted_numbering(rows)  # a run saved before texts were numbered as they appear
+        stored = read_json(resume_dir / "config.json").get("data", {})
+        if stored.get("text_order") != TEXT_ORDER:
+            rows = sorted_numbering(rows)
+        grouped = stored.get("held_out") == HELD_OUT
     else:
         vocab = Vocab.from_counts(rows.char_counts, cfg.vocab.min_freq, cfg.vocab.max_size, cfg.vocab.lowercase)
     # auto: one process tokenises everything up front, unless the token rows would be large; under torchrun each
@@ -118,8 +122,13 @@ def prepare_in(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: 
     size = 4 * (len(rows.queries) * d.max_query_length + len(rows.documents) * d.max_document_length)
     eager = d.tokenize == "upfront" or (d.tokenize == "auto" and ddp is None and size <= UPFRONT_LIMIT)
     ts = from_rows(rows, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed, eager=eager,
-                   val_min_queries=t.val_min_queries, val_max_queries=t.val_max_queries)
+                   val_min_queries=t.val_min_queries, val_max_queries=t.val_max_queries,
+                   test_fraction=t.test_fraction, grouped=grouped)
     world = ddp.world if ddp else 1
+    if ts.n_train < 2:
+        raise DataError(f"{data}: {ts.n_train} training pair{'' if ts.n_train == 1 else 's'} after the validation "
+                        "split; training needs at least 2 (a pair is learned from against the others in its batch): "
+                        "add pairs, or lower --val-fraction")
     batch = t.batch_size
     if batch * world > ts.n_train:
         if ddp and ts.n_train < 2 * world:
@@ -131,8 +140,8 @@ def prepare_in(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: 
     if t.val_fraction > 0 and len(ts.val_q) == 0:
         messages.append("too few queries for a validation split: none is held out, and the epoch with the lowest "
                         "loss is kept")
-    if t.val_max_queries and len(ts.val_q) == t.val_max_queries < \
-            round(t.val_fraction * (len(ts.val_q) + len(torch.unique(ts.pos_q)))):
+    held = len(ts.val_q) + len(ts.test_q)
+    if t.val_max_queries and held <= t.val_max_queries < round(t.val_fraction * (held + len(torch.unique(ts.pos_q)))):
         messages.append(f"validation holds out {t.val_max_queries:,} queries, fewer than --val-fraction "
                         f"{t.val_fraction:g} would (--val-max-queries caps it; 0: no cap)")
     if 0 < t.val_corpus_size < len(ts.documents) and len(ts.val_q):

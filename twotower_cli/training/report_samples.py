@@ -1,0 +1,44 @@
+"""What the report and W&B show of a finished run: what its search returns for some held-out queries, and how
+similar queries are to their relevant documents against random ones (JSON files in the run folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from twotower_cli.runs import atomic_write_json
+
+SHOWN = 20  # queries whose results are shown
+COMPARED = 2000  # queries whose similarities are compared
+
+
+def retrieval_examples(run_dir: Path, encoder, index, plan, ts, k: int = 5) -> None:
+    """What the run's default search (``plan`` with its `RunEncoder` on its default index) returns, and the
+    similarities. The queries are the test split's (else validation's): none of them was trained on."""
+    from twotower_cli.retrieval.search import Search
+
+    split, qrels = (ts.test_q, ts.test_qrels) if len(ts.test_q) else (ts.val_q, ts.val_qrels)
+    if len(split) == 0:
+        atomic_write_json(run_dir / "retrieval_examples.json", [])
+        atomic_write_json(run_dir / "similarities.json", {"positive": [], "negative": []})
+        return
+    queries = [str(q) for q in ts.queries.gather(split[:COMPARED].cpu().numpy()).to_list()]
+    shown = queries[:SHOWN]
+    scores, found = Search(plan, encoder, index, encoder.device).rank(shown, k)
+    rows = []
+    for query, ss, rr, rel in zip(shown, scores, found, qrels):  # (the index's rows are the training documents)
+        rows.append({"query": query, "found": any(r in rel for r in rr),
+                     "relevant": [str(ts.documents[d])[:300] for d in rel][:1],
+                     "results": [{"rank": j + 1, "score": round(float(s), 4), "document": doc["document"][:300],
+                                  "relevant": r in rel} for j, (s, r, doc) in enumerate(zip(ss, rr, index.documents(rr)))
+                                 if r >= 0]})
+    atomic_write_json(run_dir / "retrieval_examples.json", rows)
+    # the embeddings' cosine of each query with its relevant document and with a random one
+    qe = encoder.encode_queries(queries)
+    positives = np.array([next(iter(rel)) for rel in qrels[:COMPARED]])
+    random = np.random.default_rng(0).integers(0, index.count, len(queries))
+    pos = (qe * np.asarray(index.embeddings[positives], dtype=np.float32)).sum(1)
+    neg = (qe * np.asarray(index.embeddings[random], dtype=np.float32)).sum(1)
+    atomic_write_json(run_dir / "similarities.json", {"positive": [round(float(x), 4) for x in pos],
+                                                      "negative": [round(float(x), 4) for x in neg]})
