@@ -277,5 +277,13 @@ def test_faiss_backend_index_and_search(cli, trained, tmp_path):
     assert res.exit_code == 0, res.stderr
     meta = json.loads(((trained / "latest").resolve() / "index/ann/meta.json").read_text())
     assert meta["backend"] == "faiss" and meta["faiss"]["type"] == "HNSW32"
-    approx = json.loads(cli("search", "emacs tool", "--index", "ann", "--runs-dir", trained, "--json", "-k", "5").stdout)
-    assert len(approx["results"][0]["hits"]) == 5
+    exact_res = cli("index", corpus, "--name", "exact", "--runs-dir", trained)
+    assert exact_res.exit_code == 0, exact_res.stderr
+    agree = []
+    for query in ("emacs tool", "package number 7", "the nano", "vim"):
+        found = [[h["id"] for h in json.loads(cli("search", query, "--index", name, "--runs-dir", trained, "--json",
+                                                   "-k", "10", "--mode", "dense").stdout)["results"][0]["hits"]]
+                 for name in ("ann", "exact")]
+        assert len(found[0]) == 10
+        agree.append(len(set(found[0]) & set(found[1])) / 10)
+    assert np.mean(agree) >= 0.9, agree  # HNSW at this size finds (nearly) what exact search finds
