@@ -119,14 +119,17 @@ def test_report_dry_run_spec(cli, tiny_pairs, tmp_path):
     spec = json.loads((run / "wandb_report.json").read_text())
     assert spec["project"] == "proj" and spec["entity"] == "me"
     headings = [b["text"] for b in spec["blocks"] if b["type"] == "H2"]
-    assert headings[:5] == ["Training loss curves", "Similarity metrics", "Performance and timing", "Gradient norms",
-                            "Validation metrics"]
+    assert headings[:6] == ["Training loss curves", "Similarity metrics", "Performance and timing", "Gradient norms",
+                            "Validation metrics (the queries every choice was made on)",
+                            "Held-out test queries: the model alone, BM25 and the default search"]
     grids = [b for b in spec["blocks"] if b["type"] == "PanelGrid"]
     for g in grids:
         for rs in g["runsets"]:
             assert rs["filters"] == f"Metric(\"ID\") == '{run.name}'" and rs["query"] == ""
     ys = {y for g in grids for p in g["panels"] for y in p.get("y", [])}
     assert {"train/loss", "train/pos_sim", "perf/forward_ms", "train/grad_norm", "val/mrr@10"} <= ys
+    bars = [p for g in grids for p in g["panels"] if p["type"] == "BarPlot"]
+    assert len(bars) == 1 and {"test/mrr@10", "test/bm25/mrr@10", "test/search/mrr@10"} <= set(bars[0]["metrics"])
     tables = {p.get("table_name") for g in grids for p in g["panels"]}
     assert {"retrieval/results", "data/examples"} <= tables
 

@@ -10,7 +10,7 @@ import json
 # split and with its own model); any other setting takes today's default
 BEFORE_SETTING = {("train", "val_min_queries"): 0, ("train", "val_max_queries"): 0, ("train", "val_corpus_size"): 0,
                   ("data", "lexical_document_length"): 0, ("model", "lead_characters"): 0,
-                  ("train", "test_fraction"): 0.0}
+                  ("train", "test_fraction"): 0.0, ("train", "file_negatives"): True}
 
 
 def fingerprint_v1(weights: str, cfg) -> str:

@@ -47,6 +47,9 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "idf_power": (0.75, "ngram encoder with idf: each n-gram is weighted by idf^power (a match scores about idf^(2 x power))"),
         "idf": (True, "ngram encoder: weight n-grams by their inverse document frequency in the training documents"),
         "lexical_exact": (True, "search re-scores its best rows with the exact sparse lexical half, not only its hashed sketch (the index stores the sparse rows)"),
+        "base_model": ("", "a pretrained Hugging Face encoder to start from (a model folder or a hub name; needs the hf extra): it becomes the learned half of both towers, fine-tuned on the pairs ('': the n-gram model)"),
+        "max_query_tokens": (64, "models with a base model: tokens of a query the encoder reads"),
+        "max_document_tokens": (128, "models with a base model: tokens of a document the encoder reads (at most the base model's own limit); the exact lexical half still reads lexical_document_length characters"),
         "lead_characters": (100, "models with the exact lexical half: a document's first N characters count a second time in it, at a weight chosen on validation, 0 when that does not help (0: never)"),
     },
     "train": {
@@ -73,6 +76,7 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "log_every": (10, "steps between train/* records in metrics.jsonl"),
         "checkpoint_minutes": (10.0, "also checkpoint mid-epoch at this interval (0: epoch ends only)"),
         "gather_negatives": (True, "under torchrun, score queries against every process's documents (InfoNCE)"),
+        "file_negatives": (True, "each pair also learns against its query's label-0 documents of the file (random negatives: for a base model, in-batch ones do as well at half the cost)"),
         "hard_negatives": ("none", "none, bm25 or model: mined negatives added to each batch"),
         "span_pairs": (0.0, "extra positives per epoch, as a share of the pairs: a span of words cut from a training document, paired with it"),
         "keep_checkpoint": (False, "keep checkpoint.safetensors (optimizer state, for --resume) after the run completes"),

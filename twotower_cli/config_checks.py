@@ -74,7 +74,9 @@ RULES: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("model", "idf_power"): at_least(0, 1),
     ("model", "word_share"): at_least(0, 1),
     ("model", "lead_characters"): at_least(0, 1_000_000),
-    ("train", "epochs"): at_least(1, 100_000),
+    ("model", "max_query_tokens"): at_least(1, 8192),
+    ("model", "max_document_tokens"): at_least(1, 8192),
+    ("train", "epochs"): at_least(0, 100_000),  # 0: a base model as it is (zero-shot); refused without one
     ("train", "batch_size"): at_least(2, 10_000_000),  # a pair needs another in its batch to learn from
     ("train", "learning_rate"): above(0, 10),
     ("train", "warmup_fraction"): at_least(0, 1),

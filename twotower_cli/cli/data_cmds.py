@@ -142,6 +142,9 @@ def inspect_vocab(
         rows.append({"id": i + 2, "char": ch, "shown": visible(ch), "name": name, "category": cat, "count": n,
                      "share": n / total})
     doc = {"source": source, "size": len(vocab), "lowercase": vocab.lowercase, "chars": rows[: top or None]}
+    tokenizer = tokenizer_section(run_dir if source and source.startswith("run") else None, pairs, top)
+    if tokenizer:
+        doc["tokenizer"] = tokenizer
     if pairs is not None:
         text = pl.concat([pairs.df["query"], pairs.df["document"]])
         rate, unknown = vocab.unknown_rate(text)
@@ -169,4 +172,40 @@ def inspect_vocab(
         d = doc["data"]
         unk = ", ".join(f"{u['shown']} ({u['count']:,})" for u in d["top_unknown"][:10]) or "none"
         out.print(f"{data}: out-of-vocabulary rate {100 * d['oov_rate']:.3f}%; most frequent unknown: {unk}")
+    if tokenizer:
+        show_tokenizer(tokenizer, data)
+
+
+def tokenizer_section(run_dir, pairs, top: int) -> dict | None:
+    """A base-model run's tokenizer (its encoder folder), with a file's token statistics when given."""
+    import json
+
+    if run_dir is None or not (run_dir / "encoder").is_dir():
+        return None
+    from twotower_cli.model.transformer import tokenizer_report
+
+    model = json.loads((run_dir / "config.json").read_text()).get("model", {})
+    texts = None
+    if pairs is not None:
+        texts = pairs.df["document"].head(20000).to_list()
+    return tokenizer_report(run_dir / "encoder", texts, int(model.get("max_document_tokens", 0)), top)
+
+
+def show_tokenizer(t: dict, data) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Tokenizer of the encoder ({t['size']:,} tokens; special: {', '.join(t['special'])})",
+                  title_justify="left")
+    for col, just in (("id", "right"), ("token", "left"), ("count", "right")):
+        table.add_column(col, justify=just)
+    from rich.markup import escape
+
+    for r in t["tokens"]:
+        table.add_row(str(r["id"]), escape(r["token"]), "" if r["count"] is None else f"{r['count']:,}")
+    out.print(table)
+    if "data" in t:
+        d = t["data"]
+        out.print(f"{data}: {100 * d['unknown_rate']:.3f}% of tokens are {t['unknown_token']}; documents have "
+                  f"{d['mean_tokens']:.0f} tokens on average, {100 * d['cut_rate']:.1f}% are cut at "
+                  f"{t['max_tokens']} (the exact lexical half reads past the cut)", highlight=False)
 

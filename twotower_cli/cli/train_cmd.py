@@ -162,6 +162,9 @@ def train(
     precision: Annotated[Optional[str], setting("train", "precision", "--precision", metavar="fp32|bf16")] = None,
     loss: Annotated[Optional[str], setting("train", "loss", "--loss", metavar="infonce|triplet")] = None,
     encoder: Annotated[Optional[str], setting("model", "encoder", "--encoder", metavar="ngram|cnn|mean")] = None,
+    base_model: Annotated[Optional[str], setting("model", "base_model", "--base-model", metavar="NAME_OR_FOLDER", help="Start from a pretrained Hugging Face encoder (a model folder or a hub name; pip install -e '.[hf]').")] = None,
+    max_query_tokens: Annotated[Optional[int], setting("model", "max_query_tokens", "--max-query-tokens", help="With --base-model: tokens of a query the encoder reads.")] = None,
+    max_document_tokens: Annotated[Optional[int], setting("model", "max_document_tokens", "--max-document-tokens", help="With --base-model: tokens of a document the encoder reads.")] = None,
     embedding_dim: Annotated[Optional[int], setting("model", "embedding_dim", "--embedding-dim", "--embedding_dim", help="Size of the learned embedding.")] = None,
     hidden_dim: Annotated[Optional[int], setting("model", "hidden_dim", "--hidden-dim", "--hidden_dim", help="Size of the n-gram/character embeddings and hidden layers.")] = None,
     lexical_dim: Annotated[Optional[int], setting("model", "lexical_dim", "--lexical-dim")] = None,
@@ -204,6 +207,8 @@ def train(
         ("train", "epochs"): epochs, ("train", "batch_size"): batch_size, ("train", "learning_rate"): learning_rate,
         ("train", "max_steps"): max_steps, ("train", "device"): device, ("train", "precision"): precision,
         ("train", "loss"): loss, ("model", "encoder"): encoder, ("model", "embedding_dim"): embedding_dim,
+        ("model", "base_model"): base_model, ("model", "max_query_tokens"): max_query_tokens,
+        ("model", "max_document_tokens"): max_document_tokens,
         ("model", "hidden_dim"): hidden_dim, ("model", "lexical_dim"): lexical_dim,
         ("model", "shared_embeddings"): shared_embeddings,
         ("data", "max_query_length"): max_query_length, ("data", "max_document_length"): max_document_length,
@@ -275,6 +280,8 @@ def show_summary(summary) -> None:
         for k, v in summary.best.items():
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
         out.print(table)
+    elif summary.best_epoch == 0:
+        out.print("the base model as it is (--epochs 0: no training)", highlight=False)
     else:
         out.print(f"kept epoch {summary.best_epoch}, the one with the lowest training loss (no validation split)",
                   highlight=False)

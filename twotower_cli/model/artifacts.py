@@ -60,12 +60,29 @@ def stored(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+ENCODER = "transformer.model."  # a transformer's own weights: kept in the run's encoder/ folder
+
+
+def new_model(cfg: ModelConfig, vocab: Vocab, folder: Path | None = None) -> TwoTower:
+    """A model of ``cfg``; a transformer's is built from a model ``folder`` (with its weights when it has them)."""
+    if cfg.encoder != "transformer":
+        return TwoTower(cfg)
+    from twotower_cli.model.transformer import TransformerEncoder
+
+    return TwoTower(cfg, TransformerEncoder(Path(folder), cfg, vocab.chars))
+
+
 def save_model(run_dir: Path, model: torch.nn.Module) -> str:
-    """Write model.safetensors atomically. Its metadata carries a fingerprint (``model_digest``), which indexes
-    record (searching with another model is refused) and loading checks (altered weights are refused)."""
-    tensors = {k: stored(k, v.detach().cpu().contiguous()) for k, v in sorted(model.weights().items())}
+    """Write model.safetensors atomically (a transformer's own weights: encoder/model.safetensors, a folder that
+    transformers and sentence-transformers load). Its metadata carries a fingerprint of every weight, the model's
+    settings and the vocabulary, which indexes record (searching with another model is refused) and loading
+    checks (an altered file is refused)."""
+    everything = {k: stored(k, v.detach().cpu().contiguous()) for k, v in sorted(model.weights().items())}
+    tensors = {k: v for k, v in everything.items() if not k.startswith(ENCODER)}
     vocab = Vocab.load(Path(run_dir) / "vocab.json").to_json()  # (written first, when the run folder is made)
-    digest = model_fingerprint(weights_digest(tensors), model.cfg, vocab)
+    digest = model_fingerprint(weights_digest(everything), model.cfg, vocab)
+    if model.transformer is not None:
+        model.transformer.save(Path(run_dir) / "encoder", atomic_write_bytes)
     meta = {"format": "twotower", "format_version": str(FORMAT_VERSION), "fingerprint": digest,
             "fingerprint_version": str(FINGERPRINT_VERSION)}
     atomic_write_bytes(Path(run_dir) / "model.safetensors", st_save(tensors, metadata=meta))
@@ -82,6 +99,16 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     except (SafetensorError, ValueError, OSError) as exc:
         raise ArtifactError(f"{path}: not a valid safetensors file ({exc}); it is truncated or corrupt") from None
     return tensors, header_metadata(path)
+
+
+def read_model_tensors(run_dir: Path, transformer: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every weight of a saved model (a transformer's from encoder/ too, named as in the model) and the metadata
+    of model.safetensors."""
+    tensors, meta = read_tensors(Path(run_dir) / "model.safetensors")
+    if transformer:
+        encoder, _ = read_tensors(Path(run_dir) / "encoder" / "model.safetensors")
+        tensors.update({ENCODER + k: v for k, v in encoder.items()})
+    return tensors, meta
 
 
 def load_weights(model: TwoTower, tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -107,9 +134,9 @@ def load_model(run_dir: Path, device="cpu") -> tuple[TwoTower, Vocab, dict]:
     if mcfg.vocab_size != len(vocab):
         raise ArtifactError(f"{run_dir / 'vocab.json'}: {len(vocab)} entries but config.json says vocab_size "
                             f"{mcfg.vocab_size}; the files come from different runs")
-    model = TwoTower(mcfg)
+    model = new_model(mcfg, vocab, run_dir / "encoder")
     path = run_dir / "model.safetensors"
-    tensors, meta = read_tensors(path)
+    tensors, meta = read_model_tensors(run_dir, model.transformer is not None)
     if meta.get("fingerprint") and model_fingerprint(weights_digest(tensors), mcfg, vocab.to_json(),
                                                      fingerprint_version(path)) != meta["fingerprint"]:
         raise altered(run_dir)

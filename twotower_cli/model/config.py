@@ -62,6 +62,13 @@ class ModelConfig:
     # documents. 0: off (older models).
     lead_characters: int = 0
     lead_weight: float = 0.0
+    # encoder "transformer" (`model.transformer`): the base model it was fine-tuned from (as the user named it),
+    # the sha256 of that model's weights file, its pooling, and the tokens it reads of a query and a document
+    base_model: str = ""
+    base_model_sha256: str = ""
+    pooling: str = "mean"
+    max_query_tokens: int = 0
+    max_document_tokens: int = 0
 
     @property
     def lexical_length(self) -> int:
@@ -71,7 +78,7 @@ class ModelConfig:
     @property
     def output_dim(self) -> int:
         """Size of the embeddings the towers output (what an index stores)."""
-        return self.embedding_dim + (self.lexical_dim if self.encoder == "ngram" else 0)
+        return self.embedding_dim + (self.lexical_dim if self.encoder in ("ngram", "transformer") else 0)
 
     def to_dict(self) -> dict:
         return asdict(self)

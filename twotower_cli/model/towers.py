@@ -60,17 +60,14 @@ def powers(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.tensor(p, dtype=torch.long) for p in hash_powers(n))
 
 
-class NgramEncoder(nn.Module):
-    table = "bag"
+class NgramFeatures(nn.Module):
+    """A text's hashed character trigrams and words, weighted (by idf when the model has it): what the n-gram
+    encoder embeds, and what the exact lexical half of any model is made of. No parameters."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.buckets = cfg.ngram_buckets
         self.word_bigrams = cfg.word_bigrams
-        self.bag = nn.EmbeddingBag(cfg.ngram_buckets, cfg.hidden_dim, mode="sum", sparse=True)
-        nn.init.normal_(self.bag.weight, std=0.1)
-        self.norm = nn.LayerNorm(cfg.hidden_dim)
-        self.proj = nn.Linear(cfg.hidden_dim, cfg.embedding_dim)
         is_word = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         is_word[torch.tensor(cfg.word_chars, dtype=torch.long)] = True
         self.register_buffer("is_word", is_word, persistent=False)
@@ -187,6 +184,19 @@ class NgramEncoder(nn.Module):
         counts = torch.bincount(group // 3, minlength=B)  # (the unique keys above are sorted: grouped by text)
         return buckets, w, F.pad(counts.cumsum(0)[:-1], (1, 0))
 
+
+
+class NgramEncoder(NgramFeatures):
+    """The n-gram features summed over a table of learned vectors (sparse gradients), a norm and a projection."""
+    table = "bag"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.bag = nn.EmbeddingBag(cfg.ngram_buckets, cfg.hidden_dim, mode="sum", sparse=True)
+        nn.init.normal_(self.bag.weight, std=0.1)
+        self.norm = nn.LayerNorm(cfg.hidden_dim)
+        self.proj = nn.Linear(cfg.hidden_dim, cfg.embedding_dim)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(*pooled_lookup(self.bag.weight, [self.features(ids)]))
 
@@ -235,11 +245,17 @@ class TwoTower(nn.Module):
     word seen in training only inside documents then still has a trained embedding on the query side.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, transformer: nn.Module | None = None):
         super().__init__()
+        self.cfg = cfg
+        self.transformer = transformer
+        if cfg.encoder == "transformer":  # its learned half is `transformer`; both towers read the same features
+            if transformer is None:
+                raise ValueError("a transformer model is built with its encoder (model.transformer)")
+            self.query_tower = self.document_tower = NgramFeatures(cfg)
+            return
         if cfg.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {cfg.encoder!r}")
-        self.cfg = cfg
         self.query_tower = ENCODERS[cfg.encoder](cfg)
         self.document_tower = ENCODERS[cfg.encoder](cfg)
         # Same initial weights, separate thereafter: at step 0 a text and its copy embed identically, so the
@@ -256,7 +272,7 @@ class TwoTower(nn.Module):
     def aliases(self) -> dict[str, str]:
         """State-dict keys that name the same tensor as another key: {alias: source}. Files store the source."""
         out = {}
-        if self.cfg.shared_embeddings:
+        if self.cfg.shared_embeddings and hasattr(self.query_tower, "table"):
             t = self.query_tower.table
             out[f"document_tower.{t}.weight"] = f"query_tower.{t}.weight"
         if getattr(self.query_tower, "idf", None) is not None:
@@ -292,6 +308,8 @@ class TwoTower(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k not in drop}
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.transformer is not None:
+            self.transformer.forget()
         full = dict(tensors)
         for alias, source in self.aliases().items():
             full[alias] = full[source]
@@ -324,7 +342,10 @@ class TwoTower(nn.Module):
         w = cfg.lexical_weight
         return torch.cat([math.sqrt(w) * lex, math.sqrt(1.0 - w) * learned], -1)
 
-    def encode(self, tower, ids: torch.Tensor) -> torch.Tensor:
+    def encode(self, tower, ids: torch.Tensor, side: str) -> torch.Tensor:
+        if self.transformer is not None:
+            features = tower.features(ids) if self.cfg.lexical_dim else None
+            return self.finish(self.transformer(ids, side), features, ids, tower if side == "document" else None)
         if isinstance(tower, NgramEncoder):
             feats = tower.features(ids)
             learned = tower.head(*pooled_lookup(tower.bag.weight, [feats]))
@@ -332,10 +353,10 @@ class TwoTower(nn.Module):
         return F.normalize(tower(ids).float(), dim=-1)
 
     def encode_queries(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.encode(self.query_tower, ids)
+        return self.encode(self.query_tower, ids, "query")
 
     def encode_documents(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.encode(self.document_tower, ids)
+        return self.encode(self.document_tower, ids, "document")
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [m.weight for m in self.modules() if isinstance(m, (nn.EmbeddingBag, nn.Embedding)) and m.sparse]

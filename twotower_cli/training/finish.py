@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from twotower_cli.errors import TrainingError
-from twotower_cli.model.artifacts import read_tensors, save_model
+from twotower_cli.model.artifacts import read_model_tensors, save_model
 from twotower_cli.retrieval.search import RUN_FORMAT, SearchPlan
 from twotower_cli.runs import atomic_write_json, read_json, set_latest
 from twotower_cli.training.choices import choose_lexical_weight, choose_search, measure
@@ -53,8 +53,10 @@ def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hoo
     from twotower_cli.retrieval.index import load_index
     from twotower_cli.training.report_samples import retrieval_examples
 
-    tensors, _ = read_tensors(run_dir / "model.safetensors")
-    model.load_weights(tensors)
+    last = out.history[-1]["epoch"] if out.history else out.best_epoch
+    if out.best_epoch != last:  # (the last epoch's weights are in the model already, its embeddings remembered)
+        tensors, _ = read_model_tensors(run_dir, model.transformer is not None)
+        model.load_weights(tensors)
     model.eval()
     if model.cfg.lexical_dim and len(ts.val_q):
         hooks.message("choosing the weight of the lexical half of the embedding on the validation queries")

@@ -26,6 +26,9 @@ from twotower_cli.training.batches import (Batch, epoch_batches, epoch_order, sa
 from twotower_cli.training.optim import grad_norm, lr_at, make_optimizers, set_lr
 
 
+MAX_GRAD_NORM = 1.0  # gradient clipping of a transformer's weights, as in sentence-transformers' training
+
+
 class Hooks:
     """Progress callbacks; the CLI supplies one that draws progress bars (or plain lines outside a terminal)."""
 
@@ -187,6 +190,8 @@ class Loop:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if tcfg.precision == "bf16" and device.type == "cuda" else nullcontext())
         self.log = StepLog(device)
+        if not tcfg.file_negatives:  # in-batch negatives only (and mined ones, with --hard-negatives)
+            ts.neg_ptr, ts.neg_doc = torch.zeros_like(ts.neg_ptr), ts.neg_doc[:0]
         self.file_negatives = (ts.neg_ptr, ts.neg_doc)
         self.worker_batches = None
         if not ts.d_tokens.eager:  # on demand: worker processes when a GPU's step is faster than one core tokenises
@@ -227,6 +232,9 @@ class Loop:
         """One optimiser step on one batch; returns the record that progress and the logs show."""
         st, cfg, log = self.st, self.cfg, self.log
         lr = lr_at(st["global_step"], self.total, cfg.learning_rate, cfg.warmup_fraction)
+        if self.model.transformer is not None:  # dropout masks a function of (seed, step): resume is exact
+            torch.manual_seed(cfg.seed * 1_000_003 + st["global_step"])
+            self.model.transformer.forget()  # the weights change with this step
         set_lr(self.opts, lr)
         log_now = (st["global_step"] + 1) % cfg.log_every == 0 or i == self.spe - 1
         log.mark(log_now)
@@ -246,6 +254,8 @@ class Loop:
             reduce_sparse(self.model, self.world)
         log.mark(log_now)
         gnorm = grad_norm(self.model) if log_now else None
+        if self.model.transformer is not None:  # a pretrained encoder: one outlier batch must not undo it
+            torch.nn.utils.clip_grad_norm_(self.model.dense_parameters(), MAX_GRAD_NORM)
         if check_now and not (math.isfinite(value) and (gnorm is None or math.isfinite(gnorm))):
             self.diverged(epoch, f"loss {value}, gradient norm {gnorm}")
         for opt in self.opts.values():
@@ -333,6 +343,10 @@ def fit(model, ts, tcfg, run_dir: Path, device: torch.device, tracker, hooks: Ho
 
     Under DDP (``ddp`` set) a global batch is ``batch_size`` x processes positives of one shared permutation;
     process r trains on its r-th slice, and only rank 0 validates and writes."""
+    if tcfg.epochs == 0:  # a base model as it is: its weights are the run's model
+        if ddp is None or ddp.main:
+            save_model(run_dir, model)
+        return Outcome(best_epoch=0)
     loop = Loop(model, ts, tcfg, run_dir, device, tracker, hooks, resume, ddp, validation or Validation())
     model.train()
     for epoch in range(loop.st["epoch"], tcfg.epochs):

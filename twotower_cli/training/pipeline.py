@@ -16,14 +16,15 @@ import torch
 from twotower_cli.compat import BEFORE_SETTING
 from twotower_cli.config import FIELDS, Config
 from twotower_cli.errors import ArtifactError, TrainingError, UsageError
-from twotower_cli.model.artifacts import header_metadata, read_config, write_config
+from twotower_cli.model.artifacts import header_metadata, new_model, read_config, write_config
 from twotower_cli.model.towers import ModelConfig, TwoTower
 from twotower_cli.runs import Lock, atomic_write_json, is_complete, new_run_id, remove_stale, resolve_run
 from twotower_cli.tracking.metrics_log import MetricsLog, NullTracker, Tracker
 from twotower_cli.training.batches import TrainingSet
 from twotower_cli.training.finish import finish_run
 from twotower_cli.training.loop import Hooks, Validation, fit, resolve_device
-from twotower_cli.training.prepare import HELD_OUT, TEXT_ORDER, Prepared, model_config, prepare
+from twotower_cli.training.prepare import (HELD_OUT, TEXT_ORDER, Prepared, model_config, prepare,
+                                            with_base_model_defaults)
 
 
 @dataclass
@@ -84,18 +85,26 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
         data = Path(data or stored["data"]["path"])
     if data is None:
         raise UsageError("no training data given: twotower train DATA")
+    if not resume:
+        cfg = with_base_model_defaults(cfg)
+    base = None
+    if cfg.model.base_model and not resume:  # found (or refused) before the data is read
+        from twotower_cli.model.transformer import resolve
+
+        base = resolve(cfg.model.base_model)
     from twotower_cli.training import distributed
 
     ddp = distributed.setup(cfg.train.device)
     try:
         return train_in_process(cfg, data, hooks if ddp is None or ddp.main else Hooks(), should_stop, run_dir,
-                                eval_dir, ddp)
+                                eval_dir, ddp, base)
     finally:
         if ddp:
             ddp.close()
 
 
-def open_run(cfg: Config, p: Prepared, mcfg: ModelConfig, data: Path, ddp) -> tuple[Path, Lock | None]:
+def open_run(cfg: Config, p: Prepared, mcfg: ModelConfig, data: Path, ddp, base: Path | None = None
+             ) -> tuple[Path, Lock | None]:
     """Create and lock a new run folder (rank 0), write what describes it; every process gets its path."""
     runs_dir = Path(cfg.train.runs_dir)
     run_dir = runs_dir / new_run_id(cfg.train.run_name)
@@ -112,6 +121,10 @@ def open_run(cfg: Config, p: Prepared, mcfg: ModelConfig, data: Path, ddp) -> tu
                      "train_pairs": p.ts.n_train, "val_queries": len(p.ts.val_q), "test_queries": len(p.ts.test_q),
                      "documents": len(p.ts.documents), "text_order": TEXT_ORDER, "held_out": HELD_OUT}
         write_config(run_dir, mcfg, cfg.to_dict(), {"data": data_info})
+        if base is not None:  # the encoder's folder: the base model's config and tokenizer, its weights to come
+            from twotower_cli.model.transformer import copy_model_files
+
+            copy_model_files(base, run_dir / "encoder", mcfg)
         atomic_write_json(run_dir / "run.json", {"id": run_dir.name, "complete": False, "created": now()})
         write_examples(run_dir, p.examples)
     if ddp:
@@ -120,7 +133,7 @@ def open_run(cfg: Config, p: Prepared, mcfg: ModelConfig, data: Path, ddp) -> tu
 
 
 def train_in_process(cfg: Config, data: Path, hooks: Hooks, should_stop, resume_dir: Path | None, eval_dir,
-                     ddp) -> TrainSummary:
+                     ddp, base: Path | None = None) -> TrainSummary:
     main = ddp is None or ddp.main
     lock = Lock(resume_dir / ".lock", f"run {resume_dir.name}") if resume_dir and main else None
     if lock:
@@ -129,7 +142,7 @@ def train_in_process(cfg: Config, data: Path, hooks: Hooks, should_stop, resume_
     try:
         p = prepare(cfg, data, ddp, resume_dir, eval_dir)
         try:
-            return train_prepared(cfg, p, data, hooks, should_stop, resume_dir, ddp, device)
+            return train_prepared(cfg, p, data, hooks, should_stop, resume_dir, ddp, device, base)
         finally:
             p.close()
     finally:
@@ -137,19 +150,21 @@ def train_in_process(cfg: Config, data: Path, hooks: Hooks, should_stop, resume_
             lock.release()
 
 
-def train_prepared(cfg: Config, p: Prepared, data: Path, hooks: Hooks, should_stop, resume_dir, ddp, device):
+def train_prepared(cfg: Config, p: Prepared, data: Path, hooks: Hooks, should_stop, resume_dir, ddp, device,
+                   base: Path | None = None):
     t = cfg.train
     if p.batch_size != t.batch_size:
         cfg = cfg.with_overrides({("train", "batch_size"): p.batch_size}, "fitted to the data")
         t = cfg.train
-    mcfg = model_config(cfg, p.vocab)
+    mcfg = model_config(cfg, p.vocab, base)
     if resume_dir:  # rebuilt from the model config it saved (keys added since take ModelConfig's defaults: what
         # older models did); with the lexical weight it was trained at and no opening weight (a stop while
         # finishing may have stored the ones it chose)
         mcfg = ModelConfig(**{**read_config(resume_dir)["model"], "lexical_weight": mcfg.lexical_weight,
                               "lead_weight": 0.0})
     torch.manual_seed(t.seed)
-    model = TwoTower(mcfg).to(device)
+    model = new_model(mcfg, p.vocab, base if not resume_dir else resume_dir / "encoder")
+    model = model.to(device)
     ts = p.ts.to(device) if device.type == "cuda" else p.ts
     if mcfg.idf and not resume_dir:  # from the training documents only: held-out positives stay unseen
         from twotower_cli.model.encode import lexical_tokens
@@ -163,7 +178,7 @@ def train_prepared(cfg: Config, p: Prepared, data: Path, hooks: Hooks, should_st
     hooks.message(plan(p, t, device, ddp, resume_dir))
     for m in p.messages:  # said before training, where they explain what follows
         hooks.message(f"note: {m}")
-    run_dir, lock = (resume_dir, None) if resume_dir else open_run(cfg, p, mcfg, data, ddp)
+    run_dir, lock = (resume_dir, None) if resume_dir else open_run(cfg, p, mcfg, data, ddp, base)
     if hasattr(should_stop, "arm"):  # from here a stop request finishes a step and writes a checkpoint
         should_stop.arm()
     try:

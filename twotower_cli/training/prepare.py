@@ -46,24 +46,53 @@ class Prepared:
             self.lock.release()
 
 
-def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
-    m, ngram = cfg.model, cfg.model.encoder == "ngram"
+def model_config(cfg: Config, vocab: Vocab, base: Path | None = None) -> ModelConfig:
+    """The model the settings describe; with ``base`` (the base model's folder) a transformer's."""
+    m = cfg.model
+    lexical = m.encoder == "ngram" or bool(m.base_model)  # the encoders with the n-gram lexical half
     exact = has_exact_half(m)
-    return ModelConfig(encoder=m.encoder, vocab_size=len(vocab), embedding_dim=m.embedding_dim,
-                       hidden_dim=m.hidden_dim, ngram_buckets=m.ngram_buckets,
-                       cnn_widths=[int(w) for w in str(m.cnn_widths).split(",") if w.strip()],
-                       max_query_length=cfg.data.max_query_length, max_document_length=cfg.data.max_document_length,
-                       word_chars=[i + 2 for i, c in enumerate(vocab.chars) if c.isalnum()],
-                       word_bigrams=m.word_bigrams, shared_embeddings=m.shared_embeddings, idf=m.idf and ngram,
-                       lexical_dim=m.lexical_dim if ngram else 0, lexical_weight=m.lexical_weight,
-                       word_share=m.word_share, length_power=m.length_power, idf_power=m.idf_power,
-                       lexical_exact=exact, lexical_document_length=cfg.data.lexical_document_length if exact else 0,
-                       lead_characters=m.lead_characters if exact else 0)
+    out = ModelConfig(encoder=m.encoder, vocab_size=len(vocab), embedding_dim=m.embedding_dim,
+                      hidden_dim=m.hidden_dim, ngram_buckets=m.ngram_buckets,
+                      cnn_widths=[int(w) for w in str(m.cnn_widths).split(",") if w.strip()],
+                      max_query_length=cfg.data.max_query_length, max_document_length=cfg.data.max_document_length,
+                      word_chars=[i + 2 for i, c in enumerate(vocab.chars) if c.isalnum()],
+                      word_bigrams=m.word_bigrams, shared_embeddings=m.shared_embeddings, idf=m.idf and lexical,
+                      lexical_dim=m.lexical_dim if lexical else 0, lexical_weight=m.lexical_weight,
+                      word_share=m.word_share, length_power=m.length_power, idf_power=m.idf_power,
+                      lexical_exact=exact, lexical_document_length=cfg.data.lexical_document_length if exact else 0,
+                      lead_characters=m.lead_characters if exact else 0)
+    if base is not None:
+        from twotower_cli.model.transformer import hidden_size, pooling_of, weights_sha256
+
+        pooling, longest = pooling_of(base)
+        out.encoder, out.base_model, out.base_model_sha256 = "transformer", m.base_model, weights_sha256(base)
+        out.embedding_dim, out.pooling = hidden_size(base), pooling
+        out.max_query_tokens = min(m.max_query_tokens, longest or m.max_query_tokens)
+        out.max_document_tokens = min(m.max_document_tokens, longest or m.max_document_tokens)
+    return out
 
 
 def has_exact_half(m) -> bool:
     """Whether the model settings ``m`` (config.toml's [model]) give an exact lexical half."""
-    return bool(m.lexical_exact and m.encoder == "ngram" and m.idf and m.lexical_dim)
+    return bool(m.lexical_exact and (m.encoder == "ngram" or m.base_model) and m.idf and m.lexical_dim)
+
+
+# a pretrained start's own defaults (a setting the user gave is kept), measured in benchmarks/RESULTS.md
+PRETRAINED = {("train", "learning_rate"): 5e-5, ("train", "epochs"): 1, ("train", "batch_size"): 64,
+              ("train", "warmup_fraction"): 0.1, ("train", "temperature"): 0.05, ("train", "file_negatives"): False}
+
+
+def with_base_model_defaults(cfg: Config) -> Config:
+    """``cfg`` with the defaults of a pretrained start where it starts from a base model and the user left them."""
+    if not cfg.model.base_model:
+        if cfg.train.epochs == 0:
+            raise UsageError("--epochs 0 trains nothing: it builds a run from a base model as it is (with "
+                             "--base-model); give at least 1 epoch")
+        return cfg
+    if cfg.sources["model"]["encoder"] != "default" and cfg.model.encoder != "ngram":
+        raise UsageError(f"--base-model and --encoder {cfg.model.encoder}: a base model is the encoder; give one")
+    unset = {k: v for k, v in PRETRAINED.items() if cfg.sources[k[0]][k[1]] == "default"}
+    return cfg.with_overrides(unset, "default for --base-model") if unset else cfg
 
 
 def unused_settings(cfg: Config) -> list[str]:
