@@ -1,9 +1,15 @@
-"""Retrieval quality of the defaults on every corpus: train with no options but the data, then score the dense
-model, BM25, the default search (the hybrid as chosen on validation) and an untrained character-trigram TF-IDF.
+"""Retrieval quality of the defaults on every corpus: train with no options but the data, then score the model
+alone, BM25, the default search (as chosen on validation) and an untrained character-trigram TF-IDF, beside the
+figure the run itself reported (its test queries, held out from every choice).
 
     python benchmarks/quality.py [CORPUS ...] [--dev] [--write] [--train-args "--epochs 4 ..."]
+                                 [--systems ngram,base-zero,base] [--base-model FOLDER] [--checks]
 
 CORPUS is a folder of benchmarks/out/corpora (built by benchmarks/corpora.py) or `debian` (../shared/data).
+--systems  ngram: the default model; base-zero: --base-model as it is (--epochs 0); base: --base-model with its
+           defaults (the folder: --base-model, else all-MiniLM-L6-v2 from benchmarks/minilm.py)
+--checks   the search against itself and its definition, on the eval corpus indexed into the run: the top 10 at
+           k = 10, 200 and 1,000 (identical?), and MRR@10 against a brute force over every document
 --dev   tunes without touching the evaluation folders: 10% of each training file's queries (100 to 1,000) are held
         out and searched over all of that file's documents; the model trains on the rest.
 --write updates the table in benchmarks/RESULTS.md (final table: never with --dev).
@@ -90,39 +96,105 @@ def tfidf_row(eval_dir: Path) -> dict:
     return {"system": "char-trigram TF-IDF", "metrics": retrieval_metrics(np.concatenate(ranked), ev.qrels)}
 
 
-def measure(name: str, dev: bool, train_args: list[str], keep: Path | None, reuse: Path | None = None) -> list[dict]:
+SYSTEM_ARGS = {"ngram": [], "base-zero": ["--epochs", "0"], "base": []}
+
+
+def measure(name: str, dev: bool, train_args: list[str], keep: Path | None, reuse: Path | None = None,
+            system: str = "ngram", base: Path | None = None, checks: bool = False) -> list[dict]:
     from twotower_cli.evaluation.evaluate import evaluate_run
 
     train, eval_dir = folders(name)
     if dev:
         train, eval_dir = dev_split(name, train)
-    if reuse is not None:  # score runs trained earlier (kept with --keep): no training, the stored minutes
-        run = (reuse / name / "latest").resolve()
-        info = json.loads((run / "run.json").read_text())
-        minutes = info.get("train_minutes")
-        rows = evaluate_run(run, eval_dir, baseline="bm25")
-        rows.append(tfidf_row(eval_dir))
-        for r in rows:
-            r.update(corpus=name, minutes=minutes if not r["system"].startswith(("bm25", "char")) else None)
-        return rows
+    args = SYSTEM_ARGS[system] + (["--base-model", str(base)] if system != "ngram" else []) + train_args
     with tempfile.TemporaryDirectory() as tmp:
-        runs = keep / name if keep else Path(tmp)
-        runs.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "twotower_cli", "train", str(train.resolve()), "--runs-dir", str(runs),
-                        "--no-report", "--log-level", "warning", *train_args], check=True, cwd=tmp, env=env)
-        minutes = (time.perf_counter() - t) / 60
-        run = (runs / "latest").resolve()
-        info = json.loads((run / "run.json").read_text())
-        (run / "run.json").write_text(json.dumps({**info, "train_minutes": minutes}, indent=2))  # for --reuse
-        rows = evaluate_run(run, eval_dir, baseline="bm25")
-        chosen = json.loads((run / "run.json").read_text()).get("search", {})
-    rows.append(tfidf_row(eval_dir))
+        runs = (keep / name / system) if keep else Path(tmp)
+        if reuse is not None:  # score runs trained earlier (kept with --keep): no training, the stored minutes
+            run = (reuse / name / system / "latest").resolve()
+            minutes = json.loads((run / "run.json").read_text()).get("train_minutes")
+        else:
+            runs.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "twotower_cli", "train", str(train.resolve()), "--runs-dir",
+                            str(runs), "--no-report", "--log-level", "warning", *args], check=True, cwd=tmp, env=env)
+            minutes = (time.perf_counter() - t) / 60
+            run = (runs / "latest").resolve()
+            info = json.loads((run / "run.json").read_text())
+            (run / "run.json").write_text(json.dumps({**info, "train_minutes": minutes}, indent=2))  # for --reuse
+        record = json.loads((run / "run.json").read_text())
+        rows = evaluate_run(run, eval_dir, baseline="bm25" if system == "ngram" else None)
+        extra = search_checks(run, eval_dir) if checks else {}
+    if system == "ngram":
+        rows.append(tfidf_row(eval_dir))
     for r in rows:
-        r.update(corpus=name, minutes=minutes if not r["system"].startswith(("bm25", "char")) else None,
-                 chosen=chosen)
+        label = r["system"]
+        if system != "ngram" and label.startswith("two-tower"):
+            r["system"] = "base model, zero-shot" if system == "base-zero" else "--base-model, fine-tuned"
+        elif system != "ngram":
+            r["system"] = f"{'zero-shot' if system == 'base-zero' else 'fine-tuned'}: {label}"
+        reported = None
+        if label.startswith("two-tower"):
+            reported = record.get("test", {}).get("test/mrr@10")
+        elif r.get("default"):
+            reported = record.get("test", {}).get("test/search/mrr@10")
+        r.update(corpus=name, minutes=minutes if not label.startswith(("bm25", "char")) else None,
+                 chosen=record.get("search", {}), reported=reported, checks=extra if r.get("default") else {})
     return rows
+
+
+def search_checks(run: Path, eval_dir: Path, n: int = 300) -> dict:
+    """The eval corpus indexed into the run; on its first ``n`` queries, the top 10 at k = 10, 200 and 1,000, and the
+    default search's MRR@10 against its definition computed over every document (`brute_force`)."""
+    import twotower_cli
+    from twotower_cli.evaluation.eval_sets import load_eval
+    from twotower_cli.evaluation.metrics import retrieval_metrics
+
+    ev = load_eval(eval_dir)
+    api = twotower_cli.load(run)
+    api.index_documents(ev.documents.to_list(), name="quality-eval", ids=[str(i) for i in range(len(ev.documents))])
+    api.use_index("quality-eval")
+    queries, qrels = ev.queries.to_list()[:n], ev.qrels[:n]
+    top = {k: [[h.id for h in q[:10]] for q in api.search(queries, k=k)] for k in (10, 200, 1000)}
+    same = all(a == b == c for a, b, c in zip(top[10], top[200], top[1000]))
+    shipped = [[int(i) for i in q] + [-1] * (10 - len(q)) for q in top[10]]
+    brute = brute_force(api, queries)
+    mrr = [retrieval_metrics(r, qrels, ("mrr@10",))["mrr@10"] for r in (shipped, brute)]
+    return {"top10_same_for_every_k": bool(same), "queries": len(queries), "mrr@10": mrr[0], "brute_force": mrr[1]}
+
+
+def brute_force(api, queries: list[str], depth: int = 100) -> list[list[int]]:
+    """The run's default search as defined, over every document: the learned half's dot product plus the exact
+    lexical one, fused with BM25 (each side normalised over its own top ``depth``, 0 below it) at the chosen weight."""
+    index, cfg, plan = api.index, api.config, api.plan
+    docs = index.all_documents()
+    q_rows = api.query_lexical(queries)
+    emb = np.asarray(index.embeddings, dtype=np.float32)
+    d_rows = index.lexical
+    table = np.zeros(cfg.ngram_buckets, dtype=np.float32)
+    out = []
+    for j, (q, qe) in enumerate(zip(queries, api.encode_queries(queries))):
+        n = cfg.lexical_dim
+        dense = (emb[:, n:] @ qe[n:] + (d_rows.dots(q_rows, j, np.arange(len(docs)), table) if d_rows is not None
+                                        else emb[:, :n] @ qe[:n])).astype(np.float64)
+        if plan.mode == "dense":
+            out.append(np.lexsort((np.arange(dense.size), -dense))[:10].tolist())
+            continue
+        lex = index.bm25().scores(q).astype(np.float64)
+        if plan.mode == "bm25":
+            out.append(np.lexsort((np.arange(lex.size), -lex))[:10].tolist())
+            continue
+        sides = []
+        for s in (dense, lex):
+            top = np.lexsort((np.arange(s.size), -s))[:depth]
+            norm = np.zeros(s.size)
+            lo, hi = s[top].min(), s[top].max()
+            norm[top] = (s[top] - lo) / (hi - lo) if hi > lo else 0.0
+            sides.append((norm, top))
+        fused = plan.hybrid_weight * sides[0][0] + (1 - plan.hybrid_weight) * sides[1][0]
+        union = np.union1d(sides[0][1], sides[1][1])
+        out.append(union[np.lexsort((union, -fused[union]))][:10].tolist())
+    return [r + [-1] * (10 - len(r)) for r in out]
 
 
 def label(row: dict) -> str:
@@ -132,11 +204,21 @@ def label(row: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| corpus | system | " + " | ".join(NAMES) + " | training minutes |", "|---|---|" + "---|" * (len(NAMES) + 1)]
+    lines = ["| corpus | system | " + " | ".join(NAMES) + " | reported test mrr@10 | training minutes |",
+             "|---|---|" + "---|" * (len(NAMES) + 2)]
     for r in rows:
         mins = f"{r['minutes']:.1f}" if r.get("minutes") is not None else "-"
+        rep = f"{r['reported']:.3f}" if r.get("reported") is not None else "-"
         lines.append(f"| {r['corpus']} | {label(r)} | "
-                     + " | ".join(f"{r['metrics'][n]:.3f}" for n in NAMES) + f" | {mins} |")
+                     + " | ".join(f"{r['metrics'][n]:.3f}" for n in NAMES) + f" | {rep} | {mins} |")
+    checks = [r for r in rows if r.get("checks")]
+    if checks:
+        lines += ["", "| corpus | queries | top 10 the same at k = 10, 200, 1,000 | default search mrr@10 | "
+                      "brute force mrr@10 |", "|---|---|---|---|---|"]
+        for r in checks:
+            c = r["checks"]
+            lines.append(f"| {r['corpus']} | {c['queries']} | {'yes' if c['top10_same_for_every_k'] else 'NO'} | "
+                         f"{c['mrr@10']:.4f} | {c['brute_force']:.4f} |")
     return "\n".join(lines)
 
 
@@ -145,6 +227,9 @@ def main() -> None:
     ap.add_argument("corpora", nargs="*", default=ORDER)
     ap.add_argument("--dev", action="store_true", help="development split of each training file (for tuning)")
     ap.add_argument("--train-args", default="", help="extra `twotower train` options, quoted (default: none)")
+    ap.add_argument("--systems", default="ngram", help="comma-separated: ngram, base-zero, base")
+    ap.add_argument("--base-model", type=Path, help="the base model's folder (default: all-MiniLM-L6-v2)")
+    ap.add_argument("--checks", action="store_true", help="top 10 across k, and a brute force (ngram runs)")
     ap.add_argument("--write", action="store_true", help="update the table in benchmarks/RESULTS.md")
     ap.add_argument("--keep", type=Path, help="keep the trained runs under this folder")
     ap.add_argument("--jsonl", type=Path, help="append every row as JSON to this file")
@@ -152,15 +237,25 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     extra = shlex.split(args.train_args)
+    systems = args.systems.split(",")
+    base = args.base_model
+    if base is None and any(s != "ngram" for s in systems):
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from minilm import minilm_folder
+
+        base = minilm_folder(ROOT / "benchmarks" / "out" / "minilm")
     rows = []
     for name in args.corpora:
-        got = measure(name, args.dev, extra, args.keep, args.reuse)
-        rows += got
-        print(table(got).split("\n", 2)[2], flush=True)
-        if args.jsonl:
-            with open(args.jsonl, "a") as fh:
-                for r in got:
-                    fh.write(json.dumps({**r, "dev": args.dev, "train_args": args.train_args}) + "\n")
+        for system in systems:
+            got = measure(name, args.dev, extra, args.keep, args.reuse, system, base,
+                          args.checks and system == "ngram")
+            rows += got
+            print(table(got).split("\n", 2)[2], flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as fh:
+                    for r in got:
+                        fh.write(json.dumps({**r, "dev": args.dev, "train_args": args.train_args,
+                                             "system_kind": system}) + "\n")
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     text = (f"`twotower train` with defaults{' ' + args.train_args if args.train_args else ''} on each corpus's "
             f"{'development split' if args.dev else 'train.parquet'}, scored on its "

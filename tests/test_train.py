@@ -375,7 +375,7 @@ def test_seed_spelling_aliases_and_settings(cli, tiny_pairs, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle,code", [
-    (["--epochs", "-1"], "--epochs must be between 1 and", 2),
+    (["--epochs", "-1"], "--epochs must be between 0 and", 2),
     (["--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto, got 'tpu'", 2),
     (["--loss", "hinge"], "--loss must be one of 'infonce', 'triplet', got 'hinge'", 2),
     (["--tokenize", "later"], "--tokenize must be one of", 2),

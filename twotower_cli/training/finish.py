@@ -54,7 +54,9 @@ def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hoo
     from twotower_cli.training.report_samples import retrieval_examples
 
     last = out.history[-1]["epoch"] if out.history else out.best_epoch
-    if out.best_epoch != last:  # (the last epoch's weights are in the model already, its embeddings remembered)
+    # the weights as saved (large n-gram tables in float16); a transformer's are saved as they are, and when the
+    # best epoch was the last its document embeddings from that validation are remembered: not reloaded then
+    if out.best_epoch != last or model.transformer is None:
         tensors, _ = read_model_tensors(run_dir, model.transformer is not None)
         model.load_weights(tensors)
     model.eval()

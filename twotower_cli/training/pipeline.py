@@ -17,7 +17,7 @@ from twotower_cli.compat import BEFORE_SETTING
 from twotower_cli.config import FIELDS, Config
 from twotower_cli.errors import ArtifactError, TrainingError, UsageError
 from twotower_cli.model.artifacts import header_metadata, new_model, read_config, write_config
-from twotower_cli.model.towers import ModelConfig, TwoTower
+from twotower_cli.model.towers import ModelConfig
 from twotower_cli.runs import Lock, atomic_write_json, is_complete, new_run_id, remove_stale, resolve_run
 from twotower_cli.tracking.metrics_log import MetricsLog, NullTracker, Tracker
 from twotower_cli.training.batches import TrainingSet
