@@ -402,7 +402,7 @@ def test_serve_without_the_extra_is_one_line(run, monkeypatch, cli):
 
     monkeypatch.setattr(builtins, "__import__", no_fastapi)
     res = cli("serve", "--run", run.name, "--runs-dir", run.parent)
-    assert res.exit_code == 2 and "pip install 'twotower-cli[serve]'" in res.stderr
+    assert res.exit_code == 2 and "pip install -e '.[serve]'" in res.stderr
 
 
 def test_readme_api_example_runs(run, tmp_path):

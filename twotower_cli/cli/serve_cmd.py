@@ -21,6 +21,7 @@ def serve_command(
     host: Annotated[str, Opt("--host", metavar="HOST", help="Address to listen on (only this machine by default).")] = "127.0.0.1",
     port: Annotated[int, Opt("--port", metavar="PORT", min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
     device: Annotated[str, Opt("--device", metavar="DEVICE", help="cpu (the NumPy query path) or cuda[:N] (the index on the GPU).")] = "cpu",
+    timeout: Annotated[float, Opt("--timeout", metavar="SECONDS", min=0.1, max=3600, help="A request's headers must arrive within this, its body within 3 times this; a slower client gets a 408.")] = 10.0,
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -32,4 +33,4 @@ def serve_command(
         from twotower_cli.training.loop import resolve_device
 
         device = str(resolve_device(device))
-    serve(run_dir, index or cfg.search.index, host, port, notify=note, device=device)
+    serve(run_dir, index or cfg.search.index, host, port, notify=note, device=device, timeout=timeout)
