@@ -180,6 +180,22 @@ def test_f14_runs_and_latest_outside_the_folder_are_refused(cli, runs, tmp_path)
     one_line(cli("search", "x"), 1, "symbolic link loop")
 
 
+def test_a_run_named_by_its_folder_is_read_wherever_it_is_and_written_only_in_the_runs_folder(cli, runs, tmp_path):
+    outside = tmp_path / "data" / "runs"
+    shutil.copytree(runs, outside, symlinks=True)
+    folder = (outside / "latest").resolve()
+    for named in (str(folder), "data/runs/latest", str(outside / "latest")):
+        res = cli("search", "tar archive", "--run", named, "--json", "-k", "2")
+        assert res.exit_code == 0 and len(json.loads(res.stdout)["results"][0]["hits"]) == 2, (named, res.stderr)
+    import twotower_cli
+
+    assert twotower_cli.load(folder).search("tar archive", k=1)[0]
+    corpus = write(tmp_path / "c.txt", "one document\ntwo\n")
+    one_line(cli("index", corpus, "--run", str(folder), "--name", "x"), 2, "writes into the run")
+    one_line(cli("search", "x", "--run", "data/runs"), 2, "is a runs folder, not a run")
+    one_line(cli("search", "x", "--run", "nope", "--runs-dir", tmp_path / "missing"), 1, "there is no runs folder")
+
+
 # -- F7, F8: the index swap and temporary files -------------------------------------------------------------------
 
 def test_f7_a_kill_between_the_renames_is_recovered(cli, runs):

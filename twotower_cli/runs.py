@@ -243,19 +243,23 @@ def inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def resolve_run(runs_dir: Path | str, run: str | None) -> Path:
-    """A run from an id, a unique prefix of one, a W&B id, a path inside the runs folder, or (None) runs/latest.
-    Never a folder outside the runs folder: commands write into runs (reports, indexes)."""
+def resolve_run(runs_dir: Path | str, run: str | None, write: bool = False) -> Path:
+    """A run from an id, a unique prefix of one, a W&B id, a run's folder, or (None) runs/latest. A command that
+    writes into the run (``write``: an index, a report, a resumed training) takes only a run of the runs folder:
+    naming a folder elsewhere reads it, and never makes twotower write outside the runs folder."""
     runs_dir = Path(runs_dir)
     if run:
         if "\n" in run or "\x00" in run:
             raise UsageError(f"run {run!r} contains control characters; give a run id or folder")
         for c in (Path(run), runs_dir / run):
             if c.is_dir() and (c / "config.json").exists():
-                if not inside(c, runs_dir) or c.resolve() == runs_dir.resolve():
-                    raise UsageError(f"run folder {c} is outside the runs folder {runs_dir}; pass --runs-dir "
-                                     f"{c.resolve().parent} to use it")
+                if write and (not inside(c, runs_dir) or c.resolve() == runs_dir.resolve()):
+                    raise UsageError(f"run folder {c} is outside the runs folder {runs_dir}, and this command "
+                                     f"writes into the run; pass --runs-dir {c.resolve().parent} to use it")
                 return c.resolve()
+        if Path(run).is_dir() and (Path(run) / "latest").exists():
+            raise UsageError(f"{run} is a runs folder, not a run: pass --runs-dir {run} (its latest run), or one of "
+                             "its runs")
         if runs_dir.is_dir() and "/" not in run:  # a W&B id or a unique prefix of a run id
             matches = [d for d in runs_dir.iterdir() if d.is_dir() and not d.is_symlink()
                        and not d.name.startswith(".") and (d.name.startswith(run) or wandb_id(d) == run)]
@@ -264,7 +268,8 @@ def resolve_run(runs_dir: Path | str, run: str | None) -> Path:
             if len(matches) > 1:
                 raise ArtifactError(f"run '{run}' is ambiguous in {runs_dir}: "
                                     + ", ".join(sorted(m.name for m in matches)[:5]))
-        raise ArtifactError(f"run '{run}' not found in {runs_dir}; list runs with `ls {runs_dir}`")
+        where = f"list runs with `ls {runs_dir}`" if runs_dir.is_dir() else f"there is no runs folder {runs_dir}"
+        raise ArtifactError(f"run '{run}' not found in {runs_dir}; {where}")
     latest = runs_dir / "latest"
     if latest.is_symlink():
         try:

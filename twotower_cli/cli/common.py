@@ -26,9 +26,10 @@ def settings(config_path: Path | None, overrides: dict[tuple[str, str], Any] | N
     return load_config(config_path, overrides or {})
 
 
-def run_of(runs_dir, run, config, overrides: dict | None = None):
-    """The effective configuration and the run folder the user named (default: runs/latest)."""
+def run_of(runs_dir, run, config, overrides: dict | None = None, write: bool = False):
+    """The effective configuration and the run folder the user named (default: runs/latest); ``write``: the
+    command writes into the run, which must then be a run of the runs folder."""
     from twotower_cli.runs import resolve_run
 
     cfg = settings(config, {("train", "runs_dir"): str(runs_dir) if runs_dir else None, **(overrides or {})})
-    return cfg, resolve_run(cfg.train.runs_dir, run)
+    return cfg, resolve_run(cfg.train.runs_dir, run, write)

@@ -103,7 +103,8 @@ def root(
 
 
 # Registering commands imports only typer-level code; each command imports torch/polars/wandb when it runs.
-from twotower_cli.cli import config_cmd, data_cmds, report_cmd, search_cmds, serve_cmd, train_cmd  # noqa: E402,F401
+from twotower_cli.cli import (config_cmd, data_cmds, report_cmd, search_cmds, serve_cmd,  # noqa: E402,F401
+                              train_cmd, verify_cmd)
 
 
 def main() -> None:

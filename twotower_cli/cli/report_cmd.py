@@ -46,7 +46,8 @@ def report_command(
     from twotower_cli.runs import atomic_write_json, read_json_or
     from twotower_cli.tracking.html_report import write_html_report
 
-    cfg, run_dir = run_of(runs_dir, run, config, {("wandb", "project"): project, ("wandb", "entity"): entity})
+    cfg, run_dir = run_of(runs_dir, run, config, {("wandb", "project"): project, ("wandb", "entity"): entity},
+                          write=output is None or dry_run)  # (what it writes by default goes into the run)
     if output is not None:
         check_output(output, run_dir)
     title = title or f"twotower run {run_dir.name}"

@@ -92,7 +92,7 @@ def index_command(
     index_dir(Path("."), name)  # a bad name fails before any work
     if backend == "faiss":
         faiss_available()
-    cfg, run_dir = run_of(runs_dir, run, config)
+    cfg, run_dir = run_of(runs_dir, run, config, write=True)
     if read_in_slices(corpus) and os.environ.get("RANK", "0") == "0":  # (under torchrun: said once)
         note(f"counting the documents of {corpus.name} (a text file this large is read in slices: once to count "
              "and check them, once to embed them)")

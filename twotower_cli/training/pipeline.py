@@ -71,7 +71,7 @@ def run_train(cfg: Config, data: Path | None, hooks: Hooks, should_stop, resume:
     runs_dir = Path(cfg.train.runs_dir)
     run_dir = None
     if resume:
-        run_dir = resolve_run(runs_dir, resume)
+        run_dir = resolve_run(runs_dir, resume, write=True)
         if is_complete(run_dir):
             raise UsageError(f"run {run_dir.name} is already complete: there is nothing to resume; search it, or "
                              "train a new run")
