@@ -119,3 +119,22 @@ def test_verify_finds_damage_that_loading_does_not_read(run, cli, monkeypatch):
     res = cli("verify", "--runs-dir", run.parent, "--json")
     bad = [c for c in json.loads(res.stdout)["checks"] if not c["ok"]]
     assert res.exit_code == 1 and [c["what"] for c in bad] == ["index/default/embeddings.npy"]
+
+
+def test_evaluate_says_what_it_drops_from_the_qrels(run, tmp_path, cli):
+    import polars as pl
+
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    pl.DataFrame({"doc_id": ["d1", "d2", "d3"], "document": ["gnu c compiler", "text editor", "tar archive"]}
+                 ).write_parquet(ev / "corpus.parquet")
+    pl.DataFrame({"query_id": ["q1", "q2", None], "query": ["compiler", "editor", "archive"]}
+                 ).write_parquet(ev / "queries.parquet")
+    pl.DataFrame({"query_id": ["q1", "q2", "q9", None, "q1"], "doc_id": ["d1", "d2", "d3", "d3", "d1"],
+                  "score": [1.0, 1.0, 1.0, 1.0, 0.0]}).write_parquet(ev / "qrels.parquet")
+    res = cli("evaluate", ev, "--runs-dir", run.parent, "--json")
+    assert res.exit_code == 0, res.stderr
+    notes = json.loads(res.stdout)["systems"][0]["notes"]
+    assert any("1 queries have no id" in n for n in notes) and any("1 qrels rows have no query id" in n for n in notes)
+    assert any("not in the queries file" in n for n in notes) and any("judged before" in n for n in notes)
+    assert res.stderr.count("note:") >= 4

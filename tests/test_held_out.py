@@ -146,3 +146,15 @@ def test_batch_size_below_two_or_too_few_pairs_is_a_one_line_error(cli, tmp_path
         res = cli("train", tmp_path / "one.parquet", "--runs-dir", tmp_path / "runs")
         assert res.exit_code == 1 and "training needs at least 2" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs" / "latest").exists()
+
+
+def test_validate_data_strict_does_not_fail_on_long_documents(cli, tmp_path, monkeypatch):
+    """Documents longer than max_document_length are a note about a model setting, not a defect of the data."""
+    df = pl.read_parquet(SAMPLE).head(400)
+    df.write_parquet(tmp_path / "p.parquet")
+    monkeypatch.setenv("TWOTOWER_DATA_MAX_DOCUMENT_LENGTH", "50")
+    res = cli("validate-data", tmp_path / "p.parquet", "--strict", "--json")
+    report = json.loads(res.stdout)
+    truncation = [f for f in report["findings"] if f["check"] == "document: truncation"]
+    assert truncation and truncation[0]["level"] == "info" and "--max-document-length" in truncation[0]["message"]
+    assert res.exit_code == (1 if any(f["level"] != "info" for f in report["findings"]) else 0)

@@ -93,7 +93,7 @@ def test_piped_output_is_never_cut(tmp_path):
     ev = twotower("evaluate", folder, "--baseline", "bm25", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr
     run = (tmp_path / "runs" / "latest").resolve().name
-    for whole in ("recall@100", "queries/s", f"two-tower ({run})", "map@100"):
+    for whole in ("R@100", "q/s", f"two-tower ({run})", "MAP@100", "recall@k"):
         assert whole in ev.stdout, whole
     assert "…" not in ev.stdout
     cfg = twotower("config", cwd=tmp_path)

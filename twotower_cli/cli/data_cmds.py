@@ -29,7 +29,7 @@ def data_overrides(query_col, document_col, label_col) -> dict:
             ("data", "label_col"): label_col}
 
 
-@command(app, "validate-data", help="Check a pairs file: schema, labels, duplicates, lengths, odd characters.")
+@command(app, "validate-data", short_help="Check a pairs file before training on it", help="Check a pairs file: schema, labels, duplicates, lengths, odd characters.")
 def validate_data(
     data: DataArg,
     json_out: JsonOpt = False,
@@ -65,14 +65,19 @@ def validate_data(
 def show_report(rep) -> None:
     from rich.table import Table
 
-    summary = Table(title=f"{rep.path}: {plural(rep.rows, 'row')}", title_justify="left")
-    for col in ("column", "type", "nulls", "empty", "p50 chars", "p95 chars", "max chars", "read up to",
-                "longer (cut)", "control chars"):
-        summary.add_column(col, justify="right" if col not in ("column", "type") else "left")
+    # narrow enough for an 80-column terminal: a column's type beside its name, its lengths in one cell
+    from rich import box
+
+    summary = Table(title=f"{rep.path}: {plural(rep.rows, 'row')}; lengths in characters", title_justify="left",
+                    box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("column", "nulls", "empty", "p50", "p95", "max", "reads", "longer", "control"):
+        summary.add_column(col, justify="left" if col == "column" else "right", no_wrap=True)
     for name, st in rep.columns.items():
         share = f"{st['truncated']:,} ({100 * st['truncated'] / rep.rows:.1f}%)" if rep.rows else "-"
-        summary.add_row(name, rep.schema[name], str(st["nulls"]), str(st["empty"] + st["blank"]), str(st["p50"]),
-                        str(st["p95"]), str(st["max"]), f"{st['max_length']:,}", share, str(st["control"]))
+        kind = "" if rep.schema[name] in ("String", "Utf8") else f" ({rep.schema[name]})"  # (text is the rule)
+        summary.add_row(f"{name}{kind}", str(st["nulls"]), str(st["empty"] + st["blank"]),
+                        f"{st['p50']:,}", f"{st['p95']:,}", f"{st['max']:,}", f"{st['max_length']:,}", share,
+                        str(st["control"]))
     out.print(summary)
     lab = rep.labels
     labels = Table(title="labels", title_justify="left")
@@ -98,7 +103,7 @@ def plural(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
-@command(app, "inspect-vocab", help="Show the character vocabulary of a run (or the one a file would build).")
+@command(app, "inspect-vocab", short_help="A run's vocabulary (and tokenizer), or a file's", help="Show the character vocabulary of a run (or the one a file would build).")
 def inspect_vocab(
     run: RunOpt = None,
     data: Annotated[Optional[Path], typer.Option("--data", readable=False, metavar="FILE", help="Pairs file: its out-of-vocabulary rate, or the "

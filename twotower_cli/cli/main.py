@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shutil
 import sys
 from typing import Annotated
 
@@ -24,9 +25,20 @@ def no_label(opt):
     return opt
 
 
+def plain_help() -> bool:
+    """Help as plain text, wrapped to the width: outside a terminal (nothing is cut when piped) and on a terminal
+    too narrow for Rich's panels (which cut long option names and defaults with an ellipsis)."""
+    return not sys.stdout.isatty() or shutil.get_terminal_size((80, 24)).columns < 110
+
+
 class Command(TyperCommand):
     def get_help_option(self, ctx):
         return no_label(super().get_help_option(ctx))
+
+    def format_help(self, ctx, formatter):
+        if plain_help():
+            self.rich_markup_mode = None
+        return super().format_help(ctx, formatter)
 
 
 class Group(TyperGroup):
@@ -34,6 +46,11 @@ class Group(TyperGroup):
 
     def get_help_option(self, ctx):
         return no_label(super().get_help_option(ctx))
+
+    def format_help(self, ctx, formatter):
+        if plain_help():
+            self.rich_markup_mode = None
+        return super().format_help(ctx, formatter)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -80,7 +97,9 @@ app = typer.Typer(
     cls=Group,
     name="twotower",
     help="Train, search, evaluate and report on two-tower retrieval models from your own query/document pairs.",
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # piped help is as wide as it needs to be: nothing is cut (a terminal's width wraps it)
+    context_settings={"help_option_names": ["-h", "--help"],
+                      **({} if sys.stdout.isatty() else {"max_content_width": 200, "terminal_width": 200})},
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",

@@ -31,7 +31,7 @@ def check_output(output: Path, run_dir: Path) -> None:
             raise UsageError(f"--output {output}: exists and is not an HTML report; choose another name")
 
 
-@command(app, "report", help="Write a run's self-contained HTML report (and its W&B report when online).")
+@command(app, "report", short_help="Write a run's HTML report (and its W&B report)", help="Write a run's self-contained HTML report (and its W&B report when online).")
 def report_command(
     run: RunOpt = None,
     title: Annotated[Optional[str], Opt("--title", metavar="TEXT", show_default=False, help="Title of the report.")] = None,

@@ -65,7 +65,7 @@ def search_mode(cfg, mode: str | None, hybrid: bool, weight: float | None) -> tu
     return mode, weight
 
 
-@command(app, "index", help="Embed a corpus file into a named index of a run (for `search`).")
+@command(app, "index", short_help="Embed a corpus into a named index of a run", help="Embed a corpus file into a named index of a run (for `search`).")
 def index_command(
     corpus: Annotated[Path, typer.Argument(readable=False, metavar="CORPUS", show_default=False, help="Corpus: .parquet, .tsv, .csv, .jsonl (a 'document' or 'text' column) or .txt (one document per line).")],
     run: RunOpt = None,
@@ -161,7 +161,7 @@ def snippet(text: str, query: str, width: int | None = 160):
     return t
 
 
-@command(app, "search", help="Search a run's index with one query or a file of queries.")
+@command(app, "search", short_help="Search a run's index with a query or a file of them", help="Search a run's index with one query or a file of queries.")
 def search_command(
     query: Annotated[Optional[str], typer.Argument(metavar="QUERY", show_default=False, help="The query text.")] = None,
     queries: Annotated[Optional[Path], Opt("--queries", readable=False, metavar="FILE", show_default=False, help="File of queries ('-': standard input): one per line, or a 'query'/'text' column of .parquet/.jsonl/.csv/.tsv.")] = None,
@@ -223,7 +223,7 @@ def search_command(
     note(f"[dim]{len(texts)} {'query' if len(texts) == 1 else 'queries'} in {1e3 * elapsed:.1f} ms over {model.index.count:,} documents[/]")
 
 
-@command(app, "evaluate", help="Measure retrieval (MRR@10, nDCG@10, Recall@k, MAP@100) on an evaluation folder.")
+@command(app, "evaluate", short_help="Score a run, BM25 and its search on an evaluation set", help="Measure retrieval (MRR@10, nDCG@10, Recall@k, MAP@100) on an evaluation folder.")
 def evaluate_command(
     eval_dir: Annotated[Path, typer.Argument(readable=False, metavar="EVAL", show_default=False, help="Folder in BEIR layout or the Parquet layout (queries/corpus/qrels .parquet).")],
     run: RunOpt = None,
@@ -257,15 +257,31 @@ def evaluate_command(
     from rich.table import Table
 
     names = ["mrr@10", "ndcg@10", "recall@1", "recall@10", "recall@100", "map@100"]
+    headers = ["MRR@10", "nDCG@10", "R@1", "R@10", "R@100", "MAP@100"]  # (fits 80 columns; --json: full names)
+    from rich import box
+
     table = Table(title=f"{eval_dir} ({rows[0]['queries']:,} queries, {rows[0]['documents']:,} documents)",
-                  title_justify="left")
-    table.add_column("system")
-    for n in names + ["queries/s"]:
-        table.add_column(n, justify="right")
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("system", no_wrap=True)
+    for n in headers + ["q/s"]:
+        table.add_column(n, justify="right", no_wrap=True)
     best = {n: max(r["metrics"][n] for r in rows) for n in names}
     for r in rows:
         cells = [(f"[bold]{r['metrics'][n]:.4f}[/]" if r["metrics"][n] == best[n] and len(rows) > 1
                   else f"{r['metrics'][n]:.4f}") for n in names]
-        table.add_row(r["system"] + (" *" if r.get("default") else ""), *cells, f"{r['queries_per_s']:,.0f}")
+        table.add_row(short_name(r) + (" *" if r.get("default") else ""), *cells, f"{r['queries_per_s']:,.0f}")
     out.print(table)
-    out.print("* the run's default search (what `twotower search` does)", highlight=False)
+    for r in rows:
+        out.print(f"{short_name(r)}: {r['system']}", highlight=False)
+    out.print("R@k: recall@k; q/s: queries a second; * the run's default search (what `twotower search` does)",
+              highlight=False)
+
+
+def short_name(row: dict) -> str:
+    """A system's name in a table cell: the model, bm25, or the search mode with its weight."""
+    system = row["system"]
+    if system.startswith("two-tower"):
+        return "model"
+    if system.startswith("hybrid"):
+        return "hybrid " + system.split("weight ", 1)[1].split(";")[0].split(")")[0] if "weight " in system else "hybrid"
+    return "bm25" if system.startswith("bm25") else system.split(" ")[0]

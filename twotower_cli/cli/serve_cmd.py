@@ -14,7 +14,7 @@ from twotower_cli.cli.options import ConfigOpt, RunOpt, RunsDirOpt
 Opt = typer.Option
 
 
-@command(app, "serve", help="Serve a run over HTTP: POST /search, POST /embed, GET /health, OpenAPI docs at /docs.")
+@command(app, "serve", short_help="Serve a run over HTTP (search, embed, health)", help="Serve a run over HTTP: POST /search, POST /embed, GET /health, OpenAPI docs at /docs.")
 def serve_command(
     run: RunOpt = None,
     index: Annotated[Optional[str], Opt("--index", metavar="NAME", show_default=False, help="Index searched (default: the one training built).")] = None,

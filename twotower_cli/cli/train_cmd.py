@@ -151,7 +151,7 @@ class StopFlag:
 Opt = typer.Option
 
 
-@command(app, "train", help="Train a two-tower model on a pairs file; writes runs/<id>/ and moves runs/latest.")
+@command(app, "train", short_help="Train a model on a pairs file into runs/<id>/", help="Train a two-tower model on a pairs file; writes runs/<id>/ and moves runs/latest.")
 def train(
     data: Annotated[Optional[Path], typer.Argument(readable=False, metavar="DATA", show_default=False, help="Pairs file (.tsv, .csv, .parquet, .jsonl); not needed with --resume.")] = None,
     epochs: Annotated[Optional[int], setting("train", "epochs", "--epochs")] = None,

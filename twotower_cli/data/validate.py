@@ -19,7 +19,7 @@ MANY_QUERIES = 5  # a document that is the positive of at least this many querie
 
 @dataclass
 class Finding:
-    level: str  # "error" or "warning"
+    level: str  # "error", "warning" or "info" (a note: never fails --strict)
     check: str
     message: str
     count: int = 0
@@ -94,12 +94,13 @@ def validate(pairs: Pairs, max_query_length: int, max_document_length: int) -> R
                         "they will be dropped", k))
         if stats["truncated"]:
             share = stats["truncated"] / n
-            add(Finding("warning" if share > 0.05 else "info", f"{col}: truncation",
+            # a model setting, not a defect of the data: a note, never a --strict failure
+            add(Finding("info", f"{col}: truncation",
                         f"{pct(stats['truncated'], n)} of {PLURAL[col]} are longer than max_{col}_length "
                         f"{limits[col]} (p95 {stats['p95']}, max {stats['max']}): "
                         + ("the learned half of the model reads no further (its exact lexical half reads up to "
-                           "lexical_document_length)" if col == "document" else "the model reads no further"),
-                        stats["truncated"]))
+                           "lexical_document_length)" if col == "document" else "the model reads no further")
+                        + f" (train --max-{col}-length changes it)", stats["truncated"]))
         if stats["control"]:
             add(Finding("warning", f"{col}: control characters",
                         f"{count(stats['control'], col)} contain{'s' if stats['control'] == 1 else ''} control or invisible characters", stats["control"]))

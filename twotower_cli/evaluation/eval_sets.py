@@ -4,7 +4,9 @@ Edge cases are decided as trec_eval decides them, and reported in `notes`:
 - a judged query whose judgements are all grade 0 has no relevant document: it is scored 0 (not skipped);
 - a relevant document missing from the corpus can never be retrieved: it still counts as relevant (Recall 0.5 for a
   query with one of its two relevant documents missing and the other found), so the metrics are not inflated;
-- queries without any judgement are not evaluated; duplicate query or document ids keep their first row.
+- queries without any judgement are not evaluated; duplicate query or document ids keep their first row;
+- qrels rows without ids or score, or naming an unknown query, are dropped; a pair judged twice keeps its first
+  judgement (each of these said in a note, with its count).
 """
 
 from __future__ import annotations
@@ -95,6 +97,11 @@ def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
     except Exception:
         raise DataError(f"{qrels_path}: relevance scores must be numbers") from None
     notes = []
+    for frame, col, what in ((q, "query_id", "queries"), (c, "doc_id", "documents")):
+        nulls = frame[col].null_count()
+        if nulls:
+            notes.append(f"{nulls} {what} have no id: dropped")
+    q, c = q.filter(pl.col("query_id").is_not_null()), c.filter(pl.col("doc_id").is_not_null())
     for frame, col, what in ((q, "query_id", "query"), (c, "doc_id", "document")):
         dup = frame.height - frame[col].n_unique()
         if dup:
@@ -108,15 +115,28 @@ def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
         raise DataError(f"{qrels_path}: no judged query is in the queries file; check that the qrels ids match "
                         "the queries")
     qrels: list[dict[int, float]] = [{} for _ in range(len(q_row))]
-    missing = 0
+    missing = unknown = null = conflicts = 0
     for qid, did, s in r.iter_rows():
-        if qid not in q_row or s is None:
+        if qid is None or did is None or s is None:
+            null += 1
+            continue
+        if qid not in q_row:
+            unknown += 1
             continue
         if did in doc_row:
-            qrels[q_row[qid]][doc_row[did]] = float(s)
+            row = qrels[q_row[qid]]
+            conflicts += doc_row[did] in row and row[doc_row[did]] != float(s)
+            row.setdefault(doc_row[did], float(s))  # the first judgement of a pair counts
         elif s > 0:  # relevant but not in the corpus: counted, never found
             missing += 1
             qrels[q_row[qid]][-1 - missing] = float(s)
+    if null:
+        notes.append(f"{null} qrels rows have no query id, document id or score: dropped")
+    if unknown:
+        notes.append(f"{unknown} qrels rows name a query id that is not in the queries file: dropped")
+    if conflicts:
+        notes.append(f"{conflicts} qrels rows judge a (query, document) pair judged before with another score: "
+                     "the first judgement is used")
     if missing:
         notes.append(f"{missing} relevant documents are not in the corpus: they count as relevant and not found")
     unanswerable = sum(1 for rel in qrels if not any(g > 0 for g in rel.values()))
