@@ -179,3 +179,13 @@ def test_searches_see_one_build_while_the_index_is_swapped_and_rebuilt(run):
             t.join()
     assert not errors, errors[:2]
     assert len(seen) > 10 and {json.dumps(a) for a in seen} == {json.dumps(a) for a in answers.values()}
+
+
+def test_a_plan_asked_again_is_the_same_plan():
+    """evaluate marks the row of the run's own search as the default: asking a dense run for dense is its plan."""
+    from twotower_cli.retrieval.search import SearchPlan
+
+    dense, hybrid = SearchPlan(mode="dense", hybrid_weight=1.0), SearchPlan(mode="hybrid", hybrid_weight=0.7)
+    assert dense.forced("dense") == dense and hybrid.forced("hybrid") == hybrid and hybrid.forced() == hybrid
+    assert dense.forced("hybrid").hybrid_weight == 0.5 and hybrid.forced("hybrid", 0.2).hybrid_weight == 0.2
+    assert SearchPlan(mode="bm25", hybrid_weight=0.0).forced("hybrid").hybrid_weight == 0.5

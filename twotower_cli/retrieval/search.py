@@ -60,8 +60,8 @@ class SearchPlan:
         """This plan with ``mode`` and/or the fusion ``weight`` a caller asks for: a weight alone asks for a
         fusion; a fusion asked of a run whose plan is one side alone mixes evenly unless a weight is given."""
         mode = mode or ("hybrid" if weight is not None else self.mode)
-        if weight is None:
-            weight = self.hybrid_weight if 0 < self.hybrid_weight < 1 else 0.5
+        if weight is None:  # (a dense or BM25 plan keeps its weight: the same plan asked again is equal to it)
+            weight = 0.5 if mode == "hybrid" and not 0 < self.hybrid_weight < 1 else self.hybrid_weight
         return replace(self, mode=mode, hybrid_weight=float(weight))
 
 
