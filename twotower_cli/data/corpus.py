@@ -38,7 +38,7 @@ def document_column(names: list[str], document_col: str, id_col: str | None, p: 
 
 def read_tsv_table(p: Path, header_names: tuple[str, ...]) -> tuple[pl.DataFrame, bool]:
     """A TSV corpus or query file: with a header when its first line names one of ``header_names``; without one,
-    one text a line, or the seed's pairs layout (query<TAB>document[<TAB>label]). Returns (frame, has header)."""
+    one text a line, or the pairs layout (query<TAB>document[<TAB>label]). Returns (frame, has header)."""
     text, lines, first = read_lines(p, "\t")
     header = any(name in first for name in header_names)
     if not header and all("\t" not in ln for ln in lines):

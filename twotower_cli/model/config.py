@@ -30,36 +30,34 @@ class ModelConfig:
     max_document_length: int = 512
     word_chars: list[int] = field(default_factory=list)  # vocabulary ids of characters that form words
     word_bigrams: bool = False  # ngram encoder: also hash pairs of consecutive words
-    # One embedding table for both towers (each keeps its own norm and projection). False for models saved
-    # before the option existed, so their config.json still rebuilds them.
+    # one embedding table for both towers (each keeps its own norm and projection)
     shared_embeddings: bool = False
-    # ngram encoder: weight each feature by its inverse document frequency in the training documents (stored in
-    # the weights file as ``idf``), so that the model starts as a TF-IDF matcher. False for older models.
+    # weight each n-gram by its inverse document frequency in the training documents (stored in the weights file
+    # as ``idf``), so that the model starts as a TF-IDF matcher
     idf: bool = False
     # ngram encoder: a fixed lexical half of the embedding, the text's TF-IDF n-gram vector hashed (with random
     # signs) into ``lexical_dim`` dimensions; no parameters, so training cannot destroy it. The embedding is
     # [sqrt(w) x lexical, sqrt(1 - w) x learned], each half unit length, so its cosine is w x the lexical cosine +
-    # (1 - w) x the learned one. 0: no lexical half (older models).
+    # (1 - w) x the learned one. 0: no lexical half.
     lexical_dim: int = 0
     lexical_weight: float = 0.5
     # idf models: each feature weighted by idf^idf_power on both sides, so a match scores about idf^(2 x power):
-    # BM25 scores a matching word by idf once; the cosine of idf-weighted vectors by idf squared, which let a rare
-    # word of a long document outweigh the query's common words (measured below 1 on the dev splits). 1.0: older models.
+    # BM25 scores a matching word by idf once; the cosine of idf-weighted vectors by idf squared, which lets a rare
+    # word of a long document outweigh the query's common words
     idf_power: float = 1.0
     word_share: float = 0.3  # idf models: the words' share of a text's squared feature norm (trigrams: the rest)
     # lexical half of a document: its unit vector times (words / mean words)^length_power. 0 is the cosine, which
-    # penalises long documents much more than BM25 does (measured: 0.25 helps definitions and manuals).
+    # penalises long documents much more than BM25 does
     length_power: float = 0.0
     # search re-scores the best rows with the exact, sparse lexical half (`retrieval/lexical.py`) instead of its
-    # hashed sketch alone; the index stores the documents' sparse rows. False for older models.
+    # hashed sketch alone; the index stores the documents' sparse rows
     lexical_exact: bool = False
     # exact lexical half of a document (``lexical_exact``): the characters it reads, more than the learned half
-    # when documents are long (it costs no training time: it has no parameters). 0: ``max_document_length``, as
-    # models saved before the setting read.
+    # when documents are long (it costs no training time: it has no parameters). 0: ``max_document_length``.
     lexical_document_length: int = 0
     # exact lexical half of a document: its opening ``lead_characters`` (cut before a word they would split) count
     # a second time, at ``lead_weight`` chosen on validation (`training.choices`): titles and summaries open most
-    # documents. 0: off (older models).
+    # documents. 0: off.
     lead_characters: int = 0
     lead_weight: float = 0.0
     # encoder "transformer" (`model.transformer`): the base model it was fine-tuned from (as the user named it),

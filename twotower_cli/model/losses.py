@@ -41,7 +41,7 @@ def infonce(q, d, d_ids, q_ids, neg=None, neg_ids=None, temperature: float = 0.0
 
 
 def triplet(q, d_pos, d_neg, margin: float = 0.2):
-    """The seed's cosine margin loss over one sampled negative per positive."""
+    """The cosine margin loss (the original exercise's) over one sampled negative per positive."""
     pos = (q * d_pos).sum(-1)
     neg = (q * d_neg).sum(-1)
     loss = F.relu(margin - pos + neg).mean()

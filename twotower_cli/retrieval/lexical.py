@@ -1,11 +1,10 @@
 """The exact lexical half (models with ``lexical_exact``): each text's TF-IDF n-gram vector kept sparse, over the
 model's n-gram buckets, instead of only its hashed sketch in the embedding (1,024 dimensions by default).
 
-Why: the sketch adds collision noise to every score (of order 1/sqrt(dim)), and that noise cost 0.01-0.06 MRR@10 on
-the development splits (FOLDOC 0.383 sketched against 0.445 exact, the Jargon File 0.558 against 0.621), which is
-the margin by which the model trailed BM25 on small and definitional corpora.
+Why: the sketch adds collision noise to every score (of order 1/sqrt(dim)), which costs most where matching words
+is most of what a model can do: small and definitional corpora (benchmarks/RESULTS.md).
 
-How: a search ranks by the embeddings as before, then re-scores the best ``RERANK`` rows with the exact half:
+How: a search ranks by the embeddings first, then re-scores the best ``RERANK`` rows with the exact half:
 score = learned half's dot product + the exact lexical cosine (each already weighted as in the embedding). The
 index stores the documents' sparse rows (CSR: ``lexical.indptr.npy``, ``lexical.buckets.npy``,
 ``lexical.weights.npy``). NumPy only: a cold `twotower search` imports neither torch nor SciPy.

@@ -1,4 +1,4 @@
-"""The W&B report of a run, built with wandb_workspaces.reports.v2 (the seed's sections).
+"""The W&B report of a run, built with wandb_workspaces.reports.v2.
 
 Its runset is narrowed to this one run by ID with `filters` (not the runs-table search box). `spec()` serialises
 the library's own report model to JSON without any network call (`twotower report --dry-run`).

@@ -2,8 +2,7 @@
 made by `make_batch` in a worker from texts read off a `TextStore`, pinned, the next batches prefetched.
 
 One background thread (the default on a CPU, where the cores train) is enough when a step is slow; a GPU step is
-faster than one host core can tokenise (measured on an H200: 0.41 of the up-front rate at batch 1024), so on a GPU
-several workers tokenise ahead. The batches are the same as up front, step for step: the order, the negatives and
+faster than one host core can tokenise, so on a GPU several workers tokenise ahead. The batches are the same as up front, step for step: the order, the negatives and
 the span pairs of an epoch are fixed before it starts.
 """
 

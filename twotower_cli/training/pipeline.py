@@ -234,7 +234,7 @@ def train_and_finish(cfg: Config, p: Prepared, model, run_dir: Path, device, hoo
 
             summary.written["report"] = write_html_report(run_dir)
         for sink in sinks:
-            if sink.mode == "online":  # the seed published a W&B report after every run
+            if sink.mode == "online":  # a W&B report after every online run, as the original exercise had
                 summary.messages.append(publish_wandb_report(cfg, run_dir, sink))
         from twotower_cli.runs import folder_size
 

@@ -21,8 +21,8 @@ from twotower_cli.runs import Lock, read_json, scratch_dir
 from twotower_cli.training.batches import TrainingSet, from_rows
 
 TEXTS = ".texts-"  # the folders of the texts training reads back (runs_dir/.texts-PID-RANDOM)
-TEXT_ORDER = "first-seen"  # texts are numbered as they first appear in the file (before: sorted)
-HELD_OUT = "by seen text"  # queries the query tower reads alike are held out together (before: by exact text)
+TEXT_ORDER = "first-seen"  # texts are numbered as they first appear in the file (compat.py: runs that sorted them)
+HELD_OUT = "by seen text"  # queries the query tower reads alike are held out together
 TOO_SMALL = 50  # fewer training pairs than this: train, but say that nothing much can be learned
 
 
@@ -77,8 +77,8 @@ def has_exact_half(m) -> bool:
     return bool(m.lexical_exact and (m.encoder == "ngram" or m.base_model) and m.idf and m.lexical_dim)
 
 
-# a pretrained start's own defaults (a setting the user gave is kept), measured in benchmarks/RESULTS.md
-PRETRAINED = {("train", "learning_rate"): 5e-5, ("train", "epochs"): 1, ("train", "batch_size"): 64,
+# a pretrained start's own defaults (a setting the user gave is kept): benchmarks/RESULTS.md has the measurements
+PRETRAINED = {("train", "learning_rate"): 1e-4, ("train", "epochs"): 1, ("train", "batch_size"): 64,
               ("train", "warmup_fraction"): 0.1, ("train", "temperature"): 0.05, ("train", "file_negatives"): False}
 
 
