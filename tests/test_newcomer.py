@@ -37,8 +37,8 @@ def test_a_small_file_trains_with_defaults_and_the_batch_is_fitted(tmp_path):
     data = seed_tsv(tmp_path / "data.tsv", 400)
     res = twotower("train", data, "--no-report", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert re.search(r"note: --batch-size 256 is larger than the \d+ training pairs: training with batches of \d+",
-                     res.stderr)
+    assert re.search(r"note: the batch size \(256, the default\) is larger than the \d+ training pairs: training "
+                     r"with batches of \d+", res.stderr)  # (the flag was not given: not named as if it had been)
     assert res.stderr.index("training on") < res.stderr.index("epoch 1:")  # data, split and device come first
 
 

@@ -77,6 +77,11 @@ class Group(TyperGroup):
 def usage_line(exc) -> str:
     """What was wrong, and how the command is used, on one line."""
     message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    named = re.search(r"No such option: (--run-id|--run)\b", message)
+    if named and ctx is not None and ctx.command.name == "train":  # the flag of the commands that read a run
+        message = (f"No such option: {named.group(1)}; train makes a new run: name it with --run-name NAME, or "
+                   "continue an interrupted one with --resume RUN")
     match = re.search(r"\(Possible options: ([^)]*)\)|Did you mean (.*)\?$", message)
     if match:  # keep the closest suggestion only (Click lists loose matches too)
         typed = re.search(r"No such option: (\S+)|No such command '([^']*)'", message)
@@ -85,7 +90,6 @@ def usage_line(exc) -> str:
             word = typed.group(1) or typed.group(2)
             best = difflib.get_close_matches(word, [o.strip("'") for o in options], n=1, cutoff=0.0)
             message = message[: match.start()].rstrip(". ") + f"; did you mean {best[0]}?"
-    ctx = getattr(exc, "ctx", None)
     usage = ""
     if ctx is not None:
         usage = " ".join(ctx.get_usage().split()).replace("Usage: ", "")

@@ -74,9 +74,12 @@ def report_command(
     choice = choose_mode(cfg.wandb.api_key, cfg.wandb.mode)
     if choice.mode != "online" or not cfg.wandb.entity:
         why = choice.reason if choice.mode != "online" else "no W&B entity is set (--entity or WANDB_ENTITY)"
-        upload = (f"wandb sync {run['wandb_dir']}, then " if run.get("wandb_mode") == "offline" and run.get("wandb_dir")
-                  else "")
-        note(f"W&B report not published: {why}. Once online: {upload}twotower report --run {run_dir.name} "
+        upload = ""
+        if run.get("wandb_mode") == "offline" and run.get("wandb_dir"):
+            offline = run_dir / "wandb" / Path(run["wandb_dir"]).name  # (inside the run, wherever it was trained)
+            upload = f"wandb sync {shown_path(offline if offline.exists() else Path(run['wandb_dir']))}, then "
+        runs = "" if Path(cfg.train.runs_dir) == Path("runs") else f" --runs-dir {cfg.train.runs_dir}"
+        note(f"W&B report not published: {why}. Once online: {upload}twotower report --run {run_dir.name}{runs} "
              f"--entity ENTITY --project {project}")
         return
     report = build_report(wandb_id, project, cfg.wandb.entity, title, description)
@@ -88,3 +91,11 @@ def report_command(
         raise TwotowerError(f"could not publish the W&B report ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}); the HTML report is at {path}") from None
     out.print(f"W&B report: {report.url}", highlight=False)
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working folder when it is inside it, else absolute: what a user can paste."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())

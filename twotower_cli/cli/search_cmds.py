@@ -113,6 +113,10 @@ def index_command(
 
     meta = read_json(path / "meta.json")
     note(f"indexed {meta['count']:,} documents ({meta['dim']}-d {meta['dtype']}, {backend}) into {path}")
+    if total and meta["count"] < total:
+        extra = total - meta["count"]
+        note(f"{extra:,} of the {total:,} documents {'repeats' if extra == 1 else 'repeat'} an earlier one word for "
+             "word: each text is stored once (the first id is kept)")
 
 
 def index_sharded(corpus, cfg, run_dir, name, document_col, id_col, chunk_rows, dtype, backend, device, total):

@@ -56,12 +56,12 @@ def show_summary(summary) -> None:
     show_test(summary)
     paths = Table(title="Written", title_justify="left", show_header=False)
     for k, v in summary.written.items():
-        paths.add_row(k, str(v))
+        paths.add_row(k, shown(v))
     paths.add_row("size", f"{summary.size_bytes / 2**20:,.1f} MiB (run folder)")
     out.print(paths)
     runs = summary.run_dir.parent
-    out.print(f"search it: twotower search \"your query\"{'' if runs.name == 'runs' else ' --runs-dir ' + str(runs)}",
-              highlight=False)
+    where = "" if shown(runs) == "runs" else f" --runs-dir {shown(runs)}"
+    out.print(f"search it: twotower search \"your query\"{where}", highlight=False)
     sys.stdout.flush()
 
 
@@ -124,3 +124,13 @@ def lexical_choice(run_dir) -> str:
                  f"; a document's opening counts once (counting it again did not gain more than {TIE:g} on "
                  "validation)")
     return line
+
+
+def shown(path) -> str:
+    """A path relative to the working folder when it is inside it (a resumed run's are absolute), else as is."""
+    from pathlib import Path
+
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)

@@ -93,7 +93,6 @@ def validate(pairs: Pairs, max_query_length: int, max_document_length: int) -> R
             add(Finding("warning", f"{col}: empty", f"{count(k, 'row')} {have(k)} an empty or whitespace-only {col}; "
                         "they will be dropped", k))
         if stats["truncated"]:
-            share = stats["truncated"] / n
             # a model setting, not a defect of the data: a note, never a --strict failure
             add(Finding("info", f"{col}: truncation",
                         f"{pct(stats['truncated'], n)} of {PLURAL[col]} are longer than max_{col}_length "

@@ -166,7 +166,10 @@ def build_html(run_dir: Path, title: str | None = None, description: str | None 
     title = title or f"twotower run {run_dir.name}"
     data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
     source = data.get("name") or Path(str(data.get("path", "pairs"))).name  # a shared report shows no local path
-    description = description or f"A {cfg['model']['encoder']} two-tower model trained on {source}."
+    kinds = {"ngram": "An n-gram two-tower model", "cnn": "A character-CNN two-tower model",
+             "mean": "A character-mean two-tower model",
+             "transformer": "A two-tower model fine-tuned from a pretrained encoder"}  # (no local path in a report)
+    description = description or f"{kinds.get(cfg['model']['encoder'], 'A two-tower model')} trained on {source}."
     test = run.get("test") if isinstance(run.get("test"), dict) else {}
     shown = ({f"{label} · {k.rsplit('/', 1)[1]}": test[k] for label, prefix in TEST_SYSTEMS
               for k in (prefix + "mrr@10", prefix + "recall@10") if isinstance(test.get(k), float)} if test else

@@ -164,7 +164,9 @@ def prepare_in(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: 
             raise UsageError(f"{ts.n_train} training pairs cannot be split across {world} processes; train "
                              "without torchrun")
         batch = max(1, ts.n_train // world)
-        messages.append(f"--batch-size {t.batch_size} is larger than the {ts.n_train} training pairs"
+        given = cfg.sources["train"]["batch_size"] not in ("default", "default for --base-model")
+        what = f"--batch-size {t.batch_size}" if given else f"the batch size ({t.batch_size}, the default)"
+        messages.append(f"{what} is larger than the {ts.n_train} training pairs"
                         f"{f' for {world} processes' if ddp else ''}: training with batches of {batch}")
     if t.val_fraction > 0 and len(ts.val_q) == 0:
         messages.append("too few queries for a validation split: none is held out, and the epoch with the lowest "
