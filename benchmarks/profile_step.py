@@ -48,10 +48,10 @@ def main() -> None:
     df = require_trainable(load_pairs(Path(args.data))).head(args.rows)
     vocab = Vocab.build([df["query"], df["document"]], 2, 2000, True)
     base = load_config(env={}, overrides={("train", "batch_size"): args.batch_size})
-    ts = build(df, vocab, base.data.max_query_length, base.data.max_document_length, 0.0, 0).to(device)
-    negs = sample_negatives(ts, 0, 0).to(device)
+    train_set = build(df, vocab, base.data.max_query_length, base.data.max_document_length, 0.0, 0).to(device)
+    negs = sample_negatives(train_set, 0, 0).to(device)
     g = torch.Generator().manual_seed(0)
-    batches = [make_batch(ts, torch.randint(0, ts.n_train, (args.batch_size,), generator=g).to(device), negs,
+    batches = [make_batch(train_set, torch.randint(0, train_set.n_train, (args.batch_size,), generator=g).to(device), negs,
                           "infonce") for _ in range(args.steps + 5)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for shared in (True, False):

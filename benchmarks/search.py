@@ -180,8 +180,8 @@ def cold_search(runs_dir: str, rounds: int = 7) -> None:
             times[name].append(time.perf_counter() - t)
     base = statistics.median(times["python -c 'import torch'"])
     print("\n| process | median seconds | ratio to import torch |\n|---|---|---|")
-    for name, ts in times.items():
-        print(f"| `{name}` | {statistics.median(ts):.2f} | {statistics.median(ts) / base:.2f} |")
+    for name, samples in times.items():
+        print(f"| `{name}` | {statistics.median(samples):.2f} | {statistics.median(samples) / base:.2f} |")
 
 
 if __name__ == "__main__":

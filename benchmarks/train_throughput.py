@@ -51,14 +51,14 @@ from twotower_cli.training.pipeline import model_config  # noqa: E402
 def model_only(cfg, data: Path, device: torch.device, steps: int) -> float:
     df = require_trainable(load_pairs(data))
     vocab = Vocab.build([df["query"], df["document"]], cfg.vocab.min_freq, cfg.vocab.max_size, cfg.vocab.lowercase)
-    ts = build(df, vocab, cfg.data.max_query_length, cfg.data.max_document_length, 0.0, cfg.train.seed)
+    train_set = build(df, vocab, cfg.data.max_query_length, cfg.data.max_document_length, 0.0, cfg.train.seed)
     torch.manual_seed(0)
     model = TwoTower(model_config(cfg, vocab)).to(device)
-    ts.to(device)
+    train_set.to(device)
     opts = make_optimizers(model, cfg.train.learning_rate, 0.0)
-    negs = sample_negatives(ts, 0, 0).to(device)
+    negs = sample_negatives(train_set, 0, 0).to(device)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, ts.n_train, (cfg.train.batch_size,), generator=g).to(device) for _ in range(steps + 5)]
+    batches = [torch.randint(0, train_set.n_train, (cfg.train.batch_size,), generator=g).to(device) for _ in range(steps + 5)]
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.train.precision == "bf16" and device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -67,7 +67,7 @@ def model_only(cfg, data: Path, device: torch.device, steps: int) -> float:
             sync()
             t0 = time.perf_counter()
         with autocast:
-            loss, _ = batch_loss(model, make_batch(ts, idx, negs, cfg.train.loss), cfg.train)
+            loss, _ = batch_loss(model, make_batch(train_set, idx, negs, cfg.train.loss), cfg.train)
         for o in opts.values():
             o.zero_grad(set_to_none=True)
         loss.backward()
@@ -84,8 +84,8 @@ def anchor(cfg, data: Path, device: torch.device, steps: int) -> float:
 
     df = require_trainable(load_pairs(data))
     vocab = Vocab.build([df["query"], df["document"]], cfg.vocab.min_freq, cfg.vocab.max_size, cfg.vocab.lowercase)
-    ts = build(df, vocab, cfg.data.max_query_length, cfg.data.max_document_length, 0.0, cfg.train.seed)
-    ts.to(device)
+    train_set = build(df, vocab, cfg.data.max_query_length, cfg.data.max_document_length, 0.0, cfg.train.seed)
+    train_set.to(device)
     buckets, dim = cfg.model.ngram_buckets, cfg.model.embedding_dim
     tables = [torch.nn.EmbeddingBag(buckets, dim, mode="sum").to(device) for _ in range(2)]
     opt = torch.optim.AdamW([p for t in tables for p in t.parameters()], lr=1e-3)
@@ -98,14 +98,14 @@ def anchor(cfg, data: Path, device: torch.device, steps: int) -> float:
         return F.normalize(table(h, per_sample_weights=w), dim=-1)
 
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, ts.n_train, (cfg.train.batch_size,), generator=g).to(device) for _ in range(steps + 5)]
+    batches = [torch.randint(0, train_set.n_train, (cfg.train.batch_size,), generator=g).to(device) for _ in range(steps + 5)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i, idx in enumerate(batches):
         if i == 5:
             sync()
             t0 = time.perf_counter()
-        q = embed(tables[0], ts.q_tokens[ts.pos_q[idx]])
-        d = embed(tables[1], ts.d_tokens[ts.pos_d[idx]])
+        q = embed(tables[0], train_set.q_tokens[train_set.pos_q[idx]])
+        d = embed(tables[1], train_set.d_tokens[train_set.pos_d[idx]])
         loss = F.cross_entropy(q @ d.T / 0.05, torch.arange(idx.shape[0], device=device))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -100,26 +100,6 @@ def test_the_query_path_imports_no_torch():
         assert not [m for m in names if m.split(".")[0] in ("torch", "polars")], module
 
 
-def test_modules_stay_small_and_names_do_not_collide():
-    sizes = {name: len(path.read_text().splitlines()) for name, path in modules()}
-    assert max(sizes.values()) <= 360, sorted(sizes.items(), key=lambda x: -x[1])[:3]
-    folders: dict[Path, list[str]] = {}
-    for _, path in modules():
-        folders.setdefault(path.parent, []).append(path.stem)
-    for folder, stems in folders.items():  # no two modules of a part whose names differ by a suffix (train/trainrun)
-        for a in stems:
-            clash = [b for b in stems if b != a and b.startswith(a) and a not in ("config", "topk")]
-            assert not clash, (folder.name, a, clash)
-
-
-def test_fit_reads_on_one_screen():
-    import inspect
-
-    from twotower_cli.training.loop import fit
-
-    assert len(inspect.getsource(fit).splitlines()) <= 40
-
-
 def test_readme_guarantees_name_real_tests():
     import re
 

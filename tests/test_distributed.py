@@ -29,10 +29,10 @@ def setup_training(tiny_pairs, eager=True):
                                          ("model", "ngram_buckets"): 2048, ("data", "max_document_length"): 64})
     df = require_trainable(load_pairs(tiny_pairs))
     vocab = Vocab.build([df["query"], df["document"]], 1, 2000, True)
-    ts = build(df, vocab, 64, 64, 0.0, 13, eager=eager)
+    train_set = build(df, vocab, 64, 64, 0.0, 13, eager=eager)
     torch.manual_seed(0)
     model = TwoTower(model_config(cfg, vocab))
-    return cfg, ts, model, sample_negatives(ts, 13, 0)
+    return cfg, train_set, model, sample_negatives(train_set, 13, 0)
 
 
 def grads_of(model) -> dict[str, torch.Tensor]:
@@ -48,10 +48,10 @@ def worker(rank, world, init_file, tiny_pairs, out_dir):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    cfg, ts, model, negs = setup_training(tiny_pairs, eager=False)  # as under torchrun: tokenise on demand
+    cfg, train_set, model, negs = setup_training(tiny_pairs, eager=False)  # as under torchrun: tokenise on demand
     net = wrap(model, torch.device("cpu"))  # what training does under NCCL too: the table is reduced by gathering
     idx = torch.arange(rank * B, (rank + 1) * B)
-    batch = make_batch(ts, idx, negs, cfg.train.loss)
+    batch = make_batch(train_set, idx, negs, cfg.train.loss)
     loss, _ = batch_loss(net, batch, cfg.train, Dist(rank, world, 0, torch.device("cpu"), "gloo"))
     loss.backward()
     table = model.query_tower.bag.weight
@@ -59,8 +59,8 @@ def worker(rank, world, init_file, tiny_pairs, out_dir):
     reduce_sparse(model, world)
     torch.save(grads_of(model), Path(out_dir) / f"grads{rank}.pt")
     # this process tokenised its own slice of the global batch, nothing else
-    tokenised = {"queries": ts.q_tokens.rows_tokenised, "documents": ts.d_tokens.rows_tokenised,
-                 "batch_documents": int(batch.d_tokens.shape[0]), "all_documents": len(ts.d_tokens)}
+    tokenised = {"queries": train_set.q_tokens.rows_tokenised, "documents": train_set.d_tokens.rows_tokenised,
+                 "batch_documents": int(batch.d_tokens.shape[0]), "all_documents": len(train_set.d_tokens)}
     (Path(out_dir) / f"tokenised{rank}.json").write_text(json.dumps(tokenised))
     dist.destroy_process_group()
 
@@ -68,15 +68,15 @@ def worker(rank, world, init_file, tiny_pairs, out_dir):
 def test_idf_counted_in_shares_and_added_up_equals_one_count(tiny_pairs):
     """Under torchrun each process counts every world-th document and the counts are all-reduced (`Dist.add_up`);
     here three shares are added by hand: the idf and mean words equal one process counting every document."""
-    _, ts, one, _ = setup_training(tiny_pairs)
-    rows = torch.arange(len(ts.documents))
-    one.set_idf(ts.d_tokens, rows, batch_size=50)
+    _, train_set, one, _ = setup_training(tiny_pairs)
+    rows = torch.arange(len(train_set.documents))
+    one.set_idf(train_set.d_tokens, rows, batch_size=50)
     counts = []
     for rank in range(3):
         _, _, m, _ = setup_training(tiny_pairs)
-        m.set_idf(ts.d_tokens, rows, batch_size=50, share=(rank, 3, lambda c: counts.append(c.clone())))
+        m.set_idf(train_set.d_tokens, rows, batch_size=50, share=(rank, 3, lambda c: counts.append(c.clone())))
     _, _, shared, _ = setup_training(tiny_pairs)
-    shared.set_idf(ts.d_tokens, rows, batch_size=50, share=(0, 3, lambda c: c.copy_(sum(counts))))
+    shared.set_idf(train_set.d_tokens, rows, batch_size=50, share=(0, 3, lambda c: c.copy_(sum(counts))))
     assert not torch.equal(counts[0], sum(counts))  # each share counted only its own documents
     for name in ("idf", "mean_words"):
         assert torch.equal(getattr(shared.document_tower, name), getattr(one.document_tower, name)), name
@@ -88,8 +88,8 @@ def test_gathered_negatives_give_the_combined_batch_gradients(tiny_pairs, tmp_pa
     from twotower_cli.training.loop import batch_loss
 
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tiny_pairs), str(tmp_path)), nprocs=2, join=True)
-    cfg, ts, model, negs = setup_training(tiny_pairs)  # one process, tokenised up front
-    loss, _ = batch_loss(model, make_batch(ts, torch.arange(2 * B), negs, cfg.train.loss), cfg.train)
+    cfg, train_set, model, negs = setup_training(tiny_pairs)  # one process, tokenised up front
+    loss, _ = batch_loss(model, make_batch(train_set, torch.arange(2 * B), negs, cfg.train.loss), cfg.train)
     loss.backward()
     single = grads_of(model)
     for rank in range(2):
@@ -110,9 +110,9 @@ def loss_worker(rank, world, init_file, tiny_pairs, out_dir):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    cfg, ts, model, negs = setup_training(tiny_pairs, eager=False)
+    cfg, train_set, model, negs = setup_training(tiny_pairs, eager=False)
     cfg = cfg.with_overrides({("train", "gather_negatives"): False})
-    batch = make_batch(ts, torch.arange(rank * B, (rank + 1) * B), negs, cfg.train.loss)
+    batch = make_batch(train_set, torch.arange(rank * B, (rank + 1) * B), negs, cfg.train.loss)
     loss, _ = batch_loss(wrap(model, torch.device("cpu")), batch, cfg.train, Dist(rank, world, 0, torch.device("cpu"), "gloo"))
     (Path(out_dir) / f"loss{rank}.json").write_text(json.dumps(float(loss.detach())))
     dist.destroy_process_group()
@@ -123,13 +123,13 @@ def test_without_gathering_each_process_sees_only_its_own_batch(tiny_pairs, tmp_
     from twotower_cli.training.loop import batch_loss
 
     mp.spawn(loss_worker, args=(2, str(tmp_path / "init"), str(tiny_pairs), str(tmp_path)), nprocs=2, join=True)
-    cfg, ts, model, negs = setup_training(tiny_pairs)
+    cfg, train_set, model, negs = setup_training(tiny_pairs)
     for rank in range(2):
-        own, _ = batch_loss(model, make_batch(ts, torch.arange(rank * B, (rank + 1) * B), negs, cfg.train.loss),
+        own, _ = batch_loss(model, make_batch(train_set, torch.arange(rank * B, (rank + 1) * B), negs, cfg.train.loss),
                             cfg.train)
         assert json.loads((tmp_path / f"loss{rank}.json").read_text()) == pytest.approx(float(own.detach()),
                                                                                          rel=1e-5, abs=1e-6)
-    both, _ = batch_loss(model, make_batch(ts, torch.arange(2 * B), negs, cfg.train.loss), cfg.train)
+    both, _ = batch_loss(model, make_batch(train_set, torch.arange(2 * B), negs, cfg.train.loss), cfg.train)
     assert float(both.detach()) > float(own.detach())  # the combined batch would be a harder problem
 
 

@@ -409,14 +409,14 @@ def test_triplet_fallback_never_picks_a_positive_of_the_query():
     from twotower_cli.training.batches import TrainingSet, make_batch
 
     docs = pl.Series([f"d{i}" for i in range(4)])
-    ts = TrainingSet(queries=pl.Series(["a", "b"]), documents=docs, q_tokens=torch.zeros(2, 3, dtype=torch.int32),
+    train_set = TrainingSet(queries=pl.Series(["a", "b"]), documents=docs, q_tokens=torch.zeros(2, 3, dtype=torch.int32),
                      d_tokens=torch.zeros(4, 3, dtype=torch.int32), pos_q=torch.tensor([0, 0, 0, 1]),
                      pos_d=torch.tensor([0, 1, 2, 3]), neg_ptr=torch.zeros(3, dtype=torch.long),
                      neg_doc=torch.zeros(0, dtype=torch.long), val_q=torch.zeros(0, dtype=torch.long), val_qrels=[],
                      test_q=torch.zeros(0, dtype=torch.long), test_qrels=[], pos_keys=torch.tensor([0, 1, 2, 4 + 3]))
-    batch = make_batch(ts, torch.arange(4), torch.full((4,), -1), "triplet")
+    batch = make_batch(train_set, torch.arange(4), torch.full((4,), -1), "triplet")
     for q, n in zip(batch.qi.tolist(), batch.ni.tolist()):
-        assert not bool(ts.is_pair(torch.tensor([q]), torch.tensor([n])))
+        assert not bool(train_set.is_pair(torch.tensor([q]), torch.tensor([n])))
 
 
 def test_sorted_member_is_isin():
@@ -459,17 +459,17 @@ def test_the_bm25_miner_returns_hard_negatives_and_never_a_positive(tiny_pairs):
     from twotower_cli.training.batches import build
 
     df = pl.read_parquet(tiny_pairs)
-    ts = build(df, Vocab.build([df["query"], df["document"]]), 64, 128, 0.0, 1)
-    q, d = mining.mine_with_bm25(ts)
+    train_set = build(df, Vocab.build([df["query"], df["document"]]), 64, 128, 0.0, 1)
+    q, d = mining.mine_with_bm25(train_set)
     assert len(q) > 0 and len(q) == len(d)
-    positives = set(zip(ts.pos_q.tolist(), ts.pos_d.tolist()))
+    positives = set(zip(train_set.pos_q.tolist(), train_set.pos_d.tolist()))
     assert not {(int(a), int(b)) for a, b in zip(q, d)} & positives
-    docs = ts.documents.to_list()
+    docs = train_set.documents.to_list()
     # a mined document shares a word with its query far more often than a random document does
-    share = np.mean([bool(set(ts.queries[int(a)].lower().split()) & set(docs[int(b)].lower().split()))
+    share = np.mean([bool(set(train_set.queries[int(a)].lower().split()) & set(docs[int(b)].lower().split()))
                      for a, b in zip(q, d)])
     rng = np.random.default_rng(0)
-    chance = np.mean([bool(set(ts.queries[int(a)].lower().split()) & set(docs[rng.integers(len(docs))].lower().split()))
+    chance = np.mean([bool(set(train_set.queries[int(a)].lower().split()) & set(docs[rng.integers(len(docs))].lower().split()))
                       for a in q])
     assert share > chance + 0.2, (share, chance)
 
@@ -523,7 +523,6 @@ def test_a_checkpoint_is_never_written_with_a_nan_loss(tmp_path):
 
 
 def test_index_dedup_compares_texts_not_only_hashes(tmp_path, monkeypatch):
-    from twotower_cli.api import TwoTowerModel
 
     def same_hash(self, seed=0):
         return pl.Series(np.zeros(len(self), dtype=np.uint64))

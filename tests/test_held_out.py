@@ -38,9 +38,9 @@ def seen(texts) -> set[str]:
 def test_a_query_and_its_twin_are_held_out_together(tmp_path):
     p = prepared(tmp_path, twin_file(tmp_path / "twins.parquet"), val_fraction=0.2)
     try:
-        ts = p.ts
-        val, test = (ts.queries.gather(q.numpy()).to_list() for q in (ts.val_q, ts.test_q))
-        trained = ts.queries.gather(np.unique(ts.pos_q.numpy())).to_list()
+        train_set = p.train_set
+        val, test = (train_set.queries.gather(q.numpy()).to_list() for q in (train_set.val_q, train_set.test_q))
+        trained = train_set.queries.gather(np.unique(train_set.pos_q.numpy())).to_list()
         assert len(val) >= 90 and len(test) >= 90
         assert not seen(val) & seen(trained) and not seen(test) & seen(trained) and not seen(val) & seen(test)
         assert len(val) == 2 * len(seen(val))  # both of each pair, on the same side

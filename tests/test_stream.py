@@ -178,7 +178,7 @@ def test_prepare_writes_texts_beside_the_runs_and_removes_them(tmp_path):
     p = prep.prepare(cfg_for(tmp_path), path, None, None, None)
     folders = list((tmp_path / "runs").glob(".texts-*"))
     assert len(folders) == 1 and (folders[0] / "documents.bin").exists()
-    assert p.ts.d_tokens.eager  # small: tokenised up front
+    assert p.train_set.d_tokens.eager  # small: tokenised up front
     p.close()
     assert not list((tmp_path / "runs").glob(".texts-*"))
     write(tmp_path / "bad.tsv", "q\td\tlabel\na\tb\tmaybe\n")
@@ -243,7 +243,7 @@ def test_auto_tokenises_large_data_on_demand(tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "UPFRONT_LIMIT", 1000)
     p = prep.prepare(cfg_for(tmp_path), path, None, None, None)
     try:
-        assert not p.ts.d_tokens.eager and not p.ts.q_tokens.eager
+        assert not p.train_set.d_tokens.eager and not p.train_set.q_tokens.eager
     finally:
         p.close()
 
@@ -259,10 +259,10 @@ def test_a_run_saved_before_first_appearance_numbering_resumes_in_sorted_order(t
     (old / "config.json").write_text(json.dumps({"data": {"path": str(path)}}))
     resumed = prep.prepare(cfg, path, None, old, None)
     try:
-        assert resumed.ts.queries.to_list() == sorted(fresh.ts.queries.to_list())
+        assert resumed.train_set.queries.to_list() == sorted(fresh.train_set.queries.to_list())
         (old / "config.json").write_text(json.dumps({"data": {"path": str(path), "text_order": "first-seen"}}))
         again = prep.prepare(cfg, path, None, old, None)
-        assert again.ts.queries.to_list() == fresh.ts.queries.to_list()
+        assert again.train_set.queries.to_list() == fresh.train_set.queries.to_list()
         again.close()
     finally:
         fresh.close()
@@ -282,9 +282,9 @@ def test_validation_holds_out_at_most_val_max_queries_and_says_so(tmp_path):
     uncapped = prep.prepare(cfg.with_overrides({("train", "val_max_queries"): 0}), path, None, None, None)
     capped = prep.prepare(cfg.with_overrides({("train", "val_max_queries"): 120}), path, None, None, None)
     try:
-        held = [len(p.ts.val_q) + len(p.ts.test_q) for p in (uncapped, capped)]
-        assert held[0] > 120 and held[1] == 120 and len(capped.ts.test_q) == 60
-        assert capped.ts.n_train > uncapped.ts.n_train  # the queries not held out train
+        held = [len(p.train_set.val_q) + len(p.train_set.test_q) for p in (uncapped, capped)]
+        assert held[0] > 120 and held[1] == 120 and len(capped.train_set.test_q) == 60
+        assert capped.train_set.n_train > uncapped.train_set.n_train  # the queries not held out train
         assert any("validation holds out 120 queries" in m for m in capped.messages)
         assert not any("validation holds out" in m for m in uncapped.messages)
     finally:
@@ -296,7 +296,7 @@ def test_validation_searches_a_sample_of_a_corpus_larger_than_val_corpus_size_an
     path, cfg = sample_with(tmp_path, val_corpus_size=500)
     p = prep.prepare(cfg, path, None, None, None)
     try:
-        assert len(p.ts.documents) > 500
+        assert len(p.train_set.documents) > 500
         assert any(f"validation searches 500 of the {len(p.ts.documents):,} documents" in m for m in p.messages)
     finally:
         p.close()

@@ -23,9 +23,15 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "document_col": ("document", "column holding the document text"),
         "label_col": ("label", "column holding the label (1 relevant, 0 negative); optional in the file"),
         "max_query_length": (128, "characters of a query the model reads (the shipped sample's p95 is ~70)"),
-        "max_document_length": (1024, "characters of a document the model reads (a transformer: --max-document-tokens)"),
-        "lexical_document_length": (2048, "characters of a document that the exact lexical half reads (0: max_document_length); it has no parameters, so reading more does not slow training; words past max_document_length count when a search re-scores its best rows"),
-        "tokenize": ("auto", "upfront (all texts before training), on-demand (each step its rows) or auto (upfront for one process unless the token rows would pass 1 GiB, on-demand under torchrun)"),
+        "max_document_length": (1024, "characters of a document the model reads (a transformer: "
+                                      "--max-document-tokens)"),
+        "lexical_document_length": (2048, "characters of a document that the exact lexical half reads (0: "
+                                          "max_document_length); it has no parameters, so reading more does "
+                                          "not slow training; words past max_document_length count when a "
+                                          "search re-scores its best rows"),
+        "tokenize": ("auto", "upfront (all texts before training), on-demand (each step its rows) or auto "
+                             "(upfront for one process unless the token rows would pass 1 GiB, on-demand "
+                             "under torchrun)"),
     },
     "vocab": {
         "min_freq": (2, "characters seen fewer times become the unknown id"),
@@ -33,53 +39,79 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "lowercase": (True, "lowercase text before building and encoding"),
     },
     "model": {
-        "encoder": ("ngram", "ngram (hashed character n-grams + words), cnn (char CNN) or mean (mean of characters); --base-model for a pretrained transformer"),
+        "encoder": ("ngram", "ngram (hashed character n-grams + words), cnn (char CNN) or mean (mean of "
+                             "characters); --base-model for a pretrained transformer"),
         "embedding_dim": (128, "size of the final L2-normalised embedding"),
         "hidden_dim": (128, "size of the character/n-gram embeddings and hidden layers"),
         "ngram_buckets": (131072, "hash buckets of the ngram encoder"),
         "cnn_widths": ("3,5", "convolution widths of the cnn encoder"),
         "word_bigrams": (False, "ngram encoder: also hash pairs of consecutive words"),
         "shared_embeddings": (True, "one embedding table for both towers"),
-        "lexical_dim": (1024, "ngram encoder: dimensions of the fixed lexical half of the embedding (hashed TF-IDF n-grams, the exact sparse half's sketch; 0: none)"),
+        "lexical_dim": (1024, "ngram encoder: dimensions of the fixed lexical half of the embedding (hashed "
+                              "TF-IDF n-grams, the exact sparse half's sketch; 0: none)"),
         "lexical_weight": (0.5, "weight of the lexical half in the embedding's cosine during training"),
-        "length_power": (0.25, "ngram encoder with a lexical half: a document's lexical half is scaled by (its words / the mean)^power (0: cosine)"),
-        "word_share": (0.3, "ngram encoder with idf: the words' share of a text's n-gram weight (trigrams get the rest)"),
-        "idf_power": (0.75, "ngram encoder with idf: each n-gram is weighted by idf^power (a match scores about idf^(2 x power))"),
-        "idf": (True, "ngram encoder: weight n-grams by their inverse document frequency in the training documents"),
-        "lexical_exact": (True, "search re-scores its best rows with the exact sparse lexical half, not only its hashed sketch (the index stores the sparse rows)"),
-        "base_model": ("", "a pretrained Hugging Face encoder to start from (a model folder or a hub name; needs the hf extra): the learned half of both towers, fine-tuned on the pairs, with its own defaults for the settings left alone ('': the n-gram model)"),
+        "length_power": (0.25, "ngram encoder with a lexical half: a document's lexical half is scaled by "
+                               "(its words / the mean)^power (0: cosine)"),
+        "word_share": (0.3, "ngram encoder with idf: the words' share of a text's n-gram weight (trigrams get"
+                            " the rest)"),
+        "idf_power": (0.75, "ngram encoder with idf: each n-gram is weighted by idf^power (a match scores "
+                            "about idf^(2 x power))"),
+        "idf": (True, "ngram encoder: weight n-grams by their inverse document frequency in the training "
+                      "documents"),
+        "lexical_exact": (True, "search re-scores its best rows with the exact sparse lexical half, not only "
+                                "its hashed sketch (the index stores the sparse rows)"),
+        "base_model": ("", "a pretrained Hugging Face encoder to start from (a model folder or a hub name; "
+                           "needs the hf extra): the learned half of both towers, fine-tuned on the pairs, "
+                           "with its own defaults for the settings left alone ('': the n-gram model)"),
         "max_query_tokens": (64, "models with a base model: tokens of a query the encoder reads"),
-        "max_document_tokens": (128, "models with a base model: tokens of a document the encoder reads (at most the base model's own limit); the exact lexical half still reads lexical_document_length characters"),
-        "lead_characters": (100, "models with the exact lexical half: a document's first N characters count a second time in it, at a weight chosen on validation, 0 when that does not help (0: never)"),
+        "max_document_tokens": (128, "models with a base model: tokens of a document the encoder reads (at "
+                                     "most the base model's own limit); the exact lexical half still reads "
+                                     "lexical_document_length characters"),
+        "lead_characters": (100, "models with the exact lexical half: a document's first N characters count a"
+                                 " second time in it, at a weight chosen on validation, 0 when that does not "
+                                 "help (0: never)"),
     },
     "train": {
-        "epochs": (8, "passes over the training pairs; the best epoch on validation is kept (with --base-model: 1)"),
-        "batch_size": (256, "positive pairs per step (more in-batch negatives with infonce; with --base-model: 64)"),
+        "epochs": (8, "passes over the training pairs; the best epoch on validation is kept (with "
+                      "--base-model: 1)"),
+        "batch_size": (256, "positive pairs per step (more in-batch negatives with infonce; with "
+                            "--base-model: 64)"),
         "learning_rate": (1e-2, "peak learning rate (with --base-model: 1e-4)"),
-        "warmup_fraction": (0.05, "share of steps that warm the learning rate up; then linear decay (with --base-model: 0.1)"),
+        "warmup_fraction": (0.05, "share of steps that warm the learning rate up; then linear decay (with "
+                                  "--base-model: 0.1)"),
         "weight_decay": (0.0, "AdamW weight decay of dense parameters"),
         "loss": ("infonce", "infonce (in-batch softmax) or triplet (a cosine margin)"),
         "temperature": (0.05, "softmax temperature of infonce"),
         "margin": (0.2, "margin of the triplet loss"),
         "seed": (13, "seed of the split, batch order, negatives and initial weights"),
         "val_fraction": (0.05, "share of queries held out for validation"),
-        "val_min_queries": (200, "validation holds out at least this many queries (at most a fifth of them): choices made on a few are noise"),
-        "val_max_queries": (5000, "validation holds out at most this many queries (0: no cap); a large file's other queries train, and each validation stays short"),
-        "test_fraction": (0.5, "share of the held-out queries kept from every choice (the epoch, the weights, the search): the run's figures are measured on them (0: none)"),
-        "val_corpus_size": (200000, "documents searched in validation: all up to this many, else a sample of this many that keeps every validation positive (0: all)"),
+        "val_min_queries": (200, "validation holds out at least this many queries (at most a fifth of them): "
+                                 "choices made on a few are noise"),
+        "val_max_queries": (5000, "validation holds out at most this many queries (0: no cap); a large file's"
+                                  " other queries train, and each validation stays short"),
+        "test_fraction": (0.5, "share of the held-out queries kept from every choice (the epoch, the weights,"
+                               " the search): the run's figures are measured on them (0: none)"),
+        "val_corpus_size": (200000, "documents searched in validation: all up to this many, else a sample of "
+                                    "this many that keeps every validation positive (0: all)"),
         "device": ("auto", "cpu, cuda, cuda:N or auto"),
         "precision": ("fp32", "fp32 or bf16 (bf16 autocast on CUDA only)"),
         "runs_dir": ("runs", "folder holding the run folders and runs/latest"),
         "run_name": ("", "name of the run folder (default: a timestamp)"),
-        "loader_workers": (-1, "processes tokenising on demand (-1: none on a CPU, several on a GPU; 0: a background thread)"),
-        "max_steps": (0, "stop after this many optimiser steps (0: the epochs decide), as the Hugging Face trainer"),
+        "loader_workers": (-1, "processes tokenising on demand (-1: none on a CPU, several on a GPU; 0: a "
+                               "background thread)"),
+        "max_steps": (0, "stop after this many optimiser steps (0: the epochs decide), as the Hugging Face "
+                         "trainer"),
         "log_every": (10, "steps between train/* records in metrics.jsonl"),
         "checkpoint_minutes": (10.0, "also checkpoint mid-epoch at this interval (0: epoch ends only)"),
         "gather_negatives": (True, "under torchrun, score queries against every process's documents (InfoNCE)"),
-        "file_negatives": (True, "each pair also learns against its query's label-0 documents of the file (random negatives: for a base model, in-batch ones do as well at half the cost)"),
+        "file_negatives": (True, "each pair also learns against its query's label-0 documents of the file "
+                                 "(random negatives: for a base model, in-batch ones do as well at half the "
+                                 "cost)"),
         "hard_negatives": ("none", "none, bm25 or model: mined negatives added to each batch"),
-        "span_pairs": (0.0, "extra positives per epoch, as a share of the pairs: a span of words cut from a training document, paired with it"),
-        "keep_checkpoint": (False, "keep checkpoint.safetensors (optimizer state, for --resume) after the run completes"),
+        "span_pairs": (0.0, "extra positives per epoch, as a share of the pairs: a span of words cut from a "
+                            "training document, paired with it"),
+        "keep_checkpoint": (False, "keep checkpoint.safetensors (optimizer state, for --resume) after the run"
+                                   " completes"),
         "report": (True, "write the HTML report at the end of training"),
         "log_level": ("info", "debug, info, warning or error"),
     },
@@ -87,7 +119,8 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "top_k": (10, "results per query"),
         "index": ("default", "name of the index searched"),
         "mode": ("auto", "auto (what training chose on validation), dense, hybrid or bm25"),
-        "hybrid_weight": (0.5, "weight of the dense score when hybrid is forced (auto uses the weight chosen on validation)"),
+        "hybrid_weight": (0.5, "weight of the dense score when hybrid is forced (auto uses the weight chosen "
+                               "on validation)"),
     },
     "wandb": {
         "enabled": (False, "log the run to Weights & Biases"),

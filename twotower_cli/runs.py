@@ -149,9 +149,9 @@ class Lock:
 
 def scratch_dir(parent: Path, prefix: str, name: str | None = None) -> tuple[Path, Lock]:
     """A new folder ``parent/<prefix><name>`` (name: ``<pid>-<random>`` unless given), held by a lock inside it
-    until the Lock is released (the caller removes the folder). Folders of the same prefix that nobody holds any more were left by killed processes:
-    removed first. A lock, not a process id, tells the living from the dead: ids mean nothing across containers
-    and machines sharing a folder."""
+    until the Lock is released (the caller removes the folder). Folders of the same prefix that nobody holds any
+    more were left by killed processes: removed first. A lock, not a process id, tells the living from the dead: ids
+    mean nothing across containers and machines sharing a folder."""
     parent = Path(parent)
     if parent.exists() and not parent.is_dir():
         raise UsageError(f"{parent} is a file, not a folder; choose another --runs-dir")

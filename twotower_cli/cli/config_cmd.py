@@ -8,7 +8,8 @@ from twotower_cli.cli.main import app
 from twotower_cli.cli.options import ConfigOpt, JsonOpt
 
 
-@command(app, "config", short_help="The effective configuration and where each value came from", help="Show the effective configuration and the source of every value.")
+@command(app, "config", short_help="The effective configuration and where each value came from",
+         help="Show the effective configuration and the source of every value.")
 def config_command(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
     cfg = settings(config)
     values = cfg.to_dict(mask_secrets=True)

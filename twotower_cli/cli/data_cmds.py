@@ -29,11 +29,13 @@ def data_overrides(query_col, document_col, label_col) -> dict:
             ("data", "label_col"): label_col}
 
 
-@command(app, "validate-data", short_help="Check a pairs file before training on it", help="Check a pairs file: schema, labels, duplicates, lengths, odd characters.")
+@command(app, "validate-data", short_help="Check a pairs file before training on it",
+         help="Check a pairs file: schema, labels, duplicates, lengths, odd characters.")
 def validate_data(
     data: DataArg,
     json_out: JsonOpt = False,
-    strict: Annotated[bool, typer.Option("--strict", metavar="", help="Treat warnings as errors (exit 1).")] = False,
+    strict: Annotated[bool, typer.Option(
+        "--strict", metavar="", help="Treat warnings as errors (exit 1).")] = False,
     query_col: QueryColOpt = None,
     document_col: DocumentColOpt = None,
     label_col: LabelColOpt = None,
@@ -103,12 +105,14 @@ def plural(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
-@command(app, "inspect-vocab", short_help="A run's vocabulary (and tokenizer), or a file's", help="Show the character vocabulary of a run (or the one a file would build).")
+@command(app, "inspect-vocab", short_help="A run's vocabulary (and tokenizer), or a file's",
+         help="Show the character vocabulary of a run (or the one a file would build).")
 def inspect_vocab(
     run: RunOpt = None,
-    data: Annotated[Optional[Path], typer.Option("--data", readable=False, metavar="FILE", help="Pairs file: its out-of-vocabulary rate, or the "
-                                                 "vocabulary training would build from it when there is no run.",
-                                                 show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", readable=False, metavar="FILE", show_default=False,
+        help="Pairs file: its out-of-vocabulary rate, or the vocabulary training would build from it when there is "
+             "no run.")] = None,
     top: Annotated[int, typer.Option("--top", min=0, metavar="N", help="Characters to list (0: all).")] = 40,
     json_out: JsonOpt = False,
     runs_dir: RunsDirOpt = None,

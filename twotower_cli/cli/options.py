@@ -21,22 +21,29 @@ def setting(section: str, key: str, *decls: str, help: str | None = None, metava
     # as they are typed
     text = help or ((doc if re.match(r"[a-z0-9_-]+(,| or | \()", doc) else doc[0].upper() + doc[1:]) + ".")
     if isinstance(default, bool):
-        return typer.Option(*decls, help=f"{text} [default: {'on' if default else 'off'}]", metavar="",
-                            show_default=False)
-    shown = repr(default) if isinstance(default, str) and default else (default if default != "" else "none")
-    return typer.Option(*decls, help=f"{text} [default: {shown}]", metavar=metavar or METAVARS[type(default)],
-                        show_default=False)
+        option = typer.Option(*decls, help=f"{text} [default: {'on' if default else 'off'}]", metavar="",
+                              show_default=False)
+    else:
+        shown = repr(default) if isinstance(default, str) and default else (default if default != "" else "none")
+        option = typer.Option(*decls, help=f"{text} [default: {shown}]",
+                              metavar=metavar or METAVARS[type(default)], show_default=False)
+    option.twotower_setting = (section, key)  # (what a command's flag sets: `train_options.setting_overrides`)
+    return option
 
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", readable=False, metavar="PATH", show_default=False,
-                                                   help="config.toml to read (default: ./config.toml or TWOTOWER_CONFIG).")]
-JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print machine-readable JSON on stdout instead of tables.")]
-RunOpt = Annotated[Optional[str], typer.Option("--run", "--run-id", metavar="RUN", show_default=False,
-                                               help="Run id, id prefix, W&B id or run folder (default: runs/latest).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", readable=False, metavar="PATH", show_default=False,
+    help="config.toml to read (default: ./config.toml or TWOTOWER_CONFIG).")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="",
+                                        help="Print machine-readable JSON on stdout instead of tables.")]
+RunOpt = Annotated[Optional[str], typer.Option(
+    "--run", "--run-id", metavar="RUN", show_default=False,
+    help="Run id, id prefix, W&B id or run folder (default: runs/latest).")]
 RunsDirOpt = Annotated[Optional[Path], typer.Option("--runs-dir", readable=False, metavar="PATH", show_default=False,
                                                     help="Folder holding the runs. [default: runs]")]
 QueryColOpt = Annotated[Optional[str], setting("data", "query_col", "--query-col", metavar="NAME")]
 DocumentColOpt = Annotated[Optional[str], setting("data", "document_col", "--document-col", metavar="NAME")]
 LabelColOpt = Annotated[Optional[str], setting("data", "label_col", "--label-col", metavar="NAME")]
-DataArg = Annotated[Path, typer.Argument(readable=False, metavar="DATA", show_default=False,
-                                         help="Pairs file: .tsv, .csv, .parquet or .jsonl with query, document[, label].")]
+DataArg = Annotated[Path, typer.Argument(
+    readable=False, metavar="DATA", show_default=False,
+    help="Pairs file: .tsv, .csv, .parquet or .jsonl with query, document[, label].")]

@@ -31,15 +31,24 @@ def check_output(output: Path, run_dir: Path) -> None:
             raise UsageError(f"--output {output}: exists and is not an HTML report; choose another name")
 
 
-@command(app, "report", short_help="Write a run's HTML report (and its W&B report)", help="Write a run's self-contained HTML report (and its W&B report when online).")
+@command(app, "report", short_help="Write a run's HTML report (and its W&B report)",
+         help="Write a run's self-contained HTML report (and its W&B report when online).")
 def report_command(
     run: RunOpt = None,
-    title: Annotated[Optional[str], Opt("--title", metavar="TEXT", show_default=False, help="Title of the report.")] = None,
-    description: Annotated[Optional[str], Opt("--description", metavar="TEXT", show_default=False, help="Text under the title.")] = None,
-    project: Annotated[Optional[str], Opt("--project", metavar="NAME", show_default=False, help="W&B project.")] = None,
-    entity: Annotated[Optional[str], Opt("--entity", metavar="NAME", show_default=False, help="W&B entity.")] = None,
-    output: Annotated[Optional[Path], Opt("--output", "-o", readable=False, metavar="PATH", show_default=False, help="HTML path (default: runs/<id>/report.html).")] = None,
-    dry_run: Annotated[bool, Opt("--dry-run", metavar="", help="Build the W&B report and write its specification as JSON; no network.")] = False,
+    title: Annotated[Optional[str], Opt(
+        "--title", metavar="TEXT", show_default=False, help="Title of the report.")] = None,
+    description: Annotated[Optional[str], Opt(
+        "--description", metavar="TEXT", show_default=False, help="Text under the title.")] = None,
+    project: Annotated[Optional[str], Opt(
+        "--project", metavar="NAME", show_default=False, help="W&B project.")] = None,
+    entity: Annotated[Optional[str], Opt(
+        "--entity", metavar="NAME", show_default=False, help="W&B entity.")] = None,
+    output: Annotated[Optional[Path], Opt(
+        "--output", "-o", readable=False, metavar="PATH", show_default=False,
+        help="HTML path (default: runs/<id>/report.html).")] = None,
+    dry_run: Annotated[bool, Opt(
+        "--dry-run", metavar="",
+        help="Build the W&B report and write its specification as JSON; no network.")] = False,
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -52,7 +61,8 @@ def report_command(
         check_output(output, run_dir)
     title = title or f"twotower run {run_dir.name}"
     path = write_html_report(run_dir, output, title, description)  # no description: the model and the file's name
-    description = description or "Two-tower retrieval model: training curves, similarities, timing and retrieval results."
+    description = description or ("Two-tower retrieval model: training curves, similarities, timing and retrieval "
+                                  "results.")
     out.print(f"HTML report: {path}", highlight=False)
     run = read_json_or(run_dir / "run.json", {})
     wandb_id = run.get("wandb_id") or run_dir.name

@@ -22,8 +22,10 @@ IndexOpt = Annotated[Optional[str], setting("search", "index", "--index", metava
 TopKOpt = Annotated[Optional[int], setting("search", "top_k", "--top-k", "-k")]
 ModeOpt = Annotated[Optional[str], setting("search", "mode", "--mode", metavar="MODE")]
 HybridOpt = Annotated[bool, Opt("--hybrid", metavar="", help="Fuse BM25 and the model (same as --mode hybrid).")]
-DeviceOpt = Annotated[str, Opt("--device", metavar="DEVICE", help="auto (a GPU when there is one), cpu, cuda or cuda:N.")]
-QueryDeviceOpt = Annotated[str, Opt("--device", metavar="DEVICE", help="cpu (the NumPy query path, no torch) or cuda[:N].")]
+DeviceOpt = Annotated[str, Opt("--device", metavar="DEVICE",
+                               help="auto (a GPU when there is one), cpu, cuda or cuda:N.")]
+QueryDeviceOpt = Annotated[str, Opt("--device", metavar="DEVICE",
+                                    help="cpu (the NumPy query path, no torch) or cuda[:N].")]
 WeightOpt = Annotated[Optional[float], Opt("--hybrid-weight", metavar="W", show_default=False,
                                            help="Weight of the model's score in a hybrid search, 0..1 (default: the "
                                                 "weight chosen on validation).")]
@@ -65,17 +67,27 @@ def search_mode(cfg, mode: str | None, hybrid: bool, weight: float | None) -> tu
     return mode, weight
 
 
-@command(app, "index", short_help="Embed a corpus into a named index of a run", help="Embed a corpus file into a named index of a run (for `search`).")
+@command(app, "index", short_help="Embed a corpus into a named index of a run",
+         help="Embed a corpus file into a named index of a run (for `search`).")
 def index_command(
-    corpus: Annotated[Path, typer.Argument(readable=False, metavar="CORPUS", show_default=False, help="Corpus: .parquet, .tsv, .csv, .jsonl (a 'document' or 'text' column) or .txt (one document per line).")],
+    corpus: Annotated[Path, typer.Argument(
+        readable=False, metavar="CORPUS", show_default=False,
+        help="Corpus: .parquet, .tsv, .csv, .jsonl (a 'document' or 'text' column) or .txt (one document per line).")],
     run: RunOpt = None,
     name: Annotated[str, Opt("--name", metavar="NAME", help="Index name.")] = "default",
     document_col: DocumentColOpt = None,
-    id_col: Annotated[Optional[str], Opt("--id-col", metavar="NAME", show_default=False, help="Column of document ids (default: row numbers).")] = None,
-    dtype: Annotated[str, Opt("--dtype", metavar="float32|float16", help="Precision of the stored embeddings.")] = "float32",
-    backend: Annotated[str, Opt("--backend", metavar="exact|faiss", help="Exact search, or FAISS HNSW (approximate).")] = "exact",
+    id_col: Annotated[Optional[str], Opt(
+        "--id-col", metavar="NAME", show_default=False,
+        help="Column of document ids (default: row numbers).")] = None,
+    dtype: Annotated[str, Opt(
+        "--dtype", metavar="float32|float16", help="Precision of the stored embeddings.")] = "float32",
+    backend: Annotated[str, Opt(
+        "--backend", metavar="exact|faiss", help="Exact search, or FAISS HNSW (approximate).")] = "exact",
     device: DeviceOpt = "auto",
-    chunk_rows: Annotated[int, Opt("--chunk-rows", metavar="N", min=1, help="Documents read and embedded at a time (memory holds one chunk); under torchrun the chunks are dealt to the processes in turn.")] = 65536,
+    chunk_rows: Annotated[int, Opt(
+        "--chunk-rows", metavar="N", min=1,
+        help="Documents read and embedded at a time (memory holds one chunk); under torchrun the chunks are "
+             "dealt to the processes in turn.")] = 65536,
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -165,10 +177,15 @@ def snippet(text: str, query: str, width: int | None = 160):
     return t
 
 
-@command(app, "search", short_help="Search a run's index with a query or a file of them", help="Search a run's index with one query or a file of queries.")
+@command(app, "search", short_help="Search a run's index with a query or a file of them",
+         help="Search a run's index with one query or a file of queries.")
 def search_command(
-    query: Annotated[Optional[str], typer.Argument(metavar="QUERY", show_default=False, help="The query text.")] = None,
-    queries: Annotated[Optional[Path], Opt("--queries", readable=False, metavar="FILE", show_default=False, help="File of queries ('-': standard input): one per line, or a 'query'/'text' column of .parquet/.jsonl/.csv/.tsv.")] = None,
+    query: Annotated[Optional[str], typer.Argument(
+        metavar="QUERY", show_default=False, help="The query text.")] = None,
+    queries: Annotated[Optional[Path], Opt(
+        "--queries", readable=False, metavar="FILE", show_default=False,
+        help="File of queries ('-': standard input): one per line, or a 'query'/'text' column of "
+             ".parquet/.jsonl/.csv/.tsv.")] = None,
     run: RunOpt = None,
     index: IndexOpt = None,
     top_k: TopKOpt = None,
@@ -224,14 +241,20 @@ def search_command(
         for h in hits:
             table.add_row(str(h.rank), f"{h.score:.3f}", h.id, snippet(h.document, q, width))
         out.print(table)
-    note(f"[dim]{len(texts)} {'query' if len(texts) == 1 else 'queries'} in {1e3 * elapsed:.1f} ms over {model.index.count:,} documents[/]")
+    note(f"[dim]{len(texts)} {'query' if len(texts) == 1 else 'queries'} in {1e3 * elapsed:.1f} ms over "
+         f"{model.index.count:,} documents[/]")
 
 
-@command(app, "evaluate", short_help="Score a run, BM25 and its search on an evaluation set", help="Measure retrieval (MRR@10, nDCG@10, Recall@k, MAP@100) on an evaluation folder.")
+@command(app, "evaluate", short_help="Score a run, BM25 and its search on an evaluation set",
+         help="Measure retrieval (MRR@10, nDCG@10, Recall@k, MAP@100) on an evaluation folder.")
 def evaluate_command(
-    eval_dir: Annotated[Path, typer.Argument(readable=False, metavar="EVAL", show_default=False, help="Folder in BEIR layout or the Parquet layout (queries/corpus/qrels .parquet).")],
+    eval_dir: Annotated[Path, typer.Argument(
+        readable=False, metavar="EVAL", show_default=False,
+        help="Folder in BEIR layout or the Parquet layout (queries/corpus/qrels .parquet).")],
     run: RunOpt = None,
-    baseline: Annotated[Optional[str], Opt("--baseline", metavar="bm25", show_default=False, help="Also score a baseline on the same data: bm25.")] = None,
+    baseline: Annotated[Optional[str], Opt(
+        "--baseline", metavar="bm25", show_default=False,
+        help="Also score a baseline on the same data: bm25.")] = None,
     mode: ModeOpt = None,
     hybrid: HybridOpt = False,
     hybrid_weight: WeightOpt = None,
@@ -287,5 +310,6 @@ def short_name(row: dict) -> str:
     if system.startswith("two-tower"):
         return "model"
     if system.startswith("hybrid"):
-        return "hybrid " + system.split("weight ", 1)[1].split(";")[0].split(")")[0] if "weight " in system else "hybrid"
+        weight = system.split("weight ", 1)[1].split(";")[0].split(")")[0] if "weight " in system else ""
+        return f"hybrid {weight}".strip()
     return "bm25" if system.startswith("bm25") else system.split(" ")[0]

@@ -14,14 +14,23 @@ from twotower_cli.cli.options import ConfigOpt, RunOpt, RunsDirOpt
 Opt = typer.Option
 
 
-@command(app, "serve", short_help="Serve a run over HTTP (search, embed, health)", help="Serve a run over HTTP: POST /search, POST /embed, GET /health, OpenAPI docs at /docs.")
+@command(app, "serve", short_help="Serve a run over HTTP (search, embed, health)",
+         help="Serve a run over HTTP: POST /search, POST /embed, GET /health, OpenAPI docs at /docs.")
 def serve_command(
     run: RunOpt = None,
-    index: Annotated[Optional[str], Opt("--index", metavar="NAME", show_default=False, help="Index searched (default: the one training built).")] = None,
-    host: Annotated[str, Opt("--host", metavar="HOST", help="Address to listen on (only this machine by default).")] = "127.0.0.1",
-    port: Annotated[int, Opt("--port", metavar="PORT", min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
-    device: Annotated[str, Opt("--device", metavar="DEVICE", help="cpu (the NumPy query path) or cuda[:N] (the index on the GPU).")] = "cpu",
-    timeout: Annotated[float, Opt("--timeout", metavar="SECONDS", min=0.1, max=3600, help="A request's headers must arrive within this, its body within 3 times this; a slower client gets a 408.")] = 10.0,
+    index: Annotated[Optional[str], Opt(
+        "--index", metavar="NAME", show_default=False,
+        help="Index searched (default: the one training built).")] = None,
+    host: Annotated[str, Opt(
+        "--host", metavar="HOST", help="Address to listen on (only this machine by default).")] = "127.0.0.1",
+    port: Annotated[int, Opt(
+        "--port", metavar="PORT", min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
+    device: Annotated[str, Opt(
+        "--device", metavar="DEVICE", help="cpu (the NumPy query path) or cuda[:N] (the index on the GPU).")] = "cpu",
+    timeout: Annotated[float, Opt(
+        "--timeout", metavar="SECONDS", min=0.1, max=3600,
+        help="A request's headers must arrive within this, its body within 3 times this; a slower client "
+             "gets a 408.")] = 10.0,
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:

@@ -7,15 +7,14 @@ import shlex
 import signal
 import sys
 import time
-from pathlib import Path
-from typing import Annotated, Optional
 
 import typer
 
 from twotower_cli.cli.common import command, settings
 from twotower_cli.cli.console import err, interactive, note
 from twotower_cli.cli.main import app
-from twotower_cli.cli.options import ConfigOpt, DocumentColOpt, LabelColOpt, QueryColOpt, RunsDirOpt, setting
+from twotower_cli.cli.options import ConfigOpt, DocumentColOpt, LabelColOpt, QueryColOpt, RunsDirOpt
+from twotower_cli.cli import train_options as flags
 
 PLAIN_EVERY_S = 30.0  # outside a terminal, a long epoch still reports this often
 
@@ -148,51 +147,50 @@ class StopFlag:
         signal.signal(signal.SIGTERM, handler)
 
 
-Opt = typer.Option
 
-
-@command(app, "train", short_help="Train a model on a pairs file into runs/<id>/", help="Train a two-tower model on a pairs file; writes runs/<id>/ and moves runs/latest.")
+@command(app, "train", short_help="Train a model on a pairs file into runs/<id>/",
+         help="Train a two-tower model on a pairs file; writes runs/<id>/ and moves runs/latest.")
 def train(
-    data: Annotated[Optional[Path], typer.Argument(readable=False, metavar="DATA", show_default=False, help="Pairs file (.tsv, .csv, .parquet, .jsonl); not needed with --resume.")] = None,
-    epochs: Annotated[Optional[int], setting("train", "epochs", "--epochs")] = None,
-    batch_size: Annotated[Optional[int], setting("train", "batch_size", "--batch-size", "--batch_size", help="Positive pairs per step; fitted to small files.")] = None,
-    learning_rate: Annotated[Optional[float], setting("train", "learning_rate", "--learning-rate", "--learning_rate", "--lr", help="Peak learning rate.", metavar="LR")] = None,
-    max_steps: Annotated[Optional[int], setting("train", "max_steps", "--max-steps")] = None,
-    device: Annotated[Optional[str], setting("train", "device", "--device", metavar="DEVICE")] = None,
-    precision: Annotated[Optional[str], setting("train", "precision", "--precision", metavar="fp32|bf16")] = None,
-    loss: Annotated[Optional[str], setting("train", "loss", "--loss", metavar="infonce|triplet")] = None,
-    encoder: Annotated[Optional[str], setting("model", "encoder", "--encoder", metavar="ngram|cnn|mean")] = None,
-    base_model: Annotated[Optional[str], setting("model", "base_model", "--base-model", metavar="NAME_OR_FOLDER", help="Start from a pretrained Hugging Face encoder (a model folder or a hub name; pip install -e '.[hf]').")] = None,
-    max_query_tokens: Annotated[Optional[int], setting("model", "max_query_tokens", "--max-query-tokens", help="With --base-model: tokens of a query the encoder reads.")] = None,
-    max_document_tokens: Annotated[Optional[int], setting("model", "max_document_tokens", "--max-document-tokens", help="With --base-model: tokens of a document the encoder reads.")] = None,
-    embedding_dim: Annotated[Optional[int], setting("model", "embedding_dim", "--embedding-dim", "--embedding_dim", help="Size of the learned embedding.")] = None,
-    hidden_dim: Annotated[Optional[int], setting("model", "hidden_dim", "--hidden-dim", "--hidden_dim", help="Size of the n-gram/character embeddings and hidden layers.")] = None,
-    lexical_dim: Annotated[Optional[int], setting("model", "lexical_dim", "--lexical-dim")] = None,
-    max_query_length: Annotated[Optional[int], setting("data", "max_query_length", "--max-query-length", help="Characters of a query the model reads.")] = None,
-    max_document_length: Annotated[Optional[int], setting("data", "max_document_length", "--max-document-length", help="Characters of a document the model reads.")] = None,
-    lexical_document_length: Annotated[Optional[int], setting("data", "lexical_document_length", "--lexical-document-length", help="Characters of a document the exact lexical half reads (0: --max-document-length).")] = None,
-    lead_characters: Annotated[Optional[int], setting("model", "lead_characters", "--lead-characters", help="A document's first N characters count again in the exact lexical half, at a weight chosen on validation (0: never).")] = None,
-    tokenize: Annotated[Optional[str], setting("data", "tokenize", "--tokenize", metavar="MODE")] = None,
-    temperature: Annotated[Optional[float], setting("train", "temperature", "--temperature", help="Softmax temperature of infonce.")] = None,
-    margin: Annotated[Optional[float], setting("train", "margin", "--margin", help="Margin of the triplet loss.")] = None,
-    seed: Annotated[Optional[int], setting("train", "seed", "--seed", help="Seed of the split, batch order, negatives and initial weights.")] = None,
-    val_fraction: Annotated[Optional[float], setting("train", "val_fraction", "--val-fraction", help="Share of queries held out for validation.")] = None,
-    val_max_queries: Annotated[Optional[int], setting("train", "val_max_queries", "--val-max-queries", help="Most queries held out for validation (0: no cap).")] = None,
-    val_corpus_size: Annotated[Optional[int], setting("train", "val_corpus_size", "--val-corpus-size", help="Documents searched in validation: all up to N, else a sample of N keeping the positives (0: all).")] = None,
-    eval_dir: Annotated[Optional[Path], Opt("--eval", readable=False, metavar="EVAL", show_default=False, help="Extra evaluation folder (BEIR or Parquet layout), scored each epoch.")] = None,
+    data: flags.Data = None,
+    epochs: flags.Epochs = None,
+    batch_size: flags.BatchSize = None,
+    learning_rate: flags.LearningRate = None,
+    max_steps: flags.MaxSteps = None,
+    device: flags.Device = None,
+    precision: flags.Precision = None,
+    loss: flags.Loss = None,
+    encoder: flags.Encoder = None,
+    base_model: flags.BaseModel = None,
+    max_query_tokens: flags.MaxQueryTokens = None,
+    max_document_tokens: flags.MaxDocumentTokens = None,
+    embedding_dim: flags.EmbeddingDim = None,
+    hidden_dim: flags.HiddenDim = None,
+    lexical_dim: flags.LexicalDim = None,
+    max_query_length: flags.MaxQueryLength = None,
+    max_document_length: flags.MaxDocumentLength = None,
+    lexical_document_length: flags.LexicalDocumentLength = None,
+    lead_characters: flags.LeadCharacters = None,
+    tokenize: flags.Tokenize = None,
+    temperature: flags.Temperature = None,
+    margin: flags.Margin = None,
+    seed: flags.Seed = None,
+    val_fraction: flags.ValFraction = None,
+    val_max_queries: flags.ValMaxQueries = None,
+    val_corpus_size: flags.ValCorpusSize = None,
+    eval_dir: flags.EvalDir = None,
     runs_dir: RunsDirOpt = None,
-    run_name: Annotated[Optional[str], setting("train", "run_name", "--run-name", metavar="NAME", help="Name prefix of the run folder (letters, digits, . _ -).")] = None,
-    resume: Annotated[Optional[str], Opt("--resume", metavar="RUN", show_default=False, help="Continue an interrupted run (id or folder).")] = None,
-    keep_checkpoint: Annotated[Optional[bool], setting("train", "keep_checkpoint", "--keep-checkpoint/--no-keep-checkpoint")] = None,
-    wandb: Annotated[Optional[bool], setting("wandb", "enabled", "--wandb/--no-wandb", help="Log to Weights & Biases.")] = None,
-    wandb_project: Annotated[Optional[str], setting("wandb", "project", "--wandb-project", "--wandb_project", metavar="NAME")] = None,
-    wandb_entity: Annotated[Optional[str], setting("wandb", "entity", "--wandb-entity", "--wandb_entity", metavar="NAME")] = None,
-    wandb_run_name: Annotated[Optional[str], setting("wandb", "run_name", "--wandb-run-name", "--wandb_run_name", metavar="NAME")] = None,
-    hard_negatives: Annotated[Optional[str], setting("train", "hard_negatives", "--hard-negatives", metavar="none|bm25|model")] = None,
-    shared_embeddings: Annotated[Optional[bool], setting("model", "shared_embeddings", "--shared-embeddings/--separate-embeddings", help="One n-gram table for both towers (or one each).")] = None,
-    gather_negatives: Annotated[Optional[bool], setting("train", "gather_negatives", "--gather-negatives/--no-gather-negatives", help="Under torchrun: InfoNCE over every process's documents.")] = None,
-    report: Annotated[Optional[bool], setting("train", "report", "--report/--no-report", help="Write the HTML report at the end.")] = None,
-    log_level: Annotated[Optional[str], setting("train", "log_level", "--log-level", "--log_level", metavar="LEVEL")] = None,
+    run_name: flags.RunName = None,
+    resume: flags.Resume = None,
+    keep_checkpoint: flags.KeepCheckpoint = None,
+    wandb: flags.Wandb = None,
+    wandb_project: flags.WandbProject = None,
+    wandb_entity: flags.WandbEntity = None,
+    wandb_run_name: flags.WandbRunName = None,
+    hard_negatives: flags.HardNegatives = None,
+    shared_embeddings: flags.SharedEmbeddings = None,
+    gather_negatives: flags.GatherNegatives = None,
+    report: flags.Report = None,
+    log_level: flags.LogLevel = None,
     query_col: QueryColOpt = None,
     document_col: DocumentColOpt = None,
     label_col: LabelColOpt = None,
@@ -203,27 +201,8 @@ def train(
 
     if data is None and resume is None:
         raise UsageError("give the pairs file to train on: twotower train DATA (or --resume RUN to continue one)")
-    overrides = {
-        ("train", "epochs"): epochs, ("train", "batch_size"): batch_size, ("train", "learning_rate"): learning_rate,
-        ("train", "max_steps"): max_steps, ("train", "device"): device, ("train", "precision"): precision,
-        ("train", "loss"): loss, ("model", "encoder"): encoder, ("model", "embedding_dim"): embedding_dim,
-        ("model", "base_model"): base_model, ("model", "max_query_tokens"): max_query_tokens,
-        ("model", "max_document_tokens"): max_document_tokens,
-        ("model", "hidden_dim"): hidden_dim, ("model", "lexical_dim"): lexical_dim,
-        ("model", "shared_embeddings"): shared_embeddings,
-        ("data", "max_query_length"): max_query_length, ("data", "max_document_length"): max_document_length,
-        ("data", "lexical_document_length"): lexical_document_length, ("model", "lead_characters"): lead_characters,
-        ("data", "tokenize"): tokenize, ("train", "temperature"): temperature, ("train", "margin"): margin,
-        ("train", "seed"): seed, ("train", "val_fraction"): val_fraction, ("train", "val_corpus_size"): val_corpus_size,
-        ("train", "val_max_queries"): val_max_queries,
-        ("train", "runs_dir"): str(runs_dir) if runs_dir else None, ("train", "run_name"): run_name,
-        ("train", "keep_checkpoint"): keep_checkpoint,
-        ("wandb", "enabled"): wandb, ("wandb", "project"): wandb_project, ("wandb", "entity"): wandb_entity,
-        ("wandb", "run_name"): wandb_run_name, ("train", "report"): report,
-        ("train", "gather_negatives"): gather_negatives, ("train", "hard_negatives"): hard_negatives,
-        ("train", "log_level"): log_level,
-        ("data", "query_col"): query_col, ("data", "document_col"): document_col, ("data", "label_col"): label_col,
-    }
+    overrides = flags.setting_overrides(train, locals())
+    overrides[("train", "runs_dir")] = str(runs_dir) if runs_dir else None
     cfg = settings(config, overrides)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 talks
     quiet = cfg.train.log_level in ("warning", "error") or rank != 0

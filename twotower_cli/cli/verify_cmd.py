@@ -10,7 +10,8 @@ from twotower_cli.cli.main import app
 from twotower_cli.cli.options import ConfigOpt, JsonOpt, RunOpt, RunsDirOpt
 
 
-@command(app, "verify", short_help="Check every file of a run against its checksums", help="Check every file of a run (model, run record, every index) against what was recorded "
+@command(app, "verify", short_help="Check every file of a run against its checksums",
+         help="Check every file of a run (model, run record, every index) against what was recorded "
                              "when it was written; exit 1 when anything is damaged.")
 def verify_command(run: RunOpt = None, json_out: JsonOpt = False, runs_dir: RunsDirOpt = None,
                    config: ConfigOpt = None) -> None:

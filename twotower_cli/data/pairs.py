@@ -157,7 +157,8 @@ def read_quoted_tsv(text: str, has_header: bool, wanted: list[str]) -> pl.DataFr
 
 def read_tsv(p: Path, text: str, lines: list[str], first: list[str], has_header: bool, wanted: list[str],
              quoted: bool | None = None, base: int = 1):
-    """Plain TSV (a line a row, no quoting: the original exercise's format), or standard quoted TSV (as Polars and spreadsheets write
+    """Plain TSV (a line a row, no quoting: the original exercise's format), or standard quoted TSV (as Polars and
+    spreadsheets write
     it: fields with tabs, quotes or line breaks in double quotes). The plain reading is tried first; a file that
     quotes fields (``quoted``; None: `tsv_quotes`), or that only parses with quoting, is read with Polars; the
     line scan words errors precisely. ``base``: the file's number of ``lines[0]`` (a slice of a file)."""

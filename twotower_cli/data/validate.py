@@ -86,8 +86,9 @@ def validate(pairs: Pairs, max_query_length: int, max_document_length: int) -> R
         stats["max_length"] = limits[col]
         rep.columns[col] = stats
         if stats["nulls"]:
-            add(Finding("warning", f"{col}: nulls", f"{count(stats['nulls'], 'row')} {have(stats['nulls'])} no {col} ({pct(stats['nulls'], n)}); "
-                        "they will be dropped", stats["nulls"]))
+            k = stats["nulls"]
+            add(Finding("warning", f"{col}: nulls", f"{count(k, 'row')} {have(k)} no {col} ({pct(k, n)}); "
+                        "they will be dropped", k))
         if stats["empty"] or stats["blank"]:
             k = stats["empty"] + stats["blank"]
             add(Finding("warning", f"{col}: empty", f"{count(k, 'row')} {have(k)} an empty or whitespace-only {col}; "
@@ -102,7 +103,8 @@ def validate(pairs: Pairs, max_query_length: int, max_document_length: int) -> R
                         + f" (train --max-{col}-length changes it)", stats["truncated"]))
         if stats["control"]:
             add(Finding("warning", f"{col}: control characters",
-                        f"{count(stats['control'], col)} contain{'s' if stats['control'] == 1 else ''} control or invisible characters", stats["control"]))
+                        f"{count(stats['control'], col)} contain{'s' if stats['control'] == 1 else ''} control or "
+                        "invisible characters", stats["control"]))
 
     if pairs.n_bad_labels:
         r, v = pairs.bad_labels[0]
@@ -125,21 +127,24 @@ def validate(pairs: Pairs, max_query_length: int, max_document_length: int) -> R
 
     dupes = n - df.unique().height
     if dupes:
-        add(Finding("warning", "duplicate rows", f"{count(dupes, 'row')} repeat{'s' if dupes == 1 else ''} an earlier row exactly", dupes))
+        add(Finding("warning", "duplicate rows",
+                    f"{count(dupes, 'row')} repeat{'s' if dupes == 1 else ''} an earlier row exactly", dupes))
 
     good = df.filter(pl.col("query").is_not_null())
     no_pos = good.group_by("query").agg((pl.col("label") == 1).any().alias("has")).filter(~pl.col("has")).height
     if no_pos:
         add(Finding("warning", "queries without positive",
-                    f"{count(no_pos, 'query')} {have(no_pos)} no relevant document; they only serve as negatives' anchors", no_pos))
+                    f"{count(no_pos, 'query')} {have(no_pos)} no relevant document; they only serve as negatives' "
+                    "anchors", no_pos))
 
     popular = (df.filter(pl.col("label") == 1).group_by("document").agg(pl.col("query").n_unique().alias("q"))
                .filter(pl.col("q") >= MANY_QUERIES).sort("q", descending=True))
     if popular.height:
         top = popular.row(0, named=True)
         add(Finding("warning", "documents positive for many queries",
-                    f"{count(popular.height, 'document')} {'is' if popular.height == 1 else 'are'} the positive of ≥{MANY_QUERIES} queries (top: {top['q']} "
-                    f"queries, '{short(top['document'])}'); in-batch negatives will often be false negatives",
+                    f"{count(popular.height, 'document')} {'is' if popular.height == 1 else 'are'} the positive of "
+                    f"≥{MANY_QUERIES} queries (top: {top['q']} queries, '{short(top['document'])}'); in-batch "
+                    "negatives will often be false negatives",
                     popular.height))
     return rep
 

@@ -121,7 +121,8 @@ class Vocab:
     def to_json(self) -> dict:
         return {"format_version": FORMAT_VERSION, "pad_id": PAD, "unk_id": UNK, "lowercase": self.lowercase,
                 "size": len(self),
-                "chars": [{"id": i + 2, "char": c, "count": n} for i, (c, n) in enumerate(zip(self.chars, self.counts))]}
+                "chars": [{"id": i + 2, "char": c, "count": n}
+                          for i, (c, n) in enumerate(zip(self.chars, self.counts))]}
 
     @classmethod
     def from_json(cls, obj: dict, where: str = "vocab.json") -> "Vocab":

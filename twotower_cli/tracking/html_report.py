@@ -16,7 +16,8 @@ from twotower_cli.tracking.metrics_log import read_metrics
 CSS = """
 body{font:15px/1.5 -apple-system,'Segoe UI',Helvetica,Arial,sans-serif;color:#1f2328;max-width:1180px;margin:0 auto;
 padding:28px 32px;background:#fafbfc}
-h1{font-size:28px;margin:0 0 4px}h2{font-size:20px;margin:36px 0 12px;border-bottom:1px solid #d0d7de;padding-bottom:6px}
+h1{font-size:28px;margin:0 0 4px}
+h2{font-size:20px;margin:36px 0 12px;border-bottom:1px solid #d0d7de;padding-bottom:6px}
 .sub{color:#57606a;margin:0 0 18px}.cards{display:flex;flex-wrap:wrap;gap:12px;margin:18px 0}
 .card{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:12px 16px;min-width:130px}
 .card .v{font-size:24px;font-weight:600}.card .k{color:#57606a;font-size:13px}

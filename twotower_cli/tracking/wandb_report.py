@@ -31,7 +31,8 @@ def build_report(run_id: str, project: str, entity: str, title: str, description
     from wandb_workspaces import expr
 
     def runset():
-        return [wr.Runset(entity=entity, project=project, name=f"run {run_id}", filters=expr.And(expr.Metric("ID") == run_id))]
+        return [wr.Runset(entity=entity, project=project, name=f"run {run_id}",
+                          filters=expr.And(expr.Metric("ID") == run_id))]
 
     blocks = [wr.H1(title), wr.P(description)]
     for heading, plots in SECTIONS:

@@ -203,13 +203,13 @@ def csr(keys: np.ndarray, values: np.ndarray, n: int) -> tuple[torch.Tensor, tor
     return torch.from_numpy(ptr.astype(np.int64)), torch.from_numpy(values[order].astype(np.int64))
 
 
-def add_negatives(ts: TrainingSet, q: np.ndarray, d: np.ndarray) -> None:
+def add_negatives(train_set: TrainingSet, q: np.ndarray, d: np.ndarray) -> None:
     """Append mined negatives (query index, document index) to the per-query lists."""
-    starts, ends = ts.neg_ptr[:-1].cpu().numpy(), ts.neg_ptr[1:].cpu().numpy()
+    starts, ends = train_set.neg_ptr[:-1].cpu().numpy(), train_set.neg_ptr[1:].cpu().numpy()
     old_q = np.repeat(np.arange(len(starts)), ends - starts)
     keys = np.concatenate([old_q, q])
-    vals = np.concatenate([ts.neg_doc.cpu().numpy(), d])
-    ts.neg_ptr, ts.neg_doc = csr(keys, vals, len(starts))
+    vals = np.concatenate([train_set.neg_doc.cpu().numpy(), d])
+    train_set.neg_ptr, train_set.neg_doc = csr(keys, vals, len(starts))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -218,7 +218,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def span_pairs(ts: TrainingSet, vocab, max_len: int, share: float, seed: int, epoch: int) -> None:
+def span_pairs(train_set: TrainingSet, vocab, max_len: int, share: float, seed: int, epoch: int) -> None:
     """Set this epoch's span pairs: ``share`` x the training pairs, each a run of words cut at random from a
     training document (never a validation positive), as many words as a training query of the file picked at
     random has. The document is the span's positive. A pure function of (seed, epoch), for exact resume.
@@ -226,42 +226,42 @@ def span_pairs(ts: TrainingSet, vocab, max_len: int, share: float, seed: int, ep
     Why: a user's pairs are few, their documents' text is plenty. A span is relevant to its own document and to
     no other in the batch, so the model learns which n-grams tell documents apart (what IDF knows) on every
     document, instead of memorising the few pairs (the inverse-cloze and cropping tasks of dense retrieval)."""
-    m = int(round(share * ts.n_train))
+    m = int(round(share * train_set.n_train))
     if m <= 0:
-        ts.span_d = ts.span_tokens = None
+        train_set.span_d = train_set.span_tokens = None
         return
     rng = np.random.default_rng([seed, epoch, 0x5BA2])
-    exclude = np.zeros(len(ts.documents), dtype=bool)
-    exclude[ts.held_out_documents()] = True
+    exclude = np.zeros(len(train_set.documents), dtype=bool)
+    exclude[train_set.held_out_documents()] = True
     pool = np.flatnonzero(~exclude)
     docs = pool[rng.integers(0, len(pool), m)]
-    words = ts.documents.gather(docs).str.extract_all(r"\S+")
+    words = train_set.documents.gather(docs).str.extract_all(r"\S+")
     n = words.list.len().fill_null(0).to_numpy()
-    lengths = ts.queries.gather(np.unique(ts.pos_q.cpu().numpy())).str.count_matches(r"\S+").to_numpy()
+    lengths = train_set.queries.gather(np.unique(train_set.pos_q.cpu().numpy())).str.count_matches(r"\S+").to_numpy()
     k = np.clip(rng.choice(lengths, m), 1, np.maximum(n, 1))
     start = (rng.random(m) * (n - k + 1)).astype(np.int64).clip(min=0)
     spans = pl.DataFrame({"w": words, "s": start, "k": k}).select(
         pl.col("w").list.slice(pl.col("s"), pl.col("k")).list.join(" ")).to_series()
-    device = ts.pos_d.device
-    ts.span_d = torch.from_numpy(docs.astype(np.int64)).to(device)
-    ts.span_tokens = torch.from_numpy(vocab.encode(spans, max_len)).to(device)
+    device = train_set.pos_d.device
+    train_set.span_d = torch.from_numpy(docs.astype(np.int64)).to(device)
+    train_set.span_tokens = torch.from_numpy(vocab.encode(spans, max_len)).to(device)
 
 
-def sample_negatives(ts: TrainingSet, seed: int, epoch: int) -> torch.Tensor:
+def sample_negatives(train_set: TrainingSet, seed: int, epoch: int) -> torch.Tensor:
     """One negative document per training positive (-1 where its query has none), a pure function of the epoch.
     Span pairs (after the training pairs) have none."""
     g = torch.Generator().manual_seed(seed * 100003 + epoch + 7)
-    r = torch.rand(ts.n_train, generator=g, dtype=torch.float64)
-    ptr = ts.neg_ptr.cpu()
-    q = ts.pos_q.cpu()
+    r = torch.rand(train_set.n_train, generator=g, dtype=torch.float64)
+    ptr = train_set.neg_ptr.cpu()
+    q = train_set.pos_q.cpu()
     start, count = ptr[q], ptr[q + 1] - ptr[q]
     pick = start + (r * count).long().clamp(max=torch.clamp(count - 1, min=0))
-    neg = torch.full((ts.n_train,), -1, dtype=torch.long)
+    neg = torch.full((train_set.n_train,), -1, dtype=torch.long)
     has = count > 0
-    neg[has] = ts.neg_doc.cpu()[pick[has]]
+    neg[has] = train_set.neg_doc.cpu()[pick[has]]
     # never use the positive itself as its negative (duplicated rows with both labels)
-    neg[neg == ts.pos_d.cpu()] = -1
-    return torch.cat([neg, torch.full((ts.n_epoch - ts.n_train,), -1, dtype=torch.long)])
+    neg[neg == train_set.pos_d.cpu()] = -1
+    return torch.cat([neg, torch.full((train_set.n_epoch - train_set.n_train,), -1, dtype=torch.long)])
 
 
 def steps_per_epoch(n: int, batch_size: int, processes: int = 1) -> int:
@@ -290,24 +290,24 @@ class Batch:
     d_tokens: torch.Tensor  # [b + m, Ld]: the positives, then the negatives
 
 
-def make_batch(ts: TrainingSet, idx: torch.Tensor, negs: torch.Tensor, loss: str) -> Batch:
+def make_batch(train_set: TrainingSet, idx: torch.Tensor, negs: torch.Tensor, loss: str) -> Batch:
     """The batch of positives ``idx`` (positions in this epoch's training pairs, then span pairs) with this epoch's
     negatives."""
     ni = negs[idx]
-    real = idx < ts.n_train
-    if ts.span_d is None or bool(real.all()):
-        qi, di = ts.pos_q[idx], ts.pos_d[idx]
-        q_tokens = ts.q_tokens[qi]
+    real = idx < train_set.n_train
+    if train_set.span_d is None or bool(real.all()):
+        qi, di = train_set.pos_q[idx], train_set.pos_d[idx]
+        q_tokens = train_set.q_tokens[qi]
     else:  # span pairs: their query ids follow the file's queries, so none is masked as another's positive
-        j = (idx - ts.n_train).clamp(min=0)
-        k = idx.clamp(max=ts.n_train - 1)
-        qi = torch.where(real, ts.pos_q[k], ts.n_queries + j)
-        di = torch.where(real, ts.pos_d[k], ts.span_d[j])
-        q_tokens = torch.empty((idx.shape[0], ts.span_tokens.shape[1]), dtype=ts.span_tokens.dtype,
-                               device=ts.span_tokens.device)
+        j = (idx - train_set.n_train).clamp(min=0)
+        k = idx.clamp(max=train_set.n_train - 1)
+        qi = torch.where(real, train_set.pos_q[k], train_set.n_queries + j)
+        di = torch.where(real, train_set.pos_d[k], train_set.span_d[j])
+        q_tokens = torch.empty((idx.shape[0], train_set.span_tokens.shape[1]), dtype=train_set.span_tokens.dtype,
+                               device=train_set.span_tokens.device)
         if bool(real.any()):
-            q_tokens[real] = ts.q_tokens[qi[real]].to(q_tokens.device, q_tokens.dtype)
-        q_tokens[~real] = ts.span_tokens[j[~real]]
+            q_tokens[real] = train_set.q_tokens[qi[real]].to(q_tokens.device, q_tokens.dtype)
+        q_tokens[~real] = train_set.span_tokens[j[~real]]
     if loss == "triplet":  # no negative in the file: a document of another pair that is not relevant to mine
         ni = ni.clone()
         for shift in range(1, min(idx.shape[0], 9)):
@@ -315,22 +315,22 @@ def make_batch(ts: TrainingSet, idx: torch.Tensor, negs: torch.Tensor, loss: str
             if not bool(need.any()):
                 break
             other = di.roll(shift)
-            ok = need & ~ts.is_pair(qi, other) & (other != di)
+            ok = need & ~train_set.is_pair(qi, other) & (other != di)
             ni[ok] = other[ok]
         ni = torch.where(ni >= 0, ni, di.roll(1))  # none found among 8 (a batch of one query's positives)
     else:
         ni = ni[ni >= 0]
-    return Batch(qi, di, ni, q_tokens, ts.d_tokens[torch.cat([di, ni])])  # one document pass
+    return Batch(qi, di, ni, q_tokens, train_set.d_tokens[torch.cat([di, ni])])  # one document pass
 
 
-def epoch_batches(ts: TrainingSet, order: torch.Tensor, negs: torch.Tensor, first: int, steps: int,
+def epoch_batches(train_set: TrainingSet, order: torch.Tensor, negs: torch.Tensor, first: int, steps: int,
                   global_batch: int, rank: int, batch_size: int, loss: str, device, prefetch: bool):
     """Yield (idx, batch) for steps first..steps-1: process ``rank``'s slice of each global batch of ``order``.
     With ``prefetch`` the next step's batch is made in a background thread (tokenising on demand overlaps the
     current step)."""
     def fetch(i: int):
         idx = order[step_positions(i, steps, global_batch, rank, batch_size)].to(device, non_blocking=True)
-        return idx, make_batch(ts, idx, negs, loss)
+        return idx, make_batch(train_set, idx, negs, loss)
 
     if not prefetch:
         for i in range(first, steps):

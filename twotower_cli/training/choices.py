@@ -40,22 +40,22 @@ def pick_lead(by_lead: dict[float, float]) -> float:
 
 
 @torch.no_grad()
-def choose_lexical_weight(model, ts, device, val_docs, val_qrels, chunk: int = 256) -> dict:
+def choose_lexical_weight(model, train_set, device, val_docs, val_qrels, chunk: int = 256) -> dict:
     """The weight of the lexical half with the best MRR@10 on the validation queries (the learned half was trained
     beside it at the configured weight), and the weight of a document's opening in that half: one above 0 only
     when it gains more than ``TIE`` (an opening is not special in every corpus). Each half's scores are computed
     once; the grid only re-mixes them."""
 
-    n_lex, w0 = model.cfg.lexical_dim, model.cfg.lexical_weight
-    corpus = ts.d_tokens if val_docs is None else ts.d_tokens.subset(val_docs)
-    qrels = ts.val_qrels if val_docs is None else val_qrels
+    n_lex, trained_weight = model.cfg.lexical_dim, model.cfg.lexical_weight
+    corpus = train_set.d_tokens if val_docs is None else train_set.d_tokens.subset(val_docs)
+    qrels = train_set.val_qrels if val_docs is None else val_qrels
     de = embed_tokens(model.encode_documents, corpus, device)
-    qe = embed_tokens(model.encode_queries, ts.q_tokens[ts.val_q], device)
+    qe = embed_tokens(model.encode_queries, train_set.q_tokens[train_set.val_q], device)
     if model.cfg.lexical_exact:  # the lexical half as search scores it: exact, on the sketch's best rows
-        ranked = exact_halves(model, qe, de, ts.q_tokens[ts.val_q], corpus, device, chunk)
+        ranked = exact_halves(model, qe, de, train_set.q_tokens[train_set.val_q], corpus, device, chunk)
     else:
-        halves = [(qe[:, :n_lex] / math.sqrt(w0), de[:, :n_lex] / math.sqrt(w0)),
-                  (qe[:, n_lex:] / math.sqrt(1 - w0), de[:, n_lex:] / math.sqrt(1 - w0))]
+        halves = [(qe[:, :n_lex] / math.sqrt(trained_weight), de[:, :n_lex] / math.sqrt(trained_weight)),
+                  (qe[:, n_lex:] / math.sqrt(1 - trained_weight), de[:, n_lex:] / math.sqrt(1 - trained_weight))]
         ranked = {(0.0, w): [] for w in sorted({*LEXICAL_WEIGHTS, *WEIGHTS})}  # 1.0: no exact re-scoring here
         for s in range(0, qe.shape[0], chunk):
             lex, learned = ((q[s:s + chunk] @ d.T) for q, d in halves)
@@ -66,7 +66,7 @@ def choose_lexical_weight(model, ts, device, val_docs, val_qrels, chunk: int = 2
     by_lead = {b: max(v for (bb, _), v in scores.items() if bb == b) for b in sorted({b for b, _ in scores})}
     lead = pick_lead(by_lead)
     mine = {w: v for (b, w), v in scores.items() if b == lead}
-    best = max(mine, key=lambda w: (round(mine[w], 4), -abs(w - w0)))
+    best = max(mine, key=lambda w: (round(mine[w], 4), -abs(w - trained_weight)))
     out = {"weight": best, "val_mrr@10": {str(w): v for w, v in mine.items()}}
     if model.cfg.lead_characters and model.cfg.lexical_exact:
         out.update({"lead_weight": lead, "lead_val_mrr@10": {str(b): v for b, v in by_lead.items()}})
@@ -81,8 +81,9 @@ def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[
     from twotower_cli.model.encode import document_and_opening_rows, lexical_rows
     from twotower_cli.retrieval.lexical import RERANK, candidate_rows, first_pass
 
-    n_lex, w0 = model.cfg.lexical_dim, model.cfg.lexical_weight
-    first = torch.from_numpy(first_pass(qe.float().cpu().numpy(), n_lex, w0)).to(qe.device)  # as search ranks
+    n_lex, trained_weight = model.cfg.lexical_dim, model.cfg.lexical_weight
+    # the first pass as search ranks it
+    first = torch.from_numpy(first_pass(qe.float().cpu().numpy(), n_lex, trained_weight)).to(qe.device)
     found = torch.cat([exact_topk(first[s:s + chunk], de, min(RERANK, de.shape[0]))[1].cpu()
                        for s in range(0, first.shape[0], chunk)]).numpy()
     n = qe.shape[0]
@@ -103,10 +104,12 @@ def exact_halves(model, qe, de, q_tokens, d_tokens, device, chunk: int) -> dict[
     ranked = {(b, w): [] for b in leads for w in LEXICAL_WEIGHTS}
     for s in range(0, cand.shape[0], chunk):
         c = cand[s:s + chunk]  # [q, K]: every query has K candidates
-        learned = torch.from_numpy(np.einsum("qkd,qd->qk", learned_d[c], learned_q[s:s + chunk]) / (1 - w0))
-        lex = torch.from_numpy(np.stack([d_rows.dots(q_rows, s + j, c[j], table) for j in range(len(c))]) / w0)
+        learned = torch.from_numpy(
+            np.einsum("qkd,qd->qk", learned_d[c], learned_q[s:s + chunk]) / (1 - trained_weight))
+        lex = torch.from_numpy(
+            np.stack([d_rows.dots(q_rows, s + j, c[j], table) for j in range(len(c))]) / trained_weight)
         opening = torch.zeros_like(lex) if lead_rows is None else torch.from_numpy(
-            np.stack([lead_rows.dots(q_rows, s + j, c[j], table) for j in range(len(c))]) / w0)
+            np.stack([lead_rows.dots(q_rows, s + j, c[j], table) for j in range(len(c))]) / trained_weight)
         for b, w in ranked:
             score = (w * (lex + b * opening) + (1 - w) * learned).masked_fill(repeat[s:s + chunk], float("-inf"))
             top = torch.topk(score, min(10, c.shape[1]), dim=1).indices

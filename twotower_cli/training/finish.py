@@ -44,7 +44,7 @@ def check_not_collapsed(run_dir: Path, out, doc_emb: torch.Tensor | None, n_docs
                             "the data with twotower validate-data")
 
 
-def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hooks, val_docs, val_qrels,
+def finish_run(run_dir: Path, runs_dir: Path, model, vocab, train_set, device, out, hooks, val_docs, val_qrels,
                cfg) -> dict:
     """Returns what run.json records of the finished run: the default search (its plan, and why) and the test
     figures."""
@@ -60,9 +60,9 @@ def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hoo
         tensors, _ = read_model_tensors(run_dir, model.transformer is not None)
         model.load_weights(tensors)
     model.eval()
-    if model.cfg.lexical_dim and len(ts.val_q):
+    if model.cfg.lexical_dim and len(train_set.val_q):
         hooks.message("choosing the weight of the lexical half of the embedding on the validation queries")
-        lex = choose_lexical_weight(model, ts, device, val_docs, val_qrels)
+        lex = choose_lexical_weight(model, train_set, device, val_docs, val_qrels)
         model.cfg.lexical_weight = lex["weight"]
         model.cfg.lead_weight = lex.get("lead_weight", 0.0)
         save_model(run_dir, model)
@@ -71,28 +71,30 @@ def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hoo
         config["lexical_choice"] = lex
         atomic_write_json(run_dir / "config.json", config)
     hooks.message("embedding the training documents into the default index")
-    chunks = ((ts.documents[a:a + CHUNK], None) for a in range(0, len(ts.documents), CHUNK))
+    chunks = ((train_set.documents[a:a + CHUNK], None) for a in range(0, len(train_set.documents), CHUNK))
     folder = build_index(run_dir, model, vocab, chunks, "default", device=device, bm25=True)
     # ts.documents are unique, so the index's rows are ts.documents' rows: reuse them, don't embed twice (mapped
     # from the file, read-only, rather than a second copy of the index in memory)
     embeddings = np.load(folder / "embeddings.npy", mmap_mode="r")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # not writable: only read
-        doc_emb = torch.from_numpy(embeddings) if len(embeddings) == len(ts.documents) else None
-    check_not_collapsed(run_dir, out, doc_emb, len(ts.documents) if val_docs is None else len(val_docs))
+        doc_emb = torch.from_numpy(embeddings) if len(embeddings) == len(train_set.documents) else None
+    check_not_collapsed(run_dir, out, doc_emb, len(train_set.documents) if val_docs is None else len(val_docs))
     encoder, index = RunEncoder(run_dir, str(device)), load_index(run_dir, "default")  # as `search` loads them
-    if len(ts.val_q):
+    if len(train_set.val_q):
         hooks.message("choosing the default search on the validation queries (the model, BM25 or both)")
-        plan, record = choose_search(encoder, index, texts_of(ts, ts.val_q), ts.val_qrels)
+        plan, record = choose_search(encoder, index, texts_of(train_set, train_set.val_q), train_set.val_qrels)
     else:
         plan = SearchPlan(mode="hybrid", hybrid_weight=cfg.search.hybrid_weight)
         record = {"reason": "no validation split: a fusion at the configured weight"}
-    test = measure(encoder, index, plan, texts_of(ts, ts.test_q), ts.test_qrels) if len(ts.test_q) else {}
-    retrieval_examples(run_dir, encoder, index, plan, ts)
+    test = {}
+    if len(train_set.test_q):
+        test = measure(encoder, index, plan, texts_of(train_set, train_set.test_q), train_set.test_qrels)
+    retrieval_examples(run_dir, encoder, index, plan, train_set)
     run_record = read_json(run_dir / "run.json")
     run_record.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), best_epoch=out.best_epoch,
                       best=out.best, search={**plan.to_dict(), **record}, test=test,
-                      test_queries=len(ts.test_q), format_version=RUN_FORMAT)
+                      test_queries=len(train_set.test_q), format_version=RUN_FORMAT)
     atomic_write_json(run_dir / "run.json", run_record)
     set_latest(runs_dir, run_dir)
     if not cfg.train.keep_checkpoint:  # the model is complete; the resumable state is not needed any more
@@ -100,5 +102,5 @@ def finish_run(run_dir: Path, runs_dir: Path, model, vocab, ts, device, out, hoo
     return {"search": run_record["search"], "test": test}
 
 
-def texts_of(ts, rows: torch.Tensor) -> list[str]:
-    return [str(t) for t in ts.queries.gather(rows.cpu().numpy()).to_list()]
+def texts_of(train_set, rows: torch.Tensor) -> list[str]:
+    return [str(t) for t in train_set.queries.gather(rows.cpu().numpy()).to_list()]

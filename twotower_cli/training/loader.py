@@ -2,8 +2,8 @@
 made by `make_batch` in a worker from texts read off a `TextStore`, pinned, the next batches prefetched.
 
 One background thread (the default on a CPU, where the cores train) is enough when a step is slow; a GPU step is
-faster than one host core can tokenise, so on a GPU several workers tokenise ahead. The batches are the same as up front, step for step: the order, the negatives and
-the span pairs of an epoch are fixed before it starts.
+faster than one host core can tokenise, so on a GPU several workers tokenise ahead. The batches are the same as
+up front, step for step: the order, the negatives and the span pairs of an epoch are fixed before it starts.
 """
 
 from __future__ import annotations
@@ -87,18 +87,20 @@ class Stores:
     """The training set's texts written once, prepared for tokenising (cut and lowercased), to ``folder`` for the
     workers: a worker that read raw texts and prepared each batch's was ~1.15x slower on this CPU."""
 
-    def __init__(self, ts, folder):
+    def __init__(self, train_set, folder):
         self.folder = folder
-        q, d = ts.q_tokens, ts.d_tokens
-        self.queries = write_prepared(ts.queries, q.vocab, q.max_len, folder, "queries")
-        self.documents = write_prepared(ts.documents, d.vocab, d.max_len, folder, "documents")
+        q, d = train_set.q_tokens, train_set.d_tokens
+        self.queries = write_prepared(train_set.queries, q.vocab, q.max_len, folder, "queries")
+        self.documents = write_prepared(train_set.documents, d.vocab, d.max_len, folder, "documents")
 
-    def source(self, ts) -> BatchSource:
+    def source(self, train_set) -> BatchSource:
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
-        table = ts.q_tokens.vocab.table()
-        return BatchSource(ts.pos_q.cpu(), ts.pos_d.cpu(), ts.n_queries, ts.n_documents, ts.pos_keys.cpu(),
-                           cpu(ts.span_d), cpu(ts.span_tokens), StoreTable(self.queries, table, ts.q_tokens.max_len),
-                           StoreTable(self.documents, table, ts.d_tokens.max_len))
+        table = train_set.q_tokens.vocab.table()
+        return BatchSource(train_set.pos_q.cpu(), train_set.pos_d.cpu(), train_set.n_queries,
+                           train_set.n_documents, train_set.pos_keys.cpu(), cpu(train_set.span_d),
+                           cpu(train_set.span_tokens),
+                           StoreTable(self.queries, table, train_set.q_tokens.max_len),
+                           StoreTable(self.documents, table, train_set.d_tokens.max_len))
 
 
 def write_prepared(texts, vocab, max_len: int, folder, name: str, rows: int = 65536) -> TextStore:
@@ -126,15 +128,15 @@ class WorkerBatches:
     change: tokenising, not starting, is the limit). Span pairs change the training set itself every epoch: with
     them, workers start anew each epoch."""
 
-    def __init__(self, stores: Stores, ts, steps, global_batch, rank, batch_size, loss, device, workers: int):
-        self.stores, self.ts, self.device = stores, ts, device
+    def __init__(self, stores: Stores, train_set, steps, global_batch, rank, batch_size, loss, device, workers: int):
+        self.stores, self.train_set, self.device = stores, train_set, device
         self.args = (steps, global_batch, rank, batch_size, loss)
         self.workers = workers
         self.loader = None
 
     def epoch(self, order: torch.Tensor, negs: torch.Tensor, first: int):
-        if self.loader is None or self.ts.span_d is not None:
-            data = StepBatches(self.stores.source(self.ts), len(order), *self.args)
+        if self.loader is None or self.train_set.span_d is not None:
+            data = StepBatches(self.stores.source(self.train_set), len(order), *self.args)
             self.loader = torch.utils.data.DataLoader(
                 data, batch_size=None, shuffle=False, num_workers=self.workers, pin_memory=self.device.type == "cuda",
                 prefetch_factor=4, persistent_workers=True, multiprocessing_context="fork")

@@ -23,9 +23,9 @@ DEPTH = 20  # ranks searched
 NEAR_DUPLICATE = 0.95  # cosine to the positive above which a document counts as a copy of it
 
 
-def known_positives(ts) -> dict[int, set[int]]:
+def known_positives(train_set) -> dict[int, set[int]]:
     pos: dict[int, set[int]] = {}
-    for q, d in zip(ts.pos_q.tolist(), ts.pos_d.tolist()):
+    for q, d in zip(train_set.pos_q.tolist(), train_set.pos_d.tolist()):
         pos.setdefault(q, set()).add(d)
     return pos
 
@@ -47,15 +47,15 @@ def select(queries: np.ndarray, ranked: np.ndarray, positives: dict[int, set[int
 
 
 @torch.no_grad()
-def mine_with_model(model, ts, device, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def mine_with_model(model, train_set, device, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     was = model.training
     model.eval()
-    queries = torch.unique(ts.pos_q.cpu())
-    de = embed_tokens(model.encode_documents, ts.d_tokens, device)
-    qe = embed_tokens(model.encode_queries, ts.q_tokens.subset(queries), device)
+    queries = torch.unique(train_set.pos_q.cpu())
+    de = embed_tokens(model.encode_documents, train_set.d_tokens, device)
+    qe = embed_tokens(model.encode_queries, train_set.q_tokens.subset(queries), device)
     _, ranked = exact_topk(qe, de, DEPTH)
     model.train(was)
-    positives = known_positives(ts)
+    positives = known_positives(train_set)
     q_np, r_np = queries.numpy(), ranked.cpu().numpy()
     # near-duplicates: the highest cosine of a candidate to any positive of its query (unit vectors: document
     # embeddings with a length-scaled lexical half are not)
@@ -75,16 +75,16 @@ def mine_with_model(model, ts, device, chunk: int = 1024) -> tuple[np.ndarray, n
     return select(q_np, r_np, positives, lambda q, d: sims[row_of[q], col[(row_of[q], d)]] >= NEAR_DUPLICATE)
 
 
-def mine_with_bm25(ts) -> tuple[np.ndarray, np.ndarray]:
+def mine_with_bm25(train_set) -> tuple[np.ndarray, np.ndarray]:
     """BM25's top documents for each training query; a candidate that equals a positive once case and spacing are
     ignored counts as that positive (the documents are distinct as strings, not as texts)."""
     from twotower_cli.retrieval.bm25 import BM25
 
-    bm = BM25.build(ts.documents)
-    queries = np.unique(ts.pos_q.cpu().numpy())
-    _, ranked = bm.search([ts.queries[int(q)] for q in queries], DEPTH)
-    positives = known_positives(ts)
-    docs = ts.documents
+    bm = BM25.build(train_set.documents)
+    queries = np.unique(train_set.pos_q.cpu().numpy())
+    _, ranked = bm.search([train_set.queries[int(q)] for q in queries], DEPTH)
+    positives = known_positives(train_set)
+    docs = train_set.documents
 
     def key(d: int) -> str:
         return " ".join(docs[int(d)].lower().split())

@@ -41,12 +41,12 @@ class TrainSummary:
     size_bytes: int = 0
 
 
-def sample_val_corpus(ts: TrainingSet, size: int, seed: int):
+def sample_val_corpus(train_set: TrainingSet, size: int, seed: int):
     """A deterministic sample of documents that always keeps the validation positives."""
-    n = ts.d_tokens.shape[0]
+    n = train_set.d_tokens.shape[0]
     if size <= 0 or size >= n:
         return None, None
-    positives = sorted({d for rel in ts.val_qrels for d in rel})
+    positives = sorted({d for rel in train_set.val_qrels for d in rel})
     g = torch.Generator().manual_seed(seed + 1)
     rest = torch.randperm(n, generator=g)
     keep = torch.ones(n, dtype=torch.bool)
@@ -54,7 +54,7 @@ def sample_val_corpus(ts: TrainingSet, size: int, seed: int):
     others = rest[keep[rest]][: max(0, size - len(positives))]
     docs = torch.cat([torch.tensor(positives, dtype=torch.long), others]).sort().values
     remap = {int(d): i for i, d in enumerate(docs.tolist())}
-    return docs, [{remap[d]: g for d, g in rel.items()} for rel in ts.val_qrels]
+    return docs, [{remap[d]: g for d, g in rel.items()} for rel in train_set.val_qrels]
 
 
 def stored_settings(stored: dict) -> dict:
@@ -118,8 +118,9 @@ def open_run(cfg: Config, p: Prepared, mcfg: ModelConfig, data: Path, ddp, base:
         lock = Lock(run_dir / ".lock", f"run {run_dir.name}")
         atomic_write_json(run_dir / "vocab.json", p.vocab.to_json())
         data_info = {"path": str(Path(data).resolve()), "name": Path(data).name, "rows": p.file_rows,
-                     "train_pairs": p.ts.n_train, "val_queries": len(p.ts.val_q), "test_queries": len(p.ts.test_q),
-                     "documents": len(p.ts.documents), "text_order": TEXT_ORDER, "held_out": HELD_OUT}
+                     "train_pairs": p.train_set.n_train, "val_queries": len(p.train_set.val_q),
+                     "test_queries": len(p.train_set.test_q), "documents": len(p.train_set.documents),
+                     "text_order": TEXT_ORDER, "held_out": HELD_OUT}
         write_config(run_dir, mcfg, cfg.to_dict(), {"data": data_info})
         if base is not None:  # the encoder's folder: the base model's config and tokenizer, its weights to come
             from twotower_cli.model.transformer import copy_model_files
@@ -165,15 +166,15 @@ def train_prepared(cfg: Config, p: Prepared, data: Path, hooks: Hooks, should_st
     torch.manual_seed(t.seed)
     model = new_model(mcfg, p.vocab, base if not resume_dir else resume_dir / "encoder")
     model = model.to(device)
-    ts = p.ts.to(device) if device.type == "cuda" else p.ts
+    train_set = p.train_set.to(device) if device.type == "cuda" else p.train_set
     if mcfg.idf and not resume_dir:  # from the training documents only: held-out positives stay unseen
         from twotower_cli.model.encode import lexical_tokens
 
-        keep = torch.ones(len(ts.documents), dtype=torch.bool)
-        keep[ts.held_out_documents()] = False
+        keep = torch.ones(len(train_set.documents), dtype=torch.bool)
+        keep[train_set.held_out_documents()] = False
         # counted over the characters that the exact lexical half reads, whose weights and length factor they are;
         # under torchrun each process counts its share of the documents, and the counts are added up
-        model.set_idf(lexical_tokens(model, ts.d_tokens), torch.nonzero(keep).flatten(),
+        model.set_idf(lexical_tokens(model, train_set.d_tokens), torch.nonzero(keep).flatten(),
                       share=(ddp.rank, ddp.world, ddp.add_up) if ddp else None)
     hooks.message(plan(p, t, device, ddp, resume_dir))
     for m in p.messages:  # said before training, where they explain what follows
@@ -195,11 +196,11 @@ def train_and_finish(cfg: Config, p: Prepared, model, run_dir: Path, device, hoo
     keep_until = checkpoint_step(run_dir) if resume else None  # resume: drop records past the checkpoint
     tracker = Tracker(MetricsLog(run_dir / "metrics.jsonl", keep_until_step=keep_until), sinks) if main \
         else NullTracker()
-    val_docs, val_qrels = sample_val_corpus(p.ts, t.val_corpus_size, t.seed)
+    val_docs, val_qrels = sample_val_corpus(p.train_set, t.val_corpus_size, t.seed)
     summary = TrainSummary(run_dir, True, -1, {}, [])
     try:
         try:
-            out = fit(model, p.ts, t, run_dir, device, tracker, hooks, should_stop, resume=resume,
+            out = fit(model, p.train_set, t, run_dir, device, tracker, hooks, should_stop, resume=resume,
                       validation=Validation(val_docs, val_qrels, p.extra), ddp=ddp)
         except torch.cuda.OutOfMemoryError:
             raise TrainingError(f"the GPU ran out of memory at --batch-size {t.batch_size}; try --batch-size "
@@ -210,8 +211,8 @@ def train_and_finish(cfg: Config, p: Prepared, model, run_dir: Path, device, hoo
             if hasattr(should_stop, "finishing"):  # from here a stop request stops at once (`--resume` finishes)
                 should_stop.finishing(run_dir.name)
             summary.interrupted = True  # until finished: W&B closes a run stopped here with exit code 1
-            finished = finish_run(run_dir, runs_dir, model, p.vocab, p.ts, device, out, hooks, val_docs, val_qrels,
-                                  cfg)
+            finished = finish_run(run_dir, runs_dir, model, p.vocab, p.train_set, device, out, hooks, val_docs,
+                                  val_qrels, cfg)
             summary.search, summary.test = finished["search"], finished["test"]
             summary.interrupted = False
             if summary.test:
@@ -243,13 +244,15 @@ def train_and_finish(cfg: Config, p: Prepared, model, run_dir: Path, device, hoo
 
 
 def plan(p: Prepared, t, device, ddp, resume_dir) -> str:
-    ts = p.ts
+    train_set = p.train_set
     where = f"{device}" + (f" x {ddp.world} processes" if ddp else "")
-    held = (f"{len(ts.val_q):,} validation and {len(ts.test_q):,} test queries held out" if len(ts.test_q) else
-            f"{len(ts.val_q):,} validation queries held out")
-    return (f"{'resuming' if resume_dir else 'training on'} {ts.n_train:,} pairs ({held}), {len(ts.documents):,} "
-            f"documents, {len(p.vocab):,} characters; {where}, batch {t.batch_size}, {t.epochs} "
-            f"{'epoch' if t.epochs == 1 else 'epochs'}" + (f", at most {t.max_steps} steps" if t.max_steps else ""))
+    n_val, n_test = len(train_set.val_q), len(train_set.test_q)
+    held = (f"{n_val:,} validation and {n_test:,} test queries held out" if n_test else
+            f"{n_val:,} validation queries held out")
+    return (f"{'resuming' if resume_dir else 'training on'} {train_set.n_train:,} pairs ({held}), "
+            f"{len(train_set.documents):,} documents, {len(p.vocab):,} characters; {where}, batch {t.batch_size}, "
+            f"{t.epochs} {'epoch' if t.epochs == 1 else 'epochs'}"
+            + (f", at most {t.max_steps} steps" if t.max_steps else ""))
 
 
 def publish_wandb_report(cfg: Config, run_dir: Path, sink) -> str:

@@ -32,7 +32,7 @@ class Prepared:
     file_rows: int  # rows in the pairs file
     examples: list  # its first usable rows
     vocab: Vocab
-    ts: TrainingSet
+    train_set: TrainingSet
     batch_size: int
     extra: object = None
     messages: list = field(default_factory=list)
@@ -150,37 +150,39 @@ def prepare_in(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: 
     # process tokenises only its slices of the batches
     size = 4 * (len(rows.queries) * d.max_query_length + len(rows.documents) * d.max_document_length)
     eager = d.tokenize == "upfront" or (d.tokenize == "auto" and ddp is None and size <= UPFRONT_LIMIT)
-    ts = from_rows(rows, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed, eager=eager,
+    train_set = from_rows(rows, vocab, d.max_query_length, d.max_document_length, t.val_fraction, t.seed, eager=eager,
                    val_min_queries=t.val_min_queries, val_max_queries=t.val_max_queries,
                    test_fraction=t.test_fraction, grouped=grouped)
     world = ddp.world if ddp else 1
-    if ts.n_train < 2:
-        raise DataError(f"{data}: {ts.n_train} training pair{'' if ts.n_train == 1 else 's'} after the validation "
+    if train_set.n_train < 2:
+        n = train_set.n_train
+        raise DataError(f"{data}: {n} training pair{'' if n == 1 else 's'} after the validation "
                         "split; training needs at least 2 (a pair is learned from against the others in its batch): "
                         "add pairs, or lower --val-fraction")
     batch = t.batch_size
-    if batch * world > ts.n_train:
-        if ddp and ts.n_train < 2 * world:
-            raise UsageError(f"{ts.n_train} training pairs cannot be split across {world} processes; train "
+    if batch * world > train_set.n_train:
+        if ddp and train_set.n_train < 2 * world:
+            raise UsageError(f"{train_set.n_train} training pairs cannot be split across {world} processes; train "
                              "without torchrun")
-        batch = max(1, ts.n_train // world)
+        batch = max(1, train_set.n_train // world)
         given = cfg.sources["train"]["batch_size"] not in ("default", "default for --base-model")
         what = f"--batch-size {t.batch_size}" if given else f"the batch size ({t.batch_size}, the default)"
-        messages.append(f"{what} is larger than the {ts.n_train} training pairs"
+        messages.append(f"{what} is larger than the {train_set.n_train} training pairs"
                         f"{f' for {world} processes' if ddp else ''}: training with batches of {batch}")
-    if t.val_fraction > 0 and len(ts.val_q) == 0:
+    if t.val_fraction > 0 and len(train_set.val_q) == 0:
         messages.append("too few queries for a validation split: none is held out, and the epoch with the lowest "
                         "loss is kept")
-    held = len(ts.val_q) + len(ts.test_q)
-    if t.val_max_queries and held <= t.val_max_queries < round(t.val_fraction * (held + len(torch.unique(ts.pos_q)))):
+    held = len(train_set.val_q) + len(train_set.test_q)
+    asked = round(t.val_fraction * (held + len(torch.unique(train_set.pos_q))))
+    if t.val_max_queries and held <= t.val_max_queries < asked:
         messages.append(f"validation holds out {t.val_max_queries:,} queries, fewer than --val-fraction "
                         f"{t.val_fraction:g} would (--val-max-queries caps it; 0: no cap)")
-    if 0 < t.val_corpus_size < len(ts.documents) and len(ts.val_q):
-        messages.append(f"validation searches {t.val_corpus_size:,} of the {len(ts.documents):,} documents, a "
+    if 0 < t.val_corpus_size < len(train_set.documents) and len(train_set.val_q):
+        messages.append(f"validation searches {t.val_corpus_size:,} of the {len(train_set.documents):,} documents, a "
                         "sample that keeps every validation positive (--val-corpus-size 0: all of them)")
     messages += unused_settings(cfg)
-    if ts.n_train < TOO_SMALL:
-        messages.append(f"only {ts.n_train} training pairs: too few to learn much from; the run is trained, but "
+    if train_set.n_train < TOO_SMALL:
+        messages.append(f"only {train_set.n_train} training pairs: too few to learn much from; the run is trained, but "
                         "expect the lexical baseline (BM25) to do as well or better")
     extra = None
     if eval_dir is not None:
@@ -191,4 +193,4 @@ def prepare_in(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: 
                                 d_tokens=torch.from_numpy(vocab.encode(ev.documents, d.max_document_length)),
                                 qrels=ev.qrels)
     # the rows' ids are in the training set now: only what describes the file is kept
-    return Prepared(rows.rows, rows.examples, vocab, ts, batch, extra, messages, folder)
+    return Prepared(rows.rows, rows.examples, vocab, train_set, batch, extra, messages, folder)

@@ -39,11 +39,11 @@ class StepLog:
             self.sync()
         self.marks.append(time.perf_counter())
 
-    def flush(self, st: dict) -> None:
+    def flush(self, state: dict) -> None:
         """Move the running loss into the checkpointed state (this syncs the device)."""
         if self.n:
-            st["loss_sum"] += float(self.loss)
-            st["loss_n"] += self.n
+            state["loss_sum"] += float(self.loss)
+            state["loss_n"] += self.n
             self.loss, self.n = torch.zeros((), device=self.device), 0
 
     def timing(self, pairs: int) -> dict:
