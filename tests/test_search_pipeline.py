@@ -189,3 +189,61 @@ def test_a_plan_asked_again_is_the_same_plan():
     assert dense.forced("dense") == dense and hybrid.forced("hybrid") == hybrid and hybrid.forced() == hybrid
     assert dense.forced("hybrid").hybrid_weight == 0.5 and hybrid.forced("hybrid", 0.2).hybrid_weight == 0.2
     assert SearchPlan(mode="bm25", hybrid_weight=0.0).forced("hybrid").hybrid_weight == 0.5
+
+
+def test_a_faiss_index_is_read_once_not_at_every_search(run, monkeypatch):
+    faiss = pytest.importorskip("faiss")
+    import twotower_cli
+
+    api = twotower_cli.load(run)
+    docs = api.index.all_documents()[:200]
+    api.index_documents(docs, name="ann", backend="faiss")
+    reads = []
+    real = faiss.read_index
+    monkeypatch.setattr(faiss, "read_index", lambda *a, **k: reads.append(a) or real(*a, **k))
+    ann = twotower_cli.load(run, index="ann")
+    for q in QUERIES[:4]:
+        assert ann.search(q, k=3, mode="dense")[0]
+    assert len(reads) == 1
+
+
+def test_writing_an_index_that_fails_leaves_no_file_open(tmp_path):
+    import torch
+
+    from twotower_cli.data.vocab import Vocab
+    from twotower_cli.retrieval.build import write_folder
+
+    class Failing:
+        class cfg:
+            output_dim, max_document_length, lexical_exact = 4, 16, False
+        training = False
+
+        def eval(self):
+            return self
+
+        def train(self, mode=True):
+            return self
+
+        def encode_documents(self, tokens):
+            raise RuntimeError("the model failed")
+
+    vocab = Vocab.build([pl.Series(["abc"])], 1, 10)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeError):
+        write_folder(tmp_path / "ix", Failing(), vocab, [(pl.Series(["alpha", "beta"]), None)], "cpu", "float32", 8,
+                     None, None)
+    opened = {os.readlink(f"/proc/self/fd/{fd}") for fd in set(os.listdir("/proc/self/fd")) - before
+              if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not [p for p in opened if str(tmp_path) in p], opened
+
+
+def test_an_atomic_write_syncs_the_folder_that_holds_the_rename(tmp_path, monkeypatch):
+    import stat
+
+    from twotower_cli import runs
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real(fd))
+    runs.atomic_write_json(tmp_path / "x.json", {"a": 1})
+    assert synced == [False, True]  # the file's data, then the folder's entry
