@@ -46,7 +46,7 @@ t0 = time.perf_counter()
 p = prepare(cfg, Path({data!r}), None, None, None)
 prep = time.perf_counter() - t0
 model = TwoTower(model_config(cfg, p.vocab)).to(device)
-ts = p.ts.to(device) if device.type == "cuda" else p.ts
+ts = p.train_set.to(device) if device.type == "cuda" else p.train_set
 model.set_idf(ts.d_tokens, torch.arange(len(ts.documents)))
 class Rate(Hooks):
     def step(self, record):

@@ -70,7 +70,7 @@ def test_old_runs_resume_on_their_own_ungrouped_split(tmp_path):
     rows = read_pairs_rows(twin_file(tmp_path / "twins.parquet"), lowercase=True)
     vocab = Vocab.from_counts(rows.char_counts)
     old = from_rows(rows, vocab, 128, 256, 0.2, 13, grouped=False)
-    new = from_rows(rows, vocab, 128, 256, 0.2, 13, test_fraction=0.5)
+    new = from_rows(rows, vocab, 128, 256, 0.2, 13, test_fraction=0.05)
     assert len(old.test_q) == 0 and len(new.test_q) > 0
     expected = np.sort(np.random.default_rng(13).permutation(np.unique(rows.qid[rows.label == 1]))[:len(old.val_q)])
     assert old.val_q.tolist() == expected.tolist()

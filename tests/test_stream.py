@@ -282,8 +282,8 @@ def test_validation_holds_out_at_most_val_max_queries_and_says_so(tmp_path):
     uncapped = prep.prepare(cfg.with_overrides({("train", "val_max_queries"): 0}), path, None, None, None)
     capped = prep.prepare(cfg.with_overrides({("train", "val_max_queries"): 120}), path, None, None, None)
     try:
-        held = [len(p.train_set.val_q) + len(p.train_set.test_q) for p in (uncapped, capped)]
-        assert held[0] > 120 and held[1] == 120 and len(capped.train_set.test_q) == 60
+        assert len(uncapped.train_set.val_q) > 120 and len(capped.train_set.val_q) == 120
+        assert len(capped.train_set.test_q) == 100  # 5% of the queries, at least val_min_queries
         assert capped.train_set.n_train > uncapped.train_set.n_train  # the queries not held out train
         assert any("validation holds out 120 queries" in m for m in capped.messages)
         assert not any("validation holds out" in m for m in uncapped.messages)
@@ -297,7 +297,7 @@ def test_validation_searches_a_sample_of_a_corpus_larger_than_val_corpus_size_an
     p = prep.prepare(cfg, path, None, None, None)
     try:
         assert len(p.train_set.documents) > 500
-        assert any(f"validation searches 500 of the {len(p.ts.documents):,} documents" in m for m in p.messages)
+        assert any(f"validation searches 500 of the {len(p.train_set.documents):,} documents" in m for m in p.messages)
     finally:
         p.close()
 

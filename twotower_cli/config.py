@@ -85,12 +85,13 @@ FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         "margin": (0.2, "margin of the triplet loss"),
         "seed": (13, "seed of the split, batch order, negatives and initial weights"),
         "val_fraction": (0.05, "share of queries held out for validation"),
-        "val_min_queries": (200, "validation holds out at least this many queries (at most a fifth of them): "
-                                 "choices made on a few are noise"),
+        "val_min_queries": (100, "validation holds out at least this many queries (at most a fifth of them), and so "
+                                 "does the test split: choices made on a few are noise"),
         "val_max_queries": (5000, "validation holds out at most this many queries (0: no cap); a large file's"
                                   " other queries train, and each validation stays short"),
-        "test_fraction": (0.5, "share of the held-out queries kept from every choice (the epoch, the weights,"
-                               " the search): the run's figures are measured on them (0: none)"),
+        "test_fraction": (0.05, "share of queries held out from training and from every choice (the epoch, the "
+                                "weights, the search): the run's figures are measured on them (0: none); at least "
+                                "val_min_queries, at most val_max_queries"),
         "val_corpus_size": (200000, "documents searched in validation: all up to this many, else a sample of "
                                     "this many that keeps every validation positive (0: all)"),
         "device": ("auto", "cpu, cuda, cuda:N or auto"),

@@ -108,9 +108,9 @@ def from_rows(rows, vocab, max_query_length: int, max_document_length: int, val_
               grouped: bool = True) -> TrainingSet:
     """The training set of a file's numbered rows (`data.stream.PairRows`). ``eager``: tokenise every text now
     (one process); else only the rows a step uses, when it uses them. ``val_max_queries``: validation holds out
-    at most this many queries (0: no cap): the rest of a large file trains. Of the held-out queries,
-    ``test_fraction`` are kept from every choice, for the run's figures (`test_q`). ``grouped``: queries that the
-    query tower reads alike (`seen_text`) are held out together, so that none has a twin in training."""
+    at most this many queries (0: no cap): the rest of a large file trains. ``test_fraction`` more are held out
+    from training and from every choice, for the run's figures (`test_q`). ``grouped``: queries that the query
+    tower reads alike (`seen_text`) are held out together, so that none has a twin in training."""
     queries, documents = rows.queries, rows.documents
     nq, nd = len(queries), len(documents)
     qid, did, label = rows.qid, rows.did, rows.label
@@ -120,18 +120,15 @@ def from_rows(rows, vocab, max_query_length: int, max_document_length: int, val_
     first.sort()
     pos_q, pos_d = qid[pos][first], did[pos][first]
     candidates = np.unique(pos_q)
-    n_val = 0 if val_fraction <= 0 or len(candidates) < MIN_FOR_VALIDATION else \
-        max(1, int(round(val_fraction * len(candidates))), min(val_min_queries, len(candidates) // 5))
-    if val_max_queries > 0:
-        n_val = min(n_val, max(val_max_queries, min(val_min_queries, len(candidates) // 5)))
-    if n_val >= len(candidates):
-        raise DataError(f"validation would take all {len(candidates)} queries with a positive; "
-                        "lower --val-fraction or use more data")
-    n_test = int(round(test_fraction * n_val)) if n_val >= 2 * MIN_FOR_VALIDATION else 0
+    n_val = held_out_size(val_fraction, len(candidates), val_min_queries, val_max_queries)
+    n_test = held_out_size(test_fraction, len(candidates), val_min_queries, val_max_queries) if n_val else 0
+    if n_val + n_test >= len(candidates):
+        raise DataError(f"validation and test would take all {len(candidates)} queries with a positive; "
+                        "lower --val-fraction or --test-fraction, or use more data")
     rng = np.random.default_rng(seed)
     if grouped:
         groups = seen_text_groups(queries, candidates, vocab, max_query_length)
-        val_q, test_q = held_out(candidates, groups, n_val - n_test, n_test, rng)
+        val_q, test_q = held_out(candidates, groups, n_val, n_test, rng)
     else:  # (how runs saved before grouping split: resumed on their own split)
         val_q, test_q = np.sort(rng.permutation(candidates)[:n_val]), np.zeros(0, np.int64)
     is_held = np.zeros(nq, dtype=bool)
@@ -155,6 +152,16 @@ def from_rows(rows, vocab, max_query_length: int, max_document_length: int, val_
         test_q=torch.from_numpy(test_q.astype(np.int64)), test_qrels=[qrels[int(q)] for q in test_q],
         pos_keys=torch.from_numpy(np.unique(keys)),
     )
+
+
+def held_out_size(fraction: float, candidates: int, min_queries: int, max_queries: int) -> int:
+    """Queries to hold out: ``fraction`` of those with a positive, at least ``min_queries`` (at most a fifth of
+    them: choices made on a handful are noise) and at most ``max_queries`` (0: no cap; a large file's other
+    queries train, and each evaluation stays short)."""
+    if fraction <= 0 or candidates < MIN_FOR_VALIDATION:
+        return 0
+    n = max(1, int(round(fraction * candidates)), min(min_queries, candidates // 5))
+    return min(n, max(max_queries, min(min_queries, candidates // 5))) if max_queries > 0 else n
 
 
 def seen_text(texts: pl.Series, vocab, max_len: int) -> pl.Series:

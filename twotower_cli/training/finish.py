@@ -73,7 +73,7 @@ def finish_run(run_dir: Path, runs_dir: Path, model, vocab, train_set, device, o
     hooks.message("embedding the training documents into the default index")
     chunks = ((train_set.documents[a:a + CHUNK], None) for a in range(0, len(train_set.documents), CHUNK))
     folder = build_index(run_dir, model, vocab, chunks, "default", device=device, bm25=True)
-    # ts.documents are unique, so the index's rows are ts.documents' rows: reuse them, don't embed twice (mapped
+    # the training documents are unique, so the index's rows are theirs: reuse them, don't embed twice (mapped
     # from the file, read-only, rather than a second copy of the index in memory)
     embeddings = np.load(folder / "embeddings.npy", mmap_mode="r")
     with warnings.catch_warnings():

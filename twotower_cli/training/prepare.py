@@ -172,9 +172,9 @@ def prepare_in(cfg: Config, data: Path, ddp, resume_dir: Path | None, eval_dir: 
     if t.val_fraction > 0 and len(train_set.val_q) == 0:
         messages.append("too few queries for a validation split: none is held out, and the epoch with the lowest "
                         "loss is kept")
-    held = len(train_set.val_q) + len(train_set.test_q)
-    asked = round(t.val_fraction * (held + len(torch.unique(train_set.pos_q))))
-    if t.val_max_queries and held <= t.val_max_queries < asked:
+    held = len(train_set.val_q)
+    queries = held + len(train_set.test_q) + len(torch.unique(train_set.pos_q))
+    if t.val_max_queries and held <= t.val_max_queries < round(t.val_fraction * queries):
         messages.append(f"validation holds out {t.val_max_queries:,} queries, fewer than --val-fraction "
                         f"{t.val_fraction:g} would (--val-max-queries caps it; 0: no cap)")
     if 0 < t.val_corpus_size < len(train_set.documents) and len(train_set.val_q):
