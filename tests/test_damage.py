@@ -59,10 +59,17 @@ def bad_utf8(run: Path, keep_checksums: bool = True):
     for start in np.load(path.parent / "texts.offsets.npy")[:-1]:  # every document's first byte
         data[int(start)] = 0xFF
     path.write_bytes(bytes(data))
-    if not keep_checksums:
+    if not keep_checksums:  # an index written before its files had checksums (format 2)
         meta = json.loads((path.parent / "meta.json").read_text())
         meta.pop("files_sha256")
+        meta["format_version"] = 2
         (path.parent / "meta.json").write_text(json.dumps(meta))
+
+
+def edit_json(path: Path, change) -> None:
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
 
 
 def edit_run_json(change):
@@ -84,6 +91,9 @@ CASES = {
     "run.json not json": (lambda r: (r / "run.json").write_text("{"), [], "run.json"),
     "search entry damaged": (edit_run_json(lambda d: d["search"].update(mode="fast")), [], "run.json"),
     "search entry removed": (edit_run_json(lambda d: d.pop("search")), [], "run.json"),
+    "search weight edited": (edit_run_json(lambda d: d["search"].update(hybrid_weight=0.31)), [], "run.json"),
+    "index checksums removed": (lambda r: edit_json(r / "index" / "default" / "meta.json",
+                                                    lambda m: m.pop("files_sha256")), [], "meta.json"),
 }
 
 
@@ -104,7 +114,8 @@ def test_verify_passes_a_clean_run_and_checks_every_file(run, cli):
     assert res.exit_code == 0, res.stdout
     checked = {c["what"] for c in json.loads(res.stdout)["checks"]}
     assert {"run.json", "model", "index/default/embeddings.npy", "index/default/texts.bin",
-            "index/default/ids.bin", "index/default/bm25/data.npy", "index/default/lexical.*.npy"} <= checked
+            "index/default/ids.bin", "index/default/bm25", "index/default/bm25/bm25.json", "index/default/lexical.*.npy",
+            "index/default/texts.offsets.npy", "index/default (opened)"} <= checked
 
 
 def test_verify_finds_damage_that_loading_does_not_read(run, cli, monkeypatch):
@@ -138,3 +149,101 @@ def test_evaluate_says_what_it_drops_from_the_qrels(run, tmp_path, cli):
     assert any("1 queries have no id" in n for n in notes) and any("1 qrels rows have no query id" in n for n in notes)
     assert any("not in the queries file" in n for n in notes) and any("judged before" in n for n in notes)
     assert res.stderr.count("note:") >= 4
+
+
+def eval_folder(folder: Path, qrels: dict, queries=("compiler", "editor", "  ")) -> Path:
+    import polars as pl
+
+    folder.mkdir()
+    pl.DataFrame({"doc_id": ["d1", "d2", "d3"], "document": ["gnu c compiler", "text editor", None]}
+                 ).write_parquet(folder / "corpus.parquet")
+    pl.DataFrame({"query_id": ["q1", "q2", "q3"], "query": list(queries)}).write_parquet(folder / "queries.parquet")
+    pl.DataFrame(qrels).write_parquet(folder / "qrels.parquet")
+    return folder
+
+
+def test_evaluate_counts_a_repeated_judgement_once_and_says_what_has_no_text(run, tmp_path, cli):
+    from twotower_cli.evaluation.eval_sets import load_eval
+
+    ev = eval_folder(tmp_path / "ev", {"query_id": ["q1", "q1", "q2", "q2", "q2", "q3"],
+                                       "doc_id": ["d1", "d1", "gone", "gone", "d2", "d3"],
+                                       "score": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]})
+    loaded = load_eval(ev)
+    assert loaded.qrels[1] == {1: 1.0, -2: 1.0}  # the missing document counted once
+    notes = " | ".join(loaded.notes)
+    assert "2 qrels rows repeat an earlier row exactly" in notes and "1 relevant documents are not in" in notes
+    assert "1 queries have no text" in notes and "1 documents have no text" in notes
+    res = cli("evaluate", ev, "--runs-dir", run.parent, "--json")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["systems"][0]["metrics"]["recall@10"] <= 5 / 6 + 1e-9  # q2 finds 1 of its 2
+
+
+@pytest.mark.parametrize("grade", [float("nan"), float("inf")])
+def test_evaluate_refuses_a_grade_that_is_not_finite(run, tmp_path, cli, grade):
+    ev = eval_folder(tmp_path / "ev", {"query_id": ["q1", "q2"], "doc_id": ["d1", "d2"], "score": [1.0, grade]})
+    res = cli("evaluate", ev, "--runs-dir", run.parent)
+    assert res.exit_code == 1 and "qrels.parquet" in res.stderr and "data row 2" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--mode", "dense", "--hybrid-weight", "0.5"], "--hybrid-weight asks for a hybrid search but --mode is dense"),
+    (["--mode", "bm25", "--hybrid"], "--hybrid asks for a hybrid search but --mode is bm25"),
+    (["--mode", "auto", "--hybrid-weight", "0.2"], "--mode is auto"),
+])
+def test_search_flags_that_contradict_are_a_usage_error(run, cli, args, needle):
+    res = cli("search", "GNU C compiler", "--runs-dir", run.parent, *args)
+    assert res.exit_code == 2 and needle in res.stderr, res.stderr
+
+
+def test_a_negative_zero_weight_is_zero(run, cli):
+    plain = cli("search", "GNU C compiler", "--runs-dir", run.parent, "--hybrid-weight", "0", "--json")
+    negative = cli("search", "GNU C compiler", "--runs-dir", run.parent, "--hybrid-weight", "-0", "--json")
+    assert negative.exit_code == 0 and json.loads(negative.stdout) == json.loads(plain.stdout)
+
+
+def test_a_folder_inside_a_run_is_named_as_such(run, cli):
+    res = cli("search", "GNU C compiler", "--run", run / "index" / "default")
+    assert res.exit_code == 2 and f"is the index 'default' of the run {run}" in res.stderr
+    assert f"pass --run {run}" in res.stderr
+
+
+def test_index_names_documents_that_share_an_id_and_bad_names(run, tmp_path, cli):
+    import polars as pl
+
+    pl.DataFrame({"doc_id": ["a", "b", "a", "c", "b"], "document": ["one", "two", "three", "four", "five"]}
+                 ).write_parquet(tmp_path / "c.parquet")
+    res = cli("index", tmp_path / "c.parquet", "--id-col", "doc_id", "--name", "ids", "--runs-dir", run.parent)
+    assert res.exit_code == 0, res.stderr
+    assert "2 documents have the id of an earlier, different document" in res.stderr
+    res = cli("index", tmp_path / "c.parquet", "--name", "-n", "--runs-dir", run.parent)
+    assert res.exit_code == 2 and "beginning with a letter or digit" in res.stderr
+
+
+def test_a_lock_this_process_holds_says_so(tmp_path):
+    from twotower_cli.errors import ArtifactError
+    from twotower_cli.runs import Lock
+
+    with Lock(tmp_path / "x.lock", "index 'default' of r"):
+        with pytest.raises(ArtifactError, match="by this process already"):
+            Lock(tmp_path / "x.lock", "index 'default' of r")
+
+
+def test_a_file_written_in_place_is_noticed_whatever_its_times_say(run):
+    """The same size and modification time, other bytes: the index is opened (and checked) again."""
+    import twotower_cli
+
+    model = twotower_cli.load(run)
+    model.search("GNU C compiler", k=3)
+    index = model.index
+    path = run / "index" / "default" / "texts.bin"
+    before = path.stat()
+    with open(path, "r+b") as fh:
+        first = fh.read(1)
+        fh.seek(0)
+        fh.write(bytes([first[0] ^ 0x01]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    assert not index.current()
+    with pytest.raises(Exception, match="texts.bin"):
+        model.search("GNU C compiler", k=3)

@@ -236,13 +236,21 @@ def test_f8_resume_removes_half_written_checkpoints(tmp_path):
 
 
 def test_a_second_writer_of_an_index_gets_one_line(cli, runs, tmp_path):
+    import subprocess
+    import sys
+
     from twotower_cli.retrieval.index import lock_path
-    from twotower_cli.runs import Lock
 
     run = (runs / "latest").resolve()
     corpus = write(tmp_path / "c.txt", "one document\n")
-    with Lock(lock_path(run, "busy"), "index"):
-        one_line(cli("index", corpus, "--name", "busy"), 1, "being written by another twotower process")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from twotower_cli.runs import Lock; "
+                               f"held = Lock({str(lock_path(run, 'busy'))!r}, 'index'); print('held', flush=True); "
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        one_line(cli("index", corpus, "--name", "busy"), 1, f"another twotower process (pid {holder.pid}")
+    finally:
+        holder.communicate("")
     assert cli("index", corpus, "--name", "busy").exit_code == 0
 
 
@@ -282,7 +290,7 @@ def damage(run: Path, what: str) -> None:
         (index / "meta.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("what,needle", [("empty_embeddings", "embeddings.npy"), ("short_documents", "texts.bin"),
+@pytest.mark.parametrize("what,needle", [("empty_embeddings", "embeddings.npy"), ("short_documents", "texts.offsets.npy"),
                                          ("faiss_missing", "faiss.index"), ("version_string", "format_version"),
                                          ("nan", "non-finite"), ("lead_weight", "recorded fingerprint"),
                                          ("lead_nan", "lead_weight is nan")])
@@ -513,7 +521,7 @@ def test_a_checkpoint_is_never_written_with_a_nan_loss(tmp_path):
     from twotower_cli.training.loop import Loop
 
     loop = Loop.__new__(Loop)
-    loop.st = {"epoch": 0, "loss_sum": math.nan, "loss_n": 3, "best_epoch": -1, "global_step": 7}
+    loop.state = {"epoch": 0, "loss_sum": math.nan, "loss_n": 3, "best_epoch": -1, "global_step": 7}
     loop.cfg = type("C", (), {"learning_rate": 0.01, "temperature": 0.05})()
     loop.run_dir, loop.main = tmp_path, True
     loop.log = type("L", (), {"flush": lambda self, st: None})()

@@ -208,7 +208,6 @@ def test_a_faiss_index_is_read_once_not_at_every_search(run, monkeypatch):
 
 
 def test_writing_an_index_that_fails_leaves_no_file_open(tmp_path):
-    import torch
 
     from twotower_cli.data.vocab import Vocab
     from twotower_cli.retrieval.build import write_folder

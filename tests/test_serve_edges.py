@@ -137,3 +137,54 @@ def test_the_docs_page_works_offline_and_the_schema_is_clean(folder):
     finally:
         err = server.stop()
     assert "Duplicate Operation ID" not in err
+
+
+def test_at_the_connection_cap_the_longest_idle_connection_makes_room(folder):
+    server = Server(folder, "--max-connections", "4")
+    idle = []
+    try:
+        for _ in range(4):  # connected, saying nothing
+            idle.append(socket.create_connection(("127.0.0.1", server.port)))
+            time.sleep(0.05)
+        ok = httpx.post(server.url + "/search", json={"queries": ["GNU C compiler"], "k": 2}, timeout=10)
+        assert ok.status_code == 200
+        idle[0].settimeout(5)
+        assert idle[0].recv(100) == b""  # the oldest was closed to make room
+        idle[-1].settimeout(0.3)
+        with pytest.raises(socket.timeout):  # the newest is still open
+            idle[-1].recv(100)
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
+
+
+def test_a_client_that_stops_reading_its_answer_is_cut_off(folder):
+    server = Server(folder, "--timeout", "0.5")  # an answer unread for 1.5 s
+    try:
+        body = json.dumps({"queries": [f"query {i}" for i in range(30)], "k": 300}).encode()
+        request = (f"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", server.port))
+        for _ in range(4):  # answers of a few MB each, never read
+            s.sendall(request)
+        time.sleep(4)
+        s.settimeout(5)
+        received, ended = 0, False
+        try:
+            while chunk := s.recv(1 << 20):
+                received += len(chunk)
+            ended = True
+        except ConnectionResetError:
+            ended = True
+        except socket.timeout:
+            pass
+        s.close()
+        one = len(httpx.post(server.url + "/search", content=body, headers={"Content-Type": "application/json"},
+                             timeout=30).content)
+        assert ended and received < 3 * one, f"{received:,} bytes of 4 answers of {one:,} bytes each"
+    finally:
+        err = server.stop()
+    assert "Traceback" not in err

@@ -129,6 +129,9 @@ class Lock:
             self.fh.seek(0)
             pid = self.fh.read().strip() or "?"
             self.fh.close()
+            if pid == str(os.getpid()):  # (flock locks are per open file: a thread of this process holds it)
+                raise ArtifactError(f"{what} is being written by this process already (another thread, lock "
+                                    f"{self.path}); wait for that write to finish") from None
             raise ArtifactError(f"{what} is being written by another twotower process (pid {pid}, lock "
                                 f"{self.path}); wait for it to finish or stop it") from None
         self.fh.seek(0)
@@ -260,6 +263,11 @@ def resolve_run(runs_dir: Path | str, run: str | None, write: bool = False) -> P
         if Path(run).is_dir() and (Path(run) / "latest").exists():
             raise UsageError(f"{run} is a runs folder, not a run: pass --runs-dir {run} (its latest run), or one of "
                              "its runs")
+        holder = next((p for p in Path(run).parents if (p / "run.json").is_file() or (p / "config.json").is_file()),
+                      None) if "/" in run else None
+        if holder is not None:
+            what = f"the index '{Path(run).name}' of" if Path(run).parent.name == "index" else "inside"
+            raise UsageError(f"{run} is {what} the run {holder}, not a run: pass --run {holder}")
         if runs_dir.is_dir() and "/" not in run:  # a W&B id or a unique prefix of a run id
             matches = [d for d in runs_dir.iterdir() if d.is_dir() and not d.is_symlink()
                        and not d.name.startswith(".") and (d.name.startswith(run) or wandb_id(d) == run)]

@@ -69,3 +69,7 @@ def print_json(obj) -> None:
 
     sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2, allow_nan=False, default=str) + "\n")
     sys.stdout.flush()
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from twotower_cli.cli.common import command, settings
-from twotower_cli.cli.console import out, print_json
+from twotower_cli.cli.console import out, plural, print_json
 from twotower_cli.cli.main import app
 from twotower_cli.cli.options import (
     ConfigOpt,
@@ -99,10 +99,6 @@ def show_report(rep) -> None:
     out.print(table)
     verdict = "[bold red]not usable[/]" if rep.errors else "[green]usable[/]"
     out.print(f"{verdict}: {plural(len(rep.errors), 'error')}, {plural(len(rep.warnings), 'warning')}")
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 @command(app, "inspect-vocab", short_help="A run's vocabulary (and tokenizer), or a file's",

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from twotower_cli.cli.common import command, run_of
-from twotower_cli.cli.console import err, interactive, note, out, print_json
+from twotower_cli.cli.console import err, interactive, note, out, plural, print_json
 from twotower_cli.cli.main import app
 from twotower_cli.cli.options import ConfigOpt, DocumentColOpt, JsonOpt, RunOpt, RunsDirOpt, setting
 
@@ -57,6 +57,10 @@ def search_mode(cfg, mode: str | None, hybrid: bool, weight: float | None) -> tu
 
     if weight is not None and not 0 <= weight <= 1:
         raise UsageError(f"--hybrid-weight must be between 0 and 1, got {weight}")
+    if mode not in (None, "hybrid") and (hybrid or weight is not None):
+        flag = "--hybrid" if hybrid else "--hybrid-weight"
+        raise UsageError(f"{flag} asks for a hybrid search but --mode is {mode}; drop one of them")
+    weight = None if weight is None else weight + 0.0  # (-0.0 is 0)
     mode = mode or ("hybrid" if hybrid or weight is not None else cfg.search.mode)
     if mode not in ("auto", "dense", "hybrid", "bm25"):
         raise UsageError(f"--mode {mode!r} is not one of auto, dense, hybrid, bm25")
@@ -121,14 +125,23 @@ def index_command(
         path = build_index(run_dir, model.torch_model(), model.vocab, chunks, name, device=dev, dtype=dtype,
                            backend=backend, progress=update, total=total,
                            batch_size=8192 if dev.startswith("cuda") else 2048, bm25=model.plan.mode != "dense")
+    index_notes(path, backend, total)
+
+
+def index_notes(path: Path, backend: str, total: int | None, world: int = 1) -> None:
+    """What `index` did: the documents stored, and those stored once or sharing an id."""
     from twotower_cli.runs import read_json
 
     meta = read_json(path / "meta.json")
-    note(f"indexed {meta['count']:,} documents ({meta['dim']}-d {meta['dtype']}, {backend}) into {path}")
+    note(f"indexed {plural(meta['count'], 'document')} ({meta['dim']}-d {meta['dtype']}, {backend}) into {path}"
+         + (f" with {world} processes" if world > 1 else ""))
     if total and meta["count"] < total:
         extra = total - meta["count"]
         note(f"{extra:,} of the {total:,} documents {'repeats' if extra == 1 else 'repeat'} an earlier one word for "
              "word: each text is stored once (the first id is kept)")
+    if meta.get("shared_ids"):
+        note(f"{meta['shared_ids']:,} documents have the id of an earlier, different document: results show that id "
+             "for each of them; give every document its own id (--id-col) to tell them apart")
 
 
 def index_sharded(corpus, cfg, run_dir, name, document_col, id_col, chunk_rows, dtype, backend, device, total):
@@ -137,7 +150,6 @@ def index_sharded(corpus, cfg, run_dir, name, document_col, id_col, chunk_rows, 
     from twotower_cli.api import TwoTowerModel
     from twotower_cli.data.corpus import corpus_chunks
     from twotower_cli.retrieval.sharded import build_sharded
-    from twotower_cli.runs import read_json
     from twotower_cli.training.distributed import setup
 
     d = setup(device)
@@ -151,9 +163,7 @@ def index_sharded(corpus, cfg, run_dir, name, document_col, id_col, chunk_rows, 
                                  name, d, dtype=dtype, backend=backend, progress=update, total=total,
                                  batch_size=8192 if d.device.type == "cuda" else 2048, bm25=model.plan.mode != "dense")
         if d.main:
-            meta = read_json(path / "meta.json")
-            note(f"indexed {meta['count']:,} documents ({meta['dim']}-d {meta['dtype']}, {backend}) into {path} "
-                 f"with {d.world} processes")
+            index_notes(path, backend, total, d.world)
     finally:
         d.close()
 

@@ -30,7 +30,10 @@ def serve_command(
     timeout: Annotated[float, Opt(
         "--timeout", metavar="SECONDS", min=0.1, max=3600,
         help="A request's headers must arrive within this, its body within 3 times this; a slower client "
-             "gets a 408.")] = 10.0,
+             "gets a 408 (and one that stops reading its answer is cut off after 3 times this).")] = 10.0,
+    max_connections: Annotated[int, Opt(
+        "--max-connections", metavar="N", min=1,
+        help="Open connections at most; past it the longest idle one is closed (none idle: a 503).")] = 2048,
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -42,4 +45,5 @@ def serve_command(
         from twotower_cli.training.loop import resolve_device
 
         device = str(resolve_device(device))
-    serve(run_dir, index or cfg.search.index, host, port, notify=note, device=device, timeout=timeout)
+    serve(run_dir, index or cfg.search.index, host, port, notify=note, device=device, timeout=timeout,
+          max_connections=max_connections)

@@ -5,8 +5,9 @@ Edge cases are decided as trec_eval decides them, and reported in `notes`:
 - a relevant document missing from the corpus can never be retrieved: it still counts as relevant (Recall 0.5 for a
   query with one of its two relevant documents missing and the other found), so the metrics are not inflated;
 - queries without any judgement are not evaluated; duplicate query or document ids keep their first row;
-- qrels rows without ids or score, or naming an unknown query, are dropped; a pair judged twice keeps its first
-  judgement (each of these said in a note, with its count).
+- qrels rows without ids or score, or naming an unknown query, are dropped; a row repeated counts once; a pair judged
+  twice keeps its first judgement; a grade that is not finite is an error (each of these said, with its count);
+- queries or documents without text are kept as empty text (said in a note).
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
         r = r.with_columns(pl.col("score").cast(pl.Float64))
     except Exception:
         raise DataError(f"{qrels_path}: relevance scores must be numbers") from None
+    bad = r.with_row_index().filter(pl.col("score").is_nan() | pl.col("score").is_infinite())
+    if bad.height:
+        raise DataError(f"{qrels_path}: {bad.height} relevance score(s) are not finite (the first on data row "
+                        f"{bad['index'][0] + 1}: {bad['score'][0]}); give each judgement a finite grade")
     notes = []
     for frame, col, what in ((q, "query_id", "queries"), (c, "doc_id", "documents")):
         nulls = frame[col].null_count()
@@ -108,6 +113,10 @@ def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
             notes.append(f"{dup} duplicate {what} ids: the first row of each is used")
     q = q.unique("query_id", keep="first", maintain_order=True)
     c = c.unique("doc_id", keep="first", maintain_order=True)
+    for frame, what in ((q, "queries"), (c, "documents")):
+        empty = frame["text"].is_null().sum() + (frame["text"].str.strip_chars() == "").sum()
+        if empty:
+            notes.append(f"{empty} {what} have no text (null or blank): they are kept, as empty text")
     doc_row = {d: i for i, d in enumerate(c["doc_id"].to_list())}
     q = q.filter(pl.col("query_id").is_in(r["query_id"].unique().implode()))
     q_row = {d: i for i, d in enumerate(q["query_id"].to_list())}
@@ -115,7 +124,9 @@ def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
         raise DataError(f"{qrels_path}: no judged query is in the queries file; check that the qrels ids match "
                         "the queries")
     qrels: list[dict[int, float]] = [{} for _ in range(len(q_row))]
-    missing = unknown = null = conflicts = 0
+    missing = unknown = null = conflicts = repeats = 0
+    seen: set[tuple[str, str, float]] = set()
+    missing_pairs: set[tuple[str, str]] = set()
     for qid, did, s in r.iter_rows():
         if qid is None or did is None or s is None:
             null += 1
@@ -123,17 +134,24 @@ def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
         if qid not in q_row:
             unknown += 1
             continue
+        if (qid, did, s) in seen:  # the same row again: one judgement
+            repeats += 1
+            continue
+        seen.add((qid, did, s))
         if did in doc_row:
             row = qrels[q_row[qid]]
             conflicts += doc_row[did] in row and row[doc_row[did]] != float(s)
             row.setdefault(doc_row[did], float(s))  # the first judgement of a pair counts
-        elif s > 0:  # relevant but not in the corpus: counted, never found
+        elif s > 0 and (qid, did) not in missing_pairs:  # relevant but not in the corpus: counted once, never found
             missing += 1
+            missing_pairs.add((qid, did))
             qrels[q_row[qid]][-1 - missing] = float(s)
     if null:
         notes.append(f"{null} qrels rows have no query id, document id or score: dropped")
     if unknown:
         notes.append(f"{unknown} qrels rows name a query id that is not in the queries file: dropped")
+    if repeats:
+        notes.append(f"{repeats} qrels rows repeat an earlier row exactly: each judgement counts once")
     if conflicts:
         notes.append(f"{conflicts} qrels rows judge a (query, document) pair judged before with another score: "
                      "the first judgement is used")

@@ -83,11 +83,11 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
         tmp = final.parent / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            n, dim, digest, nnz, files = write_folder(tmp, model, vocab, chunks, device, dtype, batch_size, progress,
-                                                      total, precomputed)
+            n, dim, digest, nnz, files, shared_ids = write_folder(tmp, model, vocab, chunks, device, dtype,
+                                                                  batch_size, progress, total, precomputed)
             meta = {"format_version": INDEX_FORMAT, "model_fingerprint": fingerprint(run_dir), "dim": dim,
                     "count": n, "dtype": dtype, "backend": backend, "sha256": digest, "files_sha256": files,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                    "shared_ids": shared_ids, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             if nnz is not None:
                 nnz, digests = nnz
                 meta["lexical"] = {"dim": model.cfg.lexical_dim, "buckets": model.cfg.ngram_buckets, "nnz": nnz,
@@ -99,6 +99,7 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
                 from twotower_cli.retrieval.snapshot import Strings as StringsFile
 
                 BM25.build(StringsFile(tmp, "texts"), tmp / "bm25")
+            meta["files_sha256"].update(other_files(tmp))
             atomic_write_json(tmp / "meta.json", meta)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -114,10 +115,20 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
     return final
 
 
+def other_files(folder: Path) -> dict[str, str]:
+    """The sha256 of an index's files besides the embeddings, lexical rows and strings (their checksums are
+    computed as they are written): the Parquet parts, a FAISS graph, and bm25.json (which holds its arrays')."""
+    from twotower_cli.retrieval.index import file_digest
+
+    found = [*sorted((folder / "documents").glob("part-*.parquet")), folder / "bm25" / "bm25.json",
+             folder / "faiss.index"]
+    return {str(p.relative_to(folder)): file_digest(p) for p in found if p.is_file()}
+
+
 def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size: int, progress, total,
                  precomputed=None):
     """Writes the index's files into ``tmp``; returns the count, the dimension, the embeddings' sha256, the lexical
-    rows' (entries, sha256) or None, and the document files' sha256."""
+    rows' (entries, sha256) or None, the document files' sha256 and how many documents kept an id given before."""
     (tmp / "documents").mkdir(parents=True)
     dim = model.cfg.output_dim
     if total:
@@ -128,10 +139,10 @@ def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size
     lexical = LexicalWriter(tmp) if getattr(model.cfg, "lexical_exact", False) else None
     try:
         with open(tmp / "embeddings.npy", "wb") as raw:
-            n, digest = write_chunks(raw, tmp, model, vocab, chunks, device, dtype, batch_size, progress, total,
-                                     precomputed, texts, ids_out, lexical)
+            n, digest, shared_ids = write_chunks(raw, tmp, model, vocab, chunks, device, dtype, batch_size, progress,
+                                                 total, precomputed, texts, ids_out, lexical)
         files = {**texts.close(), **ids_out.close()}
-        return n, dim, digest, lexical.close() if lexical is not None else None, files
+        return n, dim, digest, lexical.close() if lexical is not None else None, files, shared_ids
     finally:
         for fh in [texts.fh, ids_out.fh] + (list(lexical.files.values()) if lexical is not None else []):
             fh.close()  # (closed already unless something failed)
@@ -139,11 +150,12 @@ def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size
 
 
 def write_chunks(raw, tmp: Path, model, vocab, chunks, device, dtype: str, batch_size: int, progress, total,
-                 precomputed, texts: Strings, ids_out: Strings, lexical) -> tuple[int, str]:
-    """Embeddings appended to ``raw`` (its header written last), documents to their files; identical documents once."""
+                 precomputed, texts: Strings, ids_out: Strings, lexical) -> tuple[int, str, int]:
+    """Embeddings appended to ``raw`` (its header written last), documents to their files; identical documents once.
+    Also counts the documents whose id an earlier (different) document has (by the ids' 64-bit hashes)."""
     max_len = model.cfg.max_document_length
-    seen_h, seen_row = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
-    n = offset = 0
+    seen_h, seen_row, seen_ids = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64), np.zeros(0, np.uint64)
+    n = offset = shared_ids = 0
     digest = hashlib.sha256()
     raw.write(b"\0" * HEADER)
     for part, (docs, ids) in enumerate(chunks):
@@ -178,6 +190,9 @@ def write_chunks(raw, tmp: Path, model, vocab, chunks, device, dtype: str, batch
             if lexical is not None:
                 lexical.add(rows)
         frame = frame.drop("row")
+        id_h = frame["id"].hash(seed=0).to_numpy()
+        shared_ids += int(len(id_h) - len(np.unique(id_h)) + np.isin(np.unique(id_h), seen_ids).sum())
+        seen_ids = np.union1d(seen_ids, id_h)
         frame.write_parquet(tmp / "documents" / f"part-{part:05d}.parquet")
         texts.add(frame["document"].to_list())
         ids_out.add(frame["id"].to_list())
@@ -193,7 +208,7 @@ def write_chunks(raw, tmp: Path, model, vocab, chunks, device, dtype: str, batch
     raw.write(npy_header((n, model.cfg.output_dim), dtype))
     raw.flush()
     os.fsync(raw.fileno())
-    return n, digest.hexdigest()
+    return n, digest.hexdigest(), shared_ids
 
 
 def embed_batch(model, vocab, docs, max_len: int, device, lexical: bool, first: int = 0):

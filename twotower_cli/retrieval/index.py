@@ -24,12 +24,13 @@ from twotower_cli.model.files import fingerprint
 from twotower_cli.retrieval.snapshot import Index, Strings, file_stamp
 from twotower_cli.runs import is_locked, read_json
 
-INDEX_FORMAT = 2  # 2: texts.bin/ids.bin beside the Parquet parts, a checksum in meta.json (1 is still read)
+INDEX_FORMAT = 3  # 3: every file's sha256 in meta.json (2: texts.bin/ids.bin and the embeddings' sha256; 1: Parquet)
 
 
 def index_dir(run_dir: Path, name: str) -> Path:
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise UsageError(f"index name {name!r} must be a plain folder name (letters, digits, '.', '_', '-')")
+        raise UsageError(f"index name {name!r} must be a plain folder name: letters, digits, '.', '_', '-', "
+                         "beginning with a letter or digit")
     return Path(run_dir) / "index" / name
 
 
@@ -86,17 +87,15 @@ def load_index(run_dir: Path, name: str = "default", check_model: bool = True) -
                 if parent.is_dir() else []
             raise ArtifactError(f"no index '{name}' in {run_dir} (have: {', '.join(have) or 'none'}); "
                                 f"build one with: twotower index CORPUS --name {name}")
-        try:
-            before = file_stamp(folder / "meta.json")
-        except FileNotFoundError:
-            before = None
+        before = stamp_or_none(folder / "meta.json")
         try:
             index = open_index(run_dir, folder, name, check_model)
         except ArtifactError:
-            if before is not None and stamp_or_none(folder / "meta.json") == before:
-                raise  # the build it read is damaged, not replaced
+            if stamp_or_none(folder / "meta.json") == before and not is_locked(lock_path(run_dir, name)):
+                raise  # the build it read is damaged (or incomplete), not being replaced
+            time.sleep(0.05 * (attempt + 1))
             continue
-        if index.stamp == before:
+        if stamp_or_none(folder / "meta.json") == before:  # no rebuild landed while its files were opened
             return index
     raise ArtifactError(f"{index_dir(run_dir, name)}: the index kept changing while it was read (is it being "
                         "rebuilt in a loop?); retry when it is written")
@@ -111,7 +110,7 @@ def stamp_or_none(path: Path):
 
 def open_index(run_dir: Path, folder: Path, name: str, check_model: bool) -> Index:
     meta_path = folder / "meta.json"
-    stamp = stamp_or_none(meta_path)
+    stamps = {meta_path: stamp_or_none(meta_path)}
     meta = read_json(meta_path, "index metadata")
     version = meta.get("format_version", 0)
     if not isinstance(version, int) or isinstance(version, bool):
@@ -145,15 +144,26 @@ def open_index(run_dir: Path, folder: Path, name: str, check_model: bool) -> Ind
     if meta.get("backend") == "faiss" and not (folder / "faiss.index").is_file():
         raise ArtifactError(f"{folder / 'faiss.index'}: missing, but meta.json says the index uses FAISS; "
                             "rebuild the index")
-    return Index(folder, meta, emb, load_lexical(folder, meta), texts, ids, stamp=stamp)
+    lexical = load_lexical(folder, meta)
+    for file in ["embeddings.npy", "faiss.index", *(f"lexical.{part}.npy" for part in ("indptr", "buckets", "weights")),
+                 *(f"{kind}{end}" for kind in ("texts", "ids") for end in (".bin", ".offsets.npy"))]:
+        if (folder / file).exists():
+            stamps[folder / file] = stamp_or_none(folder / file)
+    return Index(folder, meta, emb, lexical, texts, ids, stamps=stamps)
 
 
 def verify_files(folder: Path, meta: dict) -> None:
-    """Compare the document files with the checksums written when they were built (all of them, up to
-    ``VERIFY_UP_TO`` bytes in all; `twotower verify` checks any size)."""
+    """Compare the index's files with the checksums written when they were built (all of them, up to
+    ``VERIFY_UP_TO`` bytes in all; `twotower verify` checks any size). An index of format 3 without them is
+    damaged: they were written with it."""
     digests = meta.get("files_sha256")
+    if meta.get("format_version", 0) >= 3 and (not isinstance(digests, dict) or not meta.get("sha256")):
+        raise ArtifactError(f"{folder / 'meta.json'}: its checksums are missing; the file was altered: rebuild the "
+                            "index")
     if not isinstance(digests, dict):
         return
+    if not (folder / "bm25").exists():  # BM25 removed is built again from the texts on first use, the same
+        digests = {f: d for f, d in digests.items() if not f.startswith("bm25/")}
     sizes = {f: (folder / f).stat().st_size for f in digests if (folder / f).exists()}
     if sum(sizes.values()) > VERIFY_UP_TO:
         return
@@ -205,9 +215,12 @@ def check_documents(folder: Path, meta: dict) -> None:
                 size = (folder / f"{name}.bin").stat().st_size
             except (OSError, ValueError, EOFError):
                 raise ArtifactError(f"{folder / (name + '.bin')}: missing or damaged; rebuild the index") from None
-            if offsets.shape != (count + 1,) or int(offsets[-1]) != size:
-                raise ArtifactError(f"{folder / (name + '.bin')}: holds {offsets.shape[0] - 1} entries for {count} "
-                                    "embeddings (or is truncated); rebuild the index")
+            if offsets.shape != (count + 1,):
+                raise ArtifactError(f"{folder / (name + '.offsets.npy')}: gives {offsets.shape[0] - 1} entries for "
+                                    f"{count} embeddings; rebuild the index")
+            if int(offsets[-1]) != size:
+                raise ArtifactError(f"{folder / (name + '.bin')}: {size:,} bytes where its offsets say "
+                                    f"{int(offsets[-1]):,} (truncated or altered); rebuild the index")
         return
     parts = sorted((folder / "documents").glob("part-*.parquet"))
     if not parts:

@@ -65,7 +65,15 @@ class SearchPlan:
         return replace(self, mode=mode, hybrid_weight=float(weight))
 
 
-RUN_FORMAT = 2  # run.json of format 2 always holds its plan
+RUN_FORMAT = 3  # run.json of format 2 always holds its plan; of format 3, with the plan's sha256
+
+
+def plan_digest(plan: SearchPlan) -> str:
+    """The sha256 of a plan's parameters, stored beside it: an edited plan is noticed, not silently searched."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 def stored_plan(run_dir: Path) -> SearchPlan:
@@ -82,7 +90,10 @@ def stored_plan(run_dir: Path) -> SearchPlan:
     try:
         if not isinstance(stored, dict):
             raise ValueError("missing or not an object")
-        return SearchPlan.from_dict(stored)
+        plan = SearchPlan.from_dict(stored)
+        if run.get("format_version", 1) >= 3 and run.get("search_sha256") != plan_digest(plan):
+            raise ValueError("it does not match its recorded sha256: it was edited")
+        return plan
     except (ValueError, TypeError) as exc:
         raise ArtifactError(f"{path}: its 'search' entry is damaged ({exc}); the file is corrupt: retrain, or "
                             "restore it from a copy") from None

@@ -53,9 +53,10 @@ class Index:
     folder, so a reader never mixes two builds. `current` tells whether the folder still holds that build."""
 
     def __init__(self, path: Path | None, meta: dict, embeddings: np.ndarray, lexical=None, texts=None, ids=None,
-                 bm25=None, stamp=None):
+                 bm25=None, stamps: dict | None = None):
         self.path, self.meta, self.embeddings, self.lexical = path, meta, embeddings, lexical
-        self.texts, self.ids, self.stamp = texts, ids, stamp
+        self.texts, self.ids = texts, ids
+        self.stamps = stamps or {}  # every file opened: its inode, size and times when it was opened
         self._bm25, self._faiss, self.on_device = bm25, None, None  # (the embeddings copied once to a GPU)
         self._lock = threading.Lock()
 
@@ -79,13 +80,16 @@ class Index:
         return self.path.name if self.path is not None else "(in memory)"
 
     def current(self) -> bool:
-        """Whether the folder still holds the build this object opened (a rebuild replaces meta.json)."""
-        if self.path is None or self.stamp is None:
-            return True
-        try:
-            return file_stamp(self.path / "meta.json") == self.stamp
-        except OSError:
-            return False
+        """Whether every file this object opened is as it was: a rebuild replaces meta.json, and a file written in
+        place changes its change time whatever its modification time says (then the index is opened, and
+        checked, again)."""
+        for path, stamp in list(self.stamps.items()):  # (a copy: BM25, loaded on first use, adds its files)
+            try:
+                if file_stamp(path) != stamp:
+                    return False
+            except OSError:
+                return False
+        return True
 
     def damaged(self, name: str) -> ArtifactError:
         where = self.path / name if self.path is not None else name
@@ -132,6 +136,9 @@ class Index:
                     bm25 = load_bm25(self) if self.current() else None
                     if bm25 is None or not self.current():  # the folder now holds another build
                         raise Replaced(f"{self.path}: rebuilt while it was being read")
+                    for file in ("bm25.json", "data.npy", "indices.npy", "indptr.npy"):
+                        if (self.path / "bm25" / file).exists():  # (not where it was built for this process only)
+                            self.stamps[self.path / "bm25" / file] = file_stamp(self.path / "bm25" / file)
                     self._bm25 = bm25
             return self._bm25
 

@@ -46,8 +46,9 @@ def attempt(what: str, check) -> Check:
         return Check(what, True, check())
     except TwotowerError as exc:
         return Check(what, False, str(exc))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return Check(what, False, f"cannot be read ({type(exc).__name__}: {exc})")
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+        return Check(what, False, str(exc) if str(exc).startswith("/") else f"cannot be read ({type(exc).__name__}: "
+                                                                           f"{exc})")
 
 
 def run_record(run_dir: Path) -> str:
@@ -83,54 +84,104 @@ def model(run_dir: Path) -> str:
 
 
 def index_checks(run_dir: Path, name: str) -> list[Check]:
-    from twotower_cli.retrieval.index import file_digest, load_index
+    """Every file of one index on its own (a damaged file does not hide the others), then the index opened as
+    search opens it (shapes, offsets, the model that built it)."""
+    from twotower_cli.retrieval.index import index_dir, load_index
+    from twotower_cli.runs import read_json
 
-    what = f"index/{name}"
-    try:
-        index = load_index(run_dir, name)
-    except TwotowerError as exc:
-        return [Check(what, False, str(exc))]
-    folder, meta, out = index.path, index.meta, []
+    what, folder = f"index/{name}", index_dir(run_dir, name)
+    meta = {}
+    out = [attempt(f"{what}/meta.json", lambda: describe_meta(read_json(folder / "meta.json", "index metadata"),
+                                                                  meta))]
+    if not meta:
+        return out
+    out.append(attempt(f"{what}/embeddings.npy", lambda: embeddings(folder, meta)))
+    digests = meta.get("files_sha256") or {}
+    for file, expected in digests.items():
+        if file.startswith("bm25/") and not (folder / "bm25").exists():
+            continue  # (built again from the texts on first use)
+        out.append(attempt(f"{what}/{file}", lambda f=file, e=expected: matches(folder / f, e)))
+    if meta.get("format_version", 0) >= 3 and not digests:
+        out.append(Check(f"{what}/meta.json", False, f"{folder / 'meta.json'}: its checksums are missing; the file "
+                                                     "was altered: rebuild the index"))
+    if (meta.get("lexical") or {}).get("sha256"):
+        out.append(attempt(f"{what}/lexical.*.npy", lambda: lexical_rows(folder, meta["lexical"]["sha256"])))
+    if (folder / "bm25").is_dir():
+        out.append(attempt(f"{what}/bm25", lambda: bm25(folder / "bm25")))
+    for kind in ("texts", "ids"):
+        if (folder / f"{kind}.bin").exists():
+            out.append(attempt(f"{what}/{kind}.bin", lambda k=kind: decoded_file(folder, k)))
+    out.append(attempt(f"{what} (opened)", lambda: opened(load_index(run_dir, name))))
+    return out
 
-    def digest_of(file: str, expected) -> Check:
-        if not expected:
-            return Check(f"{what}/{file}", True, "no checksum recorded (an index built before checksums: rebuild "
-                                                 "it to have every file checked)")
-        ok = file_digest(folder / file) == expected
-        return Check(f"{what}/{file}", ok, "matches its checksum" if ok else
-                     f"{folder / file}: does not match its checksum in meta.json; rebuild the index")
 
-    embeddings = np.asarray(index.embeddings)
+def describe_meta(meta: dict, keep: dict) -> str:
+    keep.update(meta)
+    return f"format {meta.get('format_version')}, {meta.get('count', 0):,} documents, built {meta.get('created')}"
+
+
+def matches(path: Path, expected: str) -> str:
+    from twotower_cli.retrieval.index import file_digest
+
+    found = file_digest(path)
+    if found is None:
+        raise ValueError(f"{path}: missing; rebuild the index")
+    if found != expected:
+        raise ValueError(f"{path}: does not match its checksum in meta.json; rebuild the index")
+    return "matches its checksum"
+
+
+def embeddings(folder: Path, meta: dict) -> str:
     import hashlib
 
-    ok = meta.get("sha256") in (None, hashlib.sha256(np.ascontiguousarray(embeddings).tobytes()).hexdigest())
-    finite = bool(np.isfinite(embeddings).all()) if embeddings.size else True
-    out.append(Check(f"{what}/embeddings.npy", ok and finite,
-                     f"{meta['count']:,} x {meta['dim']} {meta['dtype']}, matches its checksum, finite" if ok and finite
-                     else f"{folder / 'embeddings.npy'}: " + ("does not match its checksum" if not ok else
-                                                               "holds non-finite values") + "; rebuild the index"))
-    for file, expected in (meta.get("files_sha256") or {}).items():
-        out.append(digest_of(file, expected))
-    for strings in (index.texts, index.ids):  # every entry is text (also where no checksum was recorded)
-        if strings is not None:
-            out.append(attempt(f"{what}/{strings.path.name}", lambda s=strings: decoded(s)))
-    lexical = meta.get("lexical") or {}
-    if lexical.get("sha256"):  # (these checksums are of the arrays, not the files)
-        from twotower_cli.model.sparse_rows import FILES, digest
+    path = folder / "embeddings.npy"
+    emb = np.load(path, mmap_mode="r")
+    if emb.shape != (meta.get("count"), meta.get("dim")):
+        raise ValueError(f"{path}: shape {emb.shape} where meta.json says {meta.get('count')}x{meta.get('dim')}")
+    if meta.get("sha256") and hashlib.sha256(np.ascontiguousarray(emb).tobytes()).hexdigest() != meta["sha256"]:
+        raise ValueError(f"{path}: does not match its checksum in meta.json; rebuild the index")
+    if emb.size and not np.isfinite(emb).all():
+        raise ValueError(f"{path}: holds non-finite values; rebuild the index")
+    return f"{emb.shape[0]:,} x {emb.shape[1]} {emb.dtype}, " + ("matches its checksum, " if meta.get("sha256")
+                                                                  else "no checksum recorded, ") + "finite"
 
-        found = {part: digest(np.load(folder / f"lexical.{part}.npy", mmap_mode="r")) for part in FILES}
-        ok = found == lexical["sha256"]
-        out.append(Check(f"{what}/lexical.*.npy", ok, "the exact lexical rows match their checksums" if ok else
-                         f"{folder}: the exact lexical rows do not match their checksums; rebuild the index"))
-    if (folder / "bm25" / "bm25.json").is_file():
-        bm25 = json.loads((folder / "bm25" / "bm25.json").read_text())
-        for part, expected in (bm25.get("sha256") or {}).items():
-            out.append(digest_of(f"bm25/{part}.npy", expected))
-        data = np.load(folder / "bm25" / "data.npy", mmap_mode="r")
-        if not np.isfinite(data).all():
-            out.append(Check(f"{what}/bm25/data.npy", False, f"{folder / 'bm25' / 'data.npy'}: holds non-finite "
-                                                             "scores; rebuild the index"))
-    return out
+
+def lexical_rows(folder: Path, digests: dict) -> str:
+    from twotower_cli.model.sparse_rows import FILES, digest
+
+    found = {part: digest(np.load(folder / f"lexical.{part}.npy", mmap_mode="r")) for part in FILES}
+    if found != digests:
+        bad = [part for part in FILES if found[part] != digests.get(part)]
+        raise ValueError(f"{folder}/lexical.{bad[0]}.npy: does not match its checksum in meta.json; rebuild the index")
+    return "the exact lexical rows match their checksums"
+
+
+def bm25(folder: Path) -> str:
+    """BM25's arrays against the checksums of its bm25.json (all three), its scores finite."""
+    from twotower_cli.retrieval.bm25 import ARRAYS
+    from twotower_cli.retrieval.index import file_digest
+
+    meta = json.loads((folder / "bm25.json").read_text())
+    digests = meta.get("sha256")
+    if isinstance(digests, dict) or "sha256" in meta:
+        for name in ARRAYS:
+            if not isinstance(digests, dict) or file_digest(folder / f"{name}.npy") != digests.get(name):
+                raise ValueError(f"{folder / (name + '.npy')}: does not match its checksum in bm25.json; rebuild "
+                                 "the index")
+    data = np.load(folder / "data.npy", mmap_mode="r")
+    if data.size and not np.isfinite(data).all():
+        raise ValueError(f"{folder / 'data.npy'}: holds non-finite scores; rebuild the index")
+    return f"{meta.get('num_docs', 0):,} documents, {len(meta.get('vocab', {})):,} terms"
+
+
+def decoded_file(folder: Path, kind: str) -> str:
+    from twotower_cli.retrieval.snapshot import Strings
+
+    return decoded(Strings(folder, kind))
+
+
+def opened(index) -> str:
+    return f"opens as one build of {index.count:,} documents"
 
 
 def decoded(strings) -> str:

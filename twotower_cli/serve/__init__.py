@@ -36,7 +36,7 @@ def check_installed() -> None:
 
 
 def serve(run_dir: Path, index: str, host: str, port: int, notify=print, device: str = "cpu",
-          timeout: float = 10.0) -> None:
+          timeout: float = 10.0, max_connections: int = 2048) -> None:
     """Load the run once, open the port, serve until interrupted."""
     import uvicorn
 
@@ -50,6 +50,6 @@ def serve(run_dir: Path, index: str, host: str, port: int, notify=print, device:
     bound = sock.getsockname()[1]
     notify(f"serving run {model.run_dir.name} (index {model.index_name}, {model.index.count:,} documents) on "
            f"http://{host}:{bound}  (API docs: http://{host}:{bound}/docs; Ctrl-C stops)")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, http=guarded_protocol(timeout, 3 * timeout),
-                            timeout_keep_alive=5)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=5,
+                            http=guarded_protocol(timeout, 3 * timeout, max_connections))
     uvicorn.Server(config).run(sockets=[sock])

@@ -10,7 +10,7 @@ import socket
 
 from twotower_cli.errors import UsageError
 
-MAX_CONNECTIONS = 2048  # open connections; past it a new one is answered 503 and closed at once
+MAX_CONNECTIONS = 2048  # open connections; past it the longest idle one is closed, or (none idle) the new one gets 503
 
 
 def error_bytes(status: int, reason: str, error: str) -> bytes:
@@ -19,21 +19,36 @@ def error_bytes(status: int, reason: str, error: str) -> bytes:
             "connection: close\r\n\r\n").encode() + body
 
 
-def guarded_protocol(header_timeout: float = 10.0, body_timeout: float = 30.0):
+def guarded_protocol(header_timeout: float = 10.0, body_timeout: float = 30.0,
+                     max_connections: int = MAX_CONNECTIONS):
     """uvicorn's h11 protocol with deadlines (``header_timeout`` seconds from a connection, or from the previous
-    response, to the end of a request's headers; ``body_timeout`` more for its body), a connection cap and JSON
-    for the errors it answers itself."""
+    response, to the end of a request's headers; ``body_timeout`` more for its body, and for a response the client
+    stopped reading), a connection cap and JSON for the errors it answers itself."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Guarded(H11Protocol):
-        phase, deadline = "headers", None
+        phase, deadline, stalled, since = "headers", None, None, 0.0
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            if len(self.connections) > MAX_CONNECTIONS:
+            self.since = self.loop.time()
+            if len(self.connections) > max_connections and not self.close_longest_idle():
                 self.refuse(503, "Service Unavailable", "the server has too many open connections; retry")
                 return
             self.arm(header_timeout)
+
+        def idle(self) -> bool:
+            """No request at the application: between requests, or still sending one (a new client is worth
+            more than a connection that waits, or one that sends its headers slowly)."""
+            return self.cycle is None or self.cycle.response_complete
+
+        def close_longest_idle(self) -> bool:
+            idle = [c for c in self.connections if c is not self and isinstance(c, Guarded) and c.idle()
+                    and not c.transport.is_closing()]
+            if not idle:
+                return False
+            min(idle, key=lambda c: c.since).transport.close()
+            return True
 
         def arm(self, seconds: float) -> None:
             if self.deadline is not None:
@@ -61,13 +76,25 @@ def guarded_protocol(header_timeout: float = 10.0, body_timeout: float = 30.0):
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self.phase = "headers"
+            self.phase, self.since = "headers", self.loop.time()
             if not self.transport.is_closing():
                 self.arm(self.timeout_keep_alive + header_timeout)
 
+        def pause_writing(self) -> None:  # a client that stops reading its response is cut off, not waited on
+            super().pause_writing()
+            if self.stalled is None:
+                self.stalled = self.loop.call_later(body_timeout, self.transport.abort)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self.stalled is not None:
+                self.stalled.cancel()
+                self.stalled = None
+
         def connection_lost(self, exc) -> None:
-            if self.deadline is not None:
-                self.deadline.cancel()
+            for timer in (self.deadline, self.stalled):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
 
         def send_400_response(self, msg: str) -> None:

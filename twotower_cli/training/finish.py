@@ -12,7 +12,7 @@ import torch
 
 from twotower_cli.errors import TrainingError
 from twotower_cli.model.artifacts import read_model_tensors, save_model
-from twotower_cli.retrieval.search import RUN_FORMAT, SearchPlan
+from twotower_cli.retrieval.search import RUN_FORMAT, SearchPlan, plan_digest
 from twotower_cli.runs import atomic_write_json, read_json, set_latest
 from twotower_cli.training.choices import choose_lexical_weight, choose_search, measure
 
@@ -93,7 +93,7 @@ def finish_run(run_dir: Path, runs_dir: Path, model, vocab, train_set, device, o
     retrieval_examples(run_dir, encoder, index, plan, train_set)
     run_record = read_json(run_dir / "run.json")
     run_record.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), best_epoch=out.best_epoch,
-                      best=out.best, search={**plan.to_dict(), **record}, test=test,
+                      best=out.best, search={**plan.to_dict(), **record}, search_sha256=plan_digest(plan), test=test,
                       test_queries=len(train_set.test_q), format_version=RUN_FORMAT)
     atomic_write_json(run_dir / "run.json", run_record)
     set_latest(runs_dir, run_dir)

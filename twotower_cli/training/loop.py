@@ -236,14 +236,14 @@ class Loop:
                 else f"no epoch finished, so {self.run_dir} holds no model")
         cause = (f"lower --learning-rate (now {self.cfg.learning_rate:g})" if self.cfg.temperature >= 0.01
                  else f"raise --temperature (now {self.cfg.temperature:g}: logits of 1/temperature overflow)")
-        raise TrainingError(f"training diverged at step {self.st['global_step'] + 1} (epoch {epoch + 1}): {what}; "
+        raise TrainingError(f"training diverged at step {self.state['global_step'] + 1} (epoch {epoch + 1}): {what}; "
                             f"{cause} or check the data. {kept[0].upper() + kept[1:]}")
 
     def checkpoint(self) -> None:
         """Write the resumable state; never one holding NaN weights (the loss is checked first)."""
         self.log.flush(self.state)
         if self.state["loss_n"] and not math.isfinite(self.state["loss_sum"]):
-            self.diverged(self.state["epoch"], f"mean loss {self.st['loss_sum']} since the last check")
+            self.diverged(self.state["epoch"], f"mean loss {self.state['loss_sum']} since the last check")
         if self.main:
             save_checkpoint(self.ckpt, self.model, self.opts, self.state)
         self.last_checkpoint = time.monotonic()
