@@ -143,7 +143,7 @@ def test_torchrun_trains_one_run_matching_a_single_process(tiny_pairs, tmp_path)
     common = ["--epochs", "1", "--val-fraction", "0.1", "--embedding-dim", "16", "--hidden-dim", "32",
               "--max-document-length", "64", "--no-report", "--device", "cpu", "--hard-negatives", "bm25"]
     env = {**os.environ, "TWOTOWER_MODEL_NGRAM_BUCKETS": "4096", "OMP_NUM_THREADS": "1",
-           "TWOTOWER_TRAIN_VAL_MIN_QUERIES": "0"}
+           "TWOTOWER_TRAIN_VAL_MIN_QUERIES": "0", "TWOTOWER_TRAIN_TEST_FRACTION": "0"}
     single = subprocess.run([sys.executable, "-m", "twotower_cli", "train", str(tiny_pairs), *common,
                              "--batch-size", str(2 * B), "--runs-dir", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env)

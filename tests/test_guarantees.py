@@ -207,14 +207,17 @@ def test_f7_a_kill_between_the_renames_is_recovered(cli, runs):
 
 
 def test_f8_stale_temporary_files_are_removed_by_the_next_writer(cli, runs, tmp_path):
+    """Only this index's: another index's folder being written (`.other.tmp-PID`, `.default.v2.tmp-PID` of the
+    index named `default.v2`) may belong to a live writer of that index."""
     run = (runs / "latest").resolve()
-    stale = [run / "index" / ".default.tmp-424242", run / "index" / ".bm25.tmp-1"]
-    for d in stale:
+    stale = [run / "index" / ".default.tmp-424242", run / "index" / ".default.old-1"]
+    others = [run / "index" / ".other.tmp-424243", run / "index" / ".default.v2.tmp-424244"]
+    for d in stale + others:
         d.mkdir()
         (d / "embeddings.npy").write_bytes(b"x" * 1000)
     corpus = write(tmp_path / "c.txt", "one document\nanother document\n")
     assert cli("index", corpus, "--name", "default").exit_code == 0
-    assert not any(d.exists() for d in stale)
+    assert not any(d.exists() for d in stale) and all(d.exists() for d in others)
 
 
 def test_f8_resume_removes_half_written_checkpoints(tmp_path):

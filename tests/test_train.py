@@ -216,7 +216,8 @@ def test_tokenising_on_demand_trains_the_same_model(tiny_pairs, tmp_path, monkey
 
 @pytest.mark.slow
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_pairs, tmp_path):
-    full = run_train(small_cfg(tmp_path / "a", epochs=3), tiny_pairs, Hooks(), lambda: False)
+    calls = []  # how often the loop asks whether to stop, so the interruptions land mid-run whatever the split
+    full = run_train(small_cfg(tmp_path / "a", epochs=3), tiny_pairs, Hooks(), lambda: calls.append(1) and False)
 
     class StopAfter:
         def __init__(self, n):
@@ -227,9 +228,10 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_pairs, tmp_pa
             return self.n < 0
 
     cfg = small_cfg(tmp_path / "b", epochs=3)
-    part = run_train(cfg, tiny_pairs, Hooks(), StopAfter(13))  # mid-epoch 2
+    first, second = len(calls) // 2, len(calls) // 3  # mid-epoch 2, then mid-epoch 3
+    part = run_train(cfg, tiny_pairs, Hooks(), StopAfter(first))
     assert part.interrupted and not (tmp_path / "b" / "runs" / "latest").exists()
-    part = run_train(cfg, None, Hooks(), StopAfter(9), resume=part.run_dir.name)  # interrupted again
+    part = run_train(cfg, None, Hooks(), StopAfter(second), resume=part.run_dir.name)  # interrupted again
     assert part.interrupted
     done = run_train(cfg, None, Hooks(), lambda: False, resume=part.run_dir.name)
     assert not done.interrupted

@@ -23,8 +23,8 @@ from twotower_cli.errors import TrainingError, UsageError
 from twotower_cli.model.encode import document_tokens, lexical_rows
 from twotower_cli.model.files import fingerprint
 from twotower_cli.model.sparse_rows import digest as array_digest
-from twotower_cli.retrieval.index import INDEX_FORMAT, index_dir, lock_path, read_strings, recover
-from twotower_cli.runs import Lock, atomic_write_json, check_free_space, disk_full, fsync_folder, remove_stale
+from twotower_cli.retrieval.index import INDEX_FORMAT, index_dir, leftovers, lock_path, read_strings, recover
+from twotower_cli.runs import Lock, atomic_write_json, check_free_space, disk_full, fsync_folder
 
 HEADER = 128  # bytes reserved for the .npy header, written once the row count is known
 
@@ -78,8 +78,9 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
     final = index_dir(run_dir, name)
     final.parent.mkdir(parents=True, exist_ok=True)
     with Lock(lock_path(run_dir, name), f"index '{name}' of {Path(run_dir).name}"):
-        remove_stale(final.parent)  # temporary folders of killed writers (never a complete old copy: see recover)
         recover(run_dir, name)
+        for left in leftovers(final.parent, name):  # what killed writers of this index left (recover took its due)
+            shutil.rmtree(left, ignore_errors=True)
         tmp = final.parent / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:

@@ -50,7 +50,7 @@ def recover(run_dir: Path, name: str) -> Path:
     parent = final.parent
     if final.exists() or not parent.is_dir() or is_locked(lock_path(run_dir, name)):
         return final
-    candidates = [p for p in parent.glob(f".{name}.*") if p.is_dir() and is_complete_index(p)]
+    candidates = [p for p in leftovers(parent, name) if is_complete_index(p)]
     if not candidates:
         return final
     # a complete new index (tmp) is what the killed writer was about to publish; else the previous one (old)
@@ -60,6 +60,16 @@ def recover(run_dir: Path, name: str) -> Path:
         return final
     except OSError:
         return best
+
+
+def leftovers(parent: Path, name: str) -> list[Path]:
+    """The folders a writer of index ``name`` leaves when killed (`.NAME.tmp-PID`, `.NAME.old-PID`), and no other
+    index's: names may hold dots, and `.a.b.tmp-1` belongs to index `a.b`, not to `a`."""
+    import re
+
+    pattern = re.compile(rf"\.{re.escape(name)}\.(tmp|old)-\d+")
+    return [p for p in parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()] \
+        if parent.is_dir() else []
 
 
 def read_strings(folder: Path, name: str, rows: list[int], offsets=None) -> list[str]:
