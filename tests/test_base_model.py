@@ -122,7 +122,7 @@ def test_the_fine_tuned_model_learns_and_every_command_works_on_it(run, base, cl
     ev = cwd / "ev"
     ev.mkdir(exist_ok=True)
     pl.DataFrame({"doc_id": [f"d{i}" for i in range(len(docs))], "document": docs}).write_parquet(ev / "corpus.parquet")
-    sub = pairs.unique("query").head(30)
+    sub = pairs.unique("query", maintain_order=True).head(30)
     row = {d: i for i, d in enumerate(docs.to_list())}
     pl.DataFrame({"query_id": [f"q{i}" for i in range(30)], "query": sub["query"]}).write_parquet(ev / "queries.parquet")
     pl.DataFrame({"query_id": [f"q{i}" for i in range(30)], "doc_id": [f"d{row[d]}" for d in sub["document"]]}

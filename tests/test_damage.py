@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import sample_pairs
+from twotower_cli.errors import ArtifactError
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +248,161 @@ def test_a_file_written_in_place_is_noticed_whatever_its_times_say(run):
     assert not index.current()
     with pytest.raises(Exception, match="texts.bin"):
         model.search("GNU C compiler", k=3)
+
+
+def test_model_files_written_under_a_loaded_model_are_refused(run):
+    """A run's files replaced or rewritten while it is loaded (a server's): its towers in memory are no longer the
+    run on disk, nor the model its indexes are checked against. Refused, naming the file, until loaded again."""
+    import twotower_cli
+
+    model = twotower_cli.load(run)
+    model.search("GNU C compiler", k=3)
+    for name in ("model.safetensors", "vocab.json"):
+        path = run / name
+        path.write_bytes(path.read_bytes())  # the same bytes, written again (a copy of the run over this one)
+        with pytest.raises(ArtifactError, match=f"{name}: changed on disk since this model was loaded"):
+            model.search("GNU C compiler", k=3)
+        with pytest.raises(ArtifactError, match=name):
+            model.encode_queries(["GNU C compiler"])
+        assert twotower_cli.load(run).search("GNU C compiler", k=3)  # loaded again: served
+        model = twotower_cli.load(run)
+
+
+def set_header_fingerprint(path: Path) -> None:
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    old = header["__metadata__"]["fingerprint"]
+    new = ("0" if old[0] != "0" else "1") + old[1:]
+    path.write_bytes(data[:8] + data[8:8 + n].replace(old.encode(), new.encode()) + data[8 + n:])
+
+
+def test_a_damaged_model_header_is_blamed_on_the_model_not_the_index(run, cli):
+    set_header_fingerprint(run / "model.safetensors")
+    res = cli("search", "GNU C compiler", "--runs-dir", run.parent)
+    assert res.exit_code == 1 and "model.safetensors: does not match its recorded fingerprint" in res.stderr, \
+        res.stderr
+    assert "built by another model" not in res.stderr
+
+
+def edit_meta(change, checksum: bool = True):
+    def apply(run: Path):
+        path = run / "index" / "default" / "meta.json"
+        meta = json.loads(path.read_text())
+        change(meta)
+        if not checksum:  # written as twotower writes an index, its own checksum again
+            from twotower_cli.retrieval.meta_file import meta_digest
+
+            meta["meta_sha256"] = meta_digest(meta)
+        path.write_text(json.dumps(meta))
+    return apply
+
+
+@pytest.mark.parametrize("change,checksum,needle", [
+    (lambda m: m.update(created="2020-01-01T00:00:00+0000"), True, "its own checksum"),
+    (lambda m: m["lexical"].update(weight=0.123), True, "its own checksum"),
+    (lambda m: m.update(dim="16"), False, "dim '16'"),
+    (lambda m: m.update(dtype="float64"), False, "dtype 'float64'"),
+    (lambda m: m.update(backend="faiss", faiss={"ef_search": "many"}), False, "'faiss' entry"),
+    (lambda m: m["lexical"].update(weight="x"), False, "'lexical' entry"),
+    (lambda m: m["lexical"].update(weight=0.123), False, "lexical weight differ from the model's settings"),
+    (lambda m: m["lexical"].update(buckets=17), False, "lexical buckets differ"),
+])
+def test_an_edited_or_damaged_index_meta_is_one_line_naming_it(run, cli, change, checksum, needle):
+    edit_meta(change, checksum)(run)
+    res = cli("search", "GNU C compiler", "--runs-dir", run.parent)
+    assert res.exit_code == 1 and "meta.json" in res.stderr and needle in res.stderr, res.stderr
+    assert "internal error" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    verified = cli("verify", "--runs-dir", run.parent, "--json")
+    assert verified.exit_code == 1 and not json.loads(verified.stdout)["ok"]
+
+
+def test_files_are_checked_smallest_first_when_all_exceed_the_budget(run, cli, monkeypatch):
+    """Over the bytes checked at every load, the small files are still checked (not all or nothing)."""
+    from twotower_cli.retrieval import index as index_mod
+
+    folder = run / "index" / "default"
+    meta = json.loads((folder / "meta.json").read_text())
+    sizes = sorted((folder / f).stat().st_size for f in meta["files_sha256"])
+    monkeypatch.setattr(index_mod, "VERIFY_UP_TO", sum(sizes) - sizes[-1])  # all but the largest file
+    flip_end(folder / "ids.bin")
+    res = cli("search", "GNU C compiler", "--runs-dir", run.parent)
+    assert res.exit_code == 1 and "ids.bin: does not match the checksum" in res.stderr, res.stderr
+
+
+def test_a_npy_file_that_asks_to_be_unpickled_is_called_damaged(run, cli):
+    path = run / "index" / "default" / "embeddings.npy"
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    res = cli("search", "GNU C compiler", "--runs-dir", run.parent)
+    assert res.exit_code == 1 and "embeddings.npy" in res.stderr and "header damaged" in res.stderr, res.stderr
+    assert "pickle" not in res.stderr
+
+
+def test_small_index_files_are_read_whole_so_truncation_cannot_kill_a_reader(run):
+    """A file truncated in place under a reader that mapped it stops the process (SIGBUS): files up to 64 MiB are
+    read whole when opened, and the reader answers from the build it opened."""
+    code = f"""
+import twotower_cli
+from pathlib import Path
+model = twotower_cli.load({str(run)!r})
+model.search("GNU C compiler", k=3)
+index = model.index
+before = index.documents([0, 1])
+for name in ("texts.bin", "ids.bin", "texts.offsets.npy", "embeddings.npy", "lexical.weights.npy"):
+    path = Path({str(run)!r}) / "index" / "default" / name
+    with open(path, "r+b") as fh:
+        fh.truncate(64)
+assert index.documents([0, 1]) == before
+print(float(index.embeddings[-1].sum()), float(index.lexical.weights[-1]), "ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), (res.returncode, res.stderr[-2000:])
+
+
+def test_non_finite_query_embeddings_blame_the_model(run, monkeypatch):
+    import twotower_cli
+    from twotower_cli.model.numpy_encoder import NumpyTowers
+
+    encode = NumpyTowers.encode
+    monkeypatch.setattr(NumpyTowers, "encode", lambda self, ids, side: encode(self, ids, side) * np.nan)
+    with pytest.raises(ArtifactError, match="model.safetensors: gives non-finite query embeddings"):
+        twotower_cli.load(run).search("GNU C compiler", k=3)
+
+
+def test_index_stamps_cover_its_parquet_parts(run):
+    import twotower_cli
+
+    index = twotower_cli.load(run).index
+    parts = sorted((run / "index" / "default" / "documents").glob("*.parquet"))
+    assert parts and all(p in index.stamps for p in parts)
+
+
+@pytest.mark.parametrize("host,needle", [("10.255.255.1", "check --host"), ("no-such-host.invalid", "check --host")])
+def test_serve_names_the_host_it_cannot_listen_on(host, needle):
+    from twotower_cli.errors import UsageError
+    from twotower_cli.serve.http import listening_socket
+
+    with pytest.raises(UsageError, match=needle):
+        listening_socket(host, 0)
+
+
+def test_a_queries_folder_or_empty_file_says_what_search_reads(run, cli, tmp_path):
+    res = cli("search", "--queries", tmp_path, "--runs-dir", run.parent)
+    assert res.exit_code == 1 and "expected a queries file (.txt, one a line" in res.stderr, res.stderr
+    (tmp_path / "q.txt").write_text("\n  \n")
+    res = cli("search", "--queries", tmp_path / "q.txt", "--runs-dir", run.parent)
+    assert res.exit_code == 1 and "q.txt: holds no queries" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("file,line", [("corpus.jsonl", '{"_id": "d1", "text": ["GNU", "compiler"]}'),
+                                       ("queries.jsonl", '{"_id": "q1", "text": {"words": "GNU compiler"}}')])
+def test_evaluate_names_a_list_or_object_where_text_belongs(run, cli, tmp_path, file, line):
+    folder = tmp_path / "ev"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text('{"_id": "d1", "text": "GNU C compiler"}\n')
+    (folder / "queries.jsonl").write_text('{"_id": "q1", "text": "GNU compiler"}\n')
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    (folder / file).write_text(line + "\n")
+    res = cli("evaluate", folder, "--runs-dir", run.parent)
+    assert res.exit_code == 1 and f"{file}: column 'text' holds" in res.stderr, res.stderr
+    assert "internal error" not in res.stderr

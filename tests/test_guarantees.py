@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import SAMPLE, sample_pairs, write
+from twotower_cli.retrieval.meta_file import meta_digest
 
 ENV = {"TWOTOWER_MODEL_NGRAM_BUCKETS": "8192", "TWOTOWER_MODEL_HIDDEN_DIM": "32", "TWOTOWER_MODEL_EMBEDDING_DIM": "16",
        "TWOTOWER_MODEL_LEXICAL_DIM": "64", "TWOTOWER_DATA_MAX_DOCUMENT_LENGTH": "128"}
@@ -272,6 +273,7 @@ def damage(run: Path, what: str) -> None:
     elif what == "faiss_missing":
         meta = json.loads((index / "meta.json").read_text())
         meta.update(backend="faiss", faiss={"ef_search": 128})
+        meta["meta_sha256"] = meta_digest(meta)  # the file as a FAISS build writes it: only the graph is missing
         (index / "meta.json").write_text(json.dumps(meta))
     elif what == "version_string":
         cfg = json.loads((run / "config.json").read_text())
@@ -290,6 +292,7 @@ def damage(run: Path, what: str) -> None:
         import hashlib
 
         meta["sha256"] = hashlib.sha256(emb.tobytes()).hexdigest()  # the checksum agrees: only the values are bad
+        meta["meta_sha256"] = meta_digest(meta)
         (index / "meta.json").write_text(json.dumps(meta))
 
 

@@ -18,7 +18,8 @@ from twotower_cli.training import prepare as prep
 def twin_file(path, n: int = 500):
     """``n`` queries, each twice: as written and as a case-and-space variant ('GCC compiler', 'gcc  COMPILER'),
     both paired with the same document; plus one random negative each."""
-    df = pl.read_parquet(SAMPLE).filter(pl.col("label") == 1).unique("query", keep="first").head(n)
+    df = pl.read_parquet(SAMPLE).filter(pl.col("label") == 1).unique("query", keep="first", maintain_order=True)
+    df = df.head(n)  # (the same rows in every process: unique() without maintain_order picks them by thread timing)
     twins = df.with_columns(pl.col("query").str.to_uppercase().str.replace_all(" ", "  "))
     neg = df.with_columns(pl.col("document").shift(1).fill_null(df["document"][-1]), label=pl.lit(0, df["label"].dtype))
     pl.concat([df, twins, neg]).sample(fraction=1.0, seed=3).write_parquet(path)
@@ -56,7 +57,8 @@ def test_twins_do_not_flatter_the_reported_figures(cli, tmp_path):
               "--no-report", "--runs-dir", tmp_path / "runs")
     assert res.exit_code == 0, res.stderr
     record = json.loads((tmp_path / "runs" / "latest" / "run.json").read_text())
-    assert record["test_queries"] >= 50 and record["test"]["test/mrr@10"] < 0.95
+    # a twin in training hands its query the answer (0.99-1.0); held out with it, 0.95 on this file
+    assert record["test_queries"] >= 50 and record["test"]["test/mrr@10"] < 0.985, record["test"]
     assert "test queries, held out from training and from every choice" in res.stdout
     assert "the model alone" in res.stdout and "BM25" in res.stdout and "default search" in res.stdout
 
@@ -116,7 +118,7 @@ def test_257_pairs_at_batch_256_train_every_pair_and_finish_the_schedule(tmp_pat
     from twotower_cli.training.loop import Hooks
     from twotower_cli.training.pipeline import run_train
 
-    df = pl.read_parquet(SAMPLE).filter(pl.col("label") == 1).unique("query", keep="first").head(257)
+    df = pl.read_parquet(SAMPLE).filter(pl.col("label") == 1).unique("query", keep="first", maintain_order=True).head(257)
     df.write_parquet(tmp_path / "p.parquet")
     cfg = load_config(env={}, overrides={("train", "runs_dir"): str(tmp_path / "runs"), ("train", "epochs"): 3,
                                          ("train", "val_fraction"): 0.0, ("train", "batch_size"): 256,

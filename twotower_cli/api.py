@@ -73,7 +73,7 @@ class TwoTowerModel(RunEncoder):
                 if self._index is None or not self._index.current():
                     from twotower_cli.retrieval.index import load_index
 
-                    self._index = load_index(self.run_dir, self.index_name)
+                    self._index = load_index(self.run_dir, self.index_name, model=self.fingerprint)
                 index = self._index
         return index
 
@@ -147,7 +147,7 @@ class TwoTowerModel(RunEncoder):
         """Search another index of the same run from now on (a search under way finishes on the one it began)."""
         from twotower_cli.retrieval.index import load_index
 
-        index = load_index(self.run_dir, name)
+        index = load_index(self.run_dir, name, model=self.fingerprint)
         with self._lock:
             self.index_name, self._index = name, index
         return self

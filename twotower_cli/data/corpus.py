@@ -227,14 +227,19 @@ def read_queries(path) -> list[str]:
             line = data.count(b"\n", 0, exc.start) + 1
             raise DataError(f"standard input: line {line} is not valid UTF-8; re-encode it as UTF-8") from None
         return [ln.replace("\x00", "\ufffd") for ln in text.replace("\r\n", "\n").split("\n") if ln.strip()]
-    p = check_file(path)
+    p = check_file(path, "a queries file (.txt, one a line; a table with a 'query' or 'text' column; or - for "
+                         "standard input)")
     if p.suffix.lower() == ".txt":
-        return [ln.replace("\x00", "\ufffd") for ln in lines_of(p)]
-    if p.suffix.lower() in (".tsv", ".tab"):
-        df, _ = read_tsv_table(p, ("query", "text"))
+        queries = [ln.replace("\x00", "\ufffd") for ln in lines_of(p)]
     else:
-        df, _ = read_table(p, ["query", "text"])
-    for col in ("query", "text"):
-        if col in df.columns:
-            return [q.replace("\x00", "\ufffd") for q in as_text(df, col, p).fill_null("").to_list()]
-    raise DataError(f"{p}: no 'query' or 'text' column (found: {', '.join(df.columns)})")
+        if p.suffix.lower() in (".tsv", ".tab"):
+            df, _ = read_tsv_table(p, ("query", "text"))
+        else:
+            df, _ = read_table(p, ["query", "text"])
+        col = next((c for c in ("query", "text") if c in df.columns), None)
+        if col is None:
+            raise DataError(f"{p}: no 'query' or 'text' column (found: {', '.join(df.columns)})")
+        queries = [q.replace("\x00", "\ufffd") for q in as_text(df, col, p).fill_null("").to_list()]
+    if not any(q.strip() for q in queries):
+        raise DataError(f"{p}: holds no queries (it is empty or blank); give one query a line")
+    return queries

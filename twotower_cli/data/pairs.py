@@ -35,8 +35,8 @@ class Pairs:
         return f"line {row + self.line_offset}" if self.line_offset else f"row {row + 1}"
 
 
-def check_file(path: str | os.PathLike) -> Path:
-    """Fail with a clear message for paths that cannot be read as a file."""
+def check_file(path: str | os.PathLike, expected: str = "a pairs file (.tsv, .csv, .parquet, .jsonl)") -> Path:
+    """Fail with a clear message for paths that cannot be read as a file (``expected``: what a folder is not)."""
     import stat
 
     p = Path(path)
@@ -45,7 +45,7 @@ def check_file(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise DataError(f"{p}: file not found; check the path")
     if p.is_dir():
-        raise DataError(f"{p}: is a directory, expected a pairs file (.tsv, .csv, .parquet, .jsonl)")
+        raise DataError(f"{p}: is a directory, expected {expected}")
     if not stat.S_ISREG(p.stat().st_mode):
         raise DataError(f"{p}: is not a regular file (a pipe, a device or a socket); save the data to a file first")
     if not os.access(p, os.R_OK):

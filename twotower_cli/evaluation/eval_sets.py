@@ -60,6 +60,15 @@ def need(df: pl.DataFrame, cols: list[str], path: Path) -> None:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns) or 'none'})")
 
 
+def plain(df: pl.DataFrame, cols: list[str], path: Path) -> None:
+    """Ids and texts are strings or numbers: a list or an object in their place is named, never cast."""
+    for col in cols:
+        dtype = df.schema.get(col)
+        if dtype is not None and not (dtype == pl.String or dtype.is_numeric() or dtype in (pl.Boolean, pl.Null)):
+            raise DataError(f"{path}: column '{col}' holds {dtype} values, expected text or numbers; give one "
+                            "string a row")
+
+
 def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
     folder = Path(folder)
     if not folder.is_dir():
@@ -71,6 +80,9 @@ def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
         need(q, ["query_id", "query"], files["queries"])
         need(c, ["doc_id", "document"], files["corpus"])
         need(r, ["query_id", "doc_id"], files["qrels"])
+        plain(q, ["query_id", "query"], files["queries"])
+        plain(c, ["doc_id", "document"], files["corpus"])
+        plain(r, ["query_id", "doc_id"], files["qrels"])
         q = q.select(pl.col("query_id").cast(pl.String), pl.col("query").cast(pl.String).alias("text"))
         c = c.select(pl.col("doc_id").cast(pl.String), pl.col("document").cast(pl.String).alias("text"))
         qrels_path = files["qrels"]
@@ -84,6 +96,8 @@ def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
         need(c, ["_id", "text"], folder / "corpus.jsonl")
         need(q, ["_id", "text"], folder / "queries.jsonl")
         need(r, ["query-id", "corpus-id"], qrels_path)
+        plain(c, ["_id", "text", "title"], folder / "corpus.jsonl")
+        plain(q, ["_id", "text"], folder / "queries.jsonl")
         title = pl.col("title").cast(pl.String).fill_null("") if "title" in c.columns else pl.lit("")
         text = pl.col("text").cast(pl.String)
         c = c.select(pl.col("_id").cast(pl.String).alias("doc_id"),

@@ -84,12 +84,36 @@ def fingerprint(run_dir: Path) -> str:
     return digest
 
 
+IN_MEMORY_UP_TO = 64 << 20  # files up to this size are read whole, not mapped: one truncated in place under a
+# reader cannot stop the process (SIGBUS). Larger ones are mapped; twotower only ever replaces them by a rename.
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """A read-only array from a .npy file (read whole or mapped, see IN_MEMORY_UP_TO); ``ValueError`` when it is
+    not a plain array file, never NumPy's advice to unpickle it."""
+    path = Path(path)
+    small = path.stat().st_size <= IN_MEMORY_UP_TO
+    try:
+        array = np.load(path, mmap_mode=None if small else "r", allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc) or "Python objects" in str(exc):
+            raise ValueError("not a plain array file (header damaged)") from None
+        raise
+    if small:
+        array.flags.writeable = False
+    return array
+
+
 def mapped_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a read-only array mapped from the file (no copy, nothing decoded)."""
+    """Every tensor of a safetensors file as a read-only array (nothing decoded): mapped from the file, or read
+    whole when it is small (see IN_MEMORY_UP_TO)."""
     path = Path(path)
     try:
         header, n = read_header(path)
         size = path.stat().st_size
+        data = path.read_bytes() if size <= IN_MEMORY_UP_TO else None
+        if data is not None and len(data) != size:
+            raise ValueError("the file changed while it was read")
         out = {}
         for name, info in header.items():
             if name == "__metadata__":
@@ -99,8 +123,12 @@ def mapped_tensors(path: Path) -> dict[str, np.ndarray]:
             shape = tuple(info["shape"])
             if dtype is None or 8 + n + end > size or end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
                 raise ValueError(f"tensor {name} is out of the file or of an unknown type")
-            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape) if end > start \
-                else np.zeros(shape, dtype=dtype)
+            if end == start:
+                out[name] = np.zeros(shape, dtype=dtype)
+            elif data is not None:
+                out[name] = np.frombuffer(data, dtype, int(np.prod(shape)), 8 + n + start).reshape(shape)
+            else:
+                out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape)
         return out
     except FileNotFoundError:
         raise ArtifactError(f"{path}: missing; the run folder is incomplete (was training interrupted?)") from None

@@ -43,6 +43,7 @@ class RunEncoder:
             raise ArtifactError(f"{self.run_dir / 'vocab.json'}: {len(self.vocab)} entries but config.json says "
                                 f"vocab_size {self.config.vocab_size}; the files come from different runs")
         self.fingerprint = fingerprint(self.run_dir)
+        self.stamps = model_stamps(self.run_dir)
         self._lock = threading.Lock()
         self._torch = None  # (model) loaded on first need
         self._numpy = None
@@ -81,9 +82,18 @@ class RunEncoder:
                 self._torch, _, _ = load_model(self.run_dir, self.device)
             return self._torch
 
+    def check_unchanged(self) -> None:
+        """Refuse to encode with towers whose files were replaced or written since they were loaded: the weights
+        in memory no longer match the run on disk (nor the indexes built from it)."""
+        for path, stamp in self.stamps.items():
+            if stamp_or_none(path) != stamp:
+                raise ArtifactError(f"{path}: changed on disk since this model was loaded; load the run again "
+                                    "(restart twotower serve)")
+
     def _encode(self, texts: Sequence[str], side: str, batch_size: int) -> np.ndarray:
         if isinstance(texts, str):
             raise UsageError("give a list of texts (a single string would be read as characters)")
+        self.check_unchanged()
         texts = [clean(t) for t in texts]
         max_len = self.config.max_query_length if side == "query" else self.config.max_document_length
         parts = []
@@ -102,10 +112,14 @@ class RunEncoder:
         out = np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
         if self._verified is not None:
             self._verified.check()
+        if not np.isfinite(out).all():  # the towers, not an index: nothing is searched with such a vector
+            raise ArtifactError(f"{self.run_dir / 'model.safetensors'}: gives non-finite {side} embeddings (NaN or "
+                                "infinity); its weights are damaged: retrain, or restore the run from a copy")
         return out
 
     def query_lexical(self, texts: Sequence[str]):
         """The queries' exact lexical rows (`retrieval.lexical.SparseRows`), for an index that re-scores with them."""
+        self.check_unchanged()
         ids = self.vocab.encode_list([clean(t) for t in texts], self.config.max_query_length)
         if self.uses_numpy():
             return self._numpy_towers().lexical_rows(ids, "query")
@@ -122,6 +136,22 @@ class RunEncoder:
     def encode_documents(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Document embeddings, float32 [len(texts), dim] (what an index stores)."""
         return self._encode(texts, "document", batch_size)
+
+MODEL_FILES = ("config.json", "vocab.json", "model.safetensors", "encoder/model.safetensors", "encoder/config.json",
+               "encoder/tokenizer.json", "encoder/vocab.txt")  # what the towers are built from
+
+
+def model_stamps(run_dir: Path) -> dict:
+    return {run_dir / f: stamp_or_none(run_dir / f) for f in MODEL_FILES if (run_dir / f).exists()}
+
+
+def stamp_or_none(path: Path):
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
 
 class Verification:
     """The weights' fingerprint, computed in a thread (hashing releases the GIL) and checked before a result is

@@ -73,7 +73,9 @@ class SparseRows:
         """Mapped from disk; ``ValueError`` when the three files do not fit together, ``rows`` or their types. Files
         of up to ``verify_up_to`` bytes in all are also checked against ``digests`` and read whole: row offsets in
         order, buckets in range, weights finite (larger ones are checked for shape and type only, as embeddings)."""
-        arrays = [np.load(Path(folder) / f"{prefix}.{name}.npy", mmap_mode="r") for name in FILES]
+        from twotower_cli.model.files import load_npy
+
+        arrays = [load_npy(Path(folder) / f"{prefix}.{name}.npy") for name in FILES]
         indptr, bucket_ids, weights = arrays
         if indptr.dtype != np.int64 or bucket_ids.dtype != np.int32 or weights.dtype != np.float32:
             raise ValueError("its files have the wrong number types")

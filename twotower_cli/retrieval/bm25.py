@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from twotower_cli.errors import ArtifactError, UsageError
+from twotower_cli.model.files import load_npy
 
 TOKEN = re.compile(r"(?u)\b\w\w+\b")  # bm25s' default token pattern
 K1, B = 1.5, 0.75
@@ -144,7 +145,7 @@ class BM25:
         folder = Path(folder)
         try:
             meta = json.loads((folder / "bm25.json").read_text(encoding="utf-8"))
-            arrays = [np.load(folder / f"{n}.npy", mmap_mode="r") for n in ARRAYS]
+            arrays = [load_npy(folder / f"{n}.npy") for n in ARRAYS]
             verify(folder, arrays, meta.get("sha256"))
             vocab = meta["vocab"]
             n_docs = int(meta["num_docs"])

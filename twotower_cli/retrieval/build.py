@@ -24,6 +24,7 @@ from twotower_cli.model.encode import document_tokens, lexical_rows
 from twotower_cli.model.files import fingerprint
 from twotower_cli.model.sparse_rows import digest as array_digest
 from twotower_cli.retrieval.index import INDEX_FORMAT, index_dir, leftovers, lock_path, read_strings, recover
+from twotower_cli.retrieval.meta_file import meta_digest
 from twotower_cli.runs import Lock, atomic_write_json, check_free_space, disk_full, fsync_folder
 
 HEADER = 128  # bytes reserved for the .npy header, written once the row count is known
@@ -101,6 +102,7 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
 
                 BM25.build(StringsFile(tmp, "texts"), tmp / "bm25")
             meta["files_sha256"].update(other_files(tmp))
+            meta["meta_sha256"] = meta_digest(meta)
             atomic_write_json(tmp / "meta.json", meta)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)

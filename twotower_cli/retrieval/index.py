@@ -20,7 +20,8 @@ import numpy as np
 
 from twotower_cli.config_checks import NAME
 from twotower_cli.errors import ArtifactError, UsageError
-from twotower_cli.model.files import fingerprint
+from twotower_cli.model.files import fingerprint, load_npy, read_config
+from twotower_cli.retrieval.meta_file import check_lexical_settings, check_meta
 from twotower_cli.retrieval.snapshot import Index, Strings, file_stamp
 from twotower_cli.runs import is_locked, read_json
 
@@ -83,9 +84,10 @@ def read_strings(folder: Path, name: str, rows: list[int], offsets=None) -> list
         return out
 
 
-def load_index(run_dir: Path, name: str = "default", check_model: bool = True) -> Index:
+def load_index(run_dir: Path, name: str = "default", check_model: bool = True, model: str | None = None) -> Index:
     """The index ``name`` of a run, every file from one build: a rebuild that lands while it is opened is noticed
-    (meta.json changed, or a file vanished) and the new build is opened instead."""
+    (meta.json changed, or a file vanished) and the new build is opened instead. ``model``: the fingerprint of the
+    towers that will search it (default: the one in the run's model.safetensors)."""
     for attempt in range(5):
         folder = recover(run_dir, name)
         if not folder.is_dir():
@@ -99,7 +101,7 @@ def load_index(run_dir: Path, name: str = "default", check_model: bool = True) -
                                 f"build one with: twotower index CORPUS --name {name}")
         before = stamp_or_none(folder / "meta.json")
         try:
-            index = open_index(run_dir, folder, name, check_model)
+            index = open_index(run_dir, folder, name, check_model, model)
         except ArtifactError:
             if stamp_or_none(folder / "meta.json") == before and not is_locked(lock_path(run_dir, name)):
                 raise  # the build it read is damaged (or incomplete), not being replaced
@@ -118,7 +120,7 @@ def stamp_or_none(path: Path):
         return None
 
 
-def open_index(run_dir: Path, folder: Path, name: str, check_model: bool) -> Index:
+def open_index(run_dir: Path, folder: Path, name: str, check_model: bool, model: str | None = None) -> Index:
     meta_path = folder / "meta.json"
     stamps = {meta_path: stamp_or_none(meta_path)}
     meta = read_json(meta_path, "index metadata")
@@ -128,13 +130,22 @@ def open_index(run_dir: Path, folder: Path, name: str, check_model: bool) -> Ind
     if version > INDEX_FORMAT:
         raise ArtifactError(f"{meta_path}: index format {version} is newer than this twotower understands; "
                             "upgrade twotower")
-    if check_model and meta.get("model_fingerprint") != fingerprint(run_dir):
-        raise ArtifactError(f"{folder}: index was built by another model (fingerprint differs from "
-                            f"{Path(run_dir) / 'model.safetensors'}); rebuild it with: twotower index CORPUS "
-                            f"--run {Path(run_dir).name} --name {name}")
+    check_meta(meta_path, meta)
+    if check_model:
+        from twotower_cli.retrieval.verify import model as verify_model
+
+        try:
+            if meta.get("model_fingerprint") != (model or fingerprint(run_dir)):
+                raise ArtifactError(f"{folder}: index was built by another model (fingerprint differs from "
+                                    f"{Path(run_dir) / 'model.safetensors'}); rebuild it with: twotower index "
+                                    f"CORPUS --run {Path(run_dir).name} --name {name}")
+            check_lexical_settings(meta_path, meta, read_config(run_dir)["model"])
+        except ArtifactError:
+            verify_model(run_dir)  # an altered model file or config.json is named as such, not blamed on the index
+            raise
     path = folder / "embeddings.npy"
     try:
-        emb = np.load(path, mmap_mode="r")
+        emb = load_npy(path)
     except FileNotFoundError:
         raise ArtifactError(f"{path}: missing; rebuild the index") from None
     except (ValueError, OSError, EOFError) as exc:
@@ -156,14 +167,15 @@ def open_index(run_dir: Path, folder: Path, name: str, check_model: bool) -> Ind
                             "rebuild the index")
     lexical = load_lexical(folder, meta)
     for file in ["embeddings.npy", "faiss.index", *(f"lexical.{part}.npy" for part in ("indptr", "buckets", "weights")),
-                 *(f"{kind}{end}" for kind in ("texts", "ids") for end in (".bin", ".offsets.npy"))]:
+                 *(f"{kind}{end}" for kind in ("texts", "ids") for end in (".bin", ".offsets.npy")),
+                 *(f"documents/{p.name}" for p in sorted((folder / "documents").glob("*.parquet")))]:
         if (folder / file).exists():
             stamps[folder / file] = stamp_or_none(folder / file)
     return Index(folder, meta, emb, lexical, texts, ids, stamps=stamps)
 
 
 def verify_files(folder: Path, meta: dict) -> None:
-    """Compare the index's files with the checksums written when they were built (all of them, up to
+    """Compare the index's files with the checksums written when they were built (the smallest first, up to
     ``VERIFY_UP_TO`` bytes in all; `twotower verify` checks any size). An index of format 3 without them is
     damaged: they were written with it."""
     digests = meta.get("files_sha256")
@@ -174,11 +186,13 @@ def verify_files(folder: Path, meta: dict) -> None:
         return
     if not (folder / "bm25").exists():  # BM25 removed is built again from the texts on first use, the same
         digests = {f: d for f, d in digests.items() if not f.startswith("bm25/")}
-    sizes = {f: (folder / f).stat().st_size for f in digests if (folder / f).exists()}
-    if sum(sizes.values()) > VERIFY_UP_TO:
-        return
-    for name, expected in digests.items():
-        if file_digest(folder / name) != expected:
+    sizes = {f: (folder / f).stat().st_size if (folder / f).exists() else 0 for f in digests}
+    budget = VERIFY_UP_TO
+    for name in sorted(digests, key=lambda f: (sizes[f], f)):  # the smallest first, as many as the budget allows
+        budget -= sizes[name]
+        if budget < 0:
+            break
+        if file_digest(folder / name) != digests[name]:
             raise ArtifactError(f"{folder / name}: does not match the checksum in meta.json; the file was altered or "
                                 "damaged: rebuild the index")
 
@@ -221,7 +235,7 @@ def check_documents(folder: Path, meta: dict) -> None:
     if meta.get("format_version", 1) >= 2 or (folder / "texts.bin").exists():
         for name in ("texts", "ids"):
             try:
-                offsets = np.load(folder / f"{name}.offsets.npy", mmap_mode="r")
+                offsets = load_npy(folder / f"{name}.offsets.npy")
                 size = (folder / f"{name}.bin").stat().st_size
             except (OSError, ValueError, EOFError):
                 raise ArtifactError(f"{folder / (name + '.bin')}: missing or damaged; rebuild the index") from None

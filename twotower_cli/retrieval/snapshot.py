@@ -24,10 +24,17 @@ class Strings:
         import mmap
 
         self.path = folder / f"{name}.bin"
-        self.offsets = np.load(folder / f"{name}.offsets.npy", mmap_mode="r")
+        from twotower_cli.model.files import IN_MEMORY_UP_TO, load_npy
+
+        self.offsets = load_npy(folder / f"{name}.offsets.npy")
         with open(self.path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
-            self.data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            if size > IN_MEMORY_UP_TO:  # (see IN_MEMORY_UP_TO)
+                self.data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            else:
+                self.data = fh.read()
+                if len(self.data) != size:
+                    raise ValueError("the file changed while it was read")
         self.size = size
 
     def __len__(self) -> int:

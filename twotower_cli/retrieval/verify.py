@@ -87,12 +87,10 @@ def index_checks(run_dir: Path, name: str) -> list[Check]:
     """Every file of one index on its own (a damaged file does not hide the others), then the index opened as
     search opens it (shapes, offsets, the model that built it)."""
     from twotower_cli.retrieval.index import index_dir, load_index
-    from twotower_cli.runs import read_json
 
     what, folder = f"index/{name}", index_dir(run_dir, name)
     meta = {}
-    out = [attempt(f"{what}/meta.json", lambda: describe_meta(read_json(folder / "meta.json", "index metadata"),
-                                                                  meta))]
+    out = [attempt(f"{what}/meta.json", lambda: describe_meta(folder / "meta.json", meta))]
     if not meta:
         return out
     out.append(attempt(f"{what}/embeddings.npy", lambda: embeddings(folder, meta)))
@@ -115,8 +113,13 @@ def index_checks(run_dir: Path, name: str) -> list[Check]:
     return out
 
 
-def describe_meta(meta: dict, keep: dict) -> str:
-    keep.update(meta)
+def describe_meta(path: Path, keep: dict) -> str:
+    from twotower_cli.retrieval.meta_file import check_meta
+    from twotower_cli.runs import read_json
+
+    meta = read_json(path, "index metadata")
+    keep.update(meta)  # (the other files are checked even when meta.json is damaged)
+    check_meta(path, meta)
     return f"format {meta.get('format_version')}, {meta.get('count', 0):,} documents, built {meta.get('created')}"
 
 

@@ -5,6 +5,7 @@ counted such connections until every other request got a plain-text 503)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 
@@ -172,6 +173,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+        in_use = getattr(exc, "errno", None) == errno.EADDRINUSE or isinstance(exc, PermissionError)
+        fix = "choose another --port" if in_use else f"check --host ({host!r} is not an address of this machine)"
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); {fix}") from None
     sock.listen(1024)
     return sock

@@ -80,7 +80,8 @@ def finish_run(run_dir: Path, runs_dir: Path, model, vocab, train_set, device, o
         warnings.simplefilter("ignore", UserWarning)  # not writable: only read
         doc_emb = torch.from_numpy(embeddings) if len(embeddings) == len(train_set.documents) else None
     check_not_collapsed(run_dir, out, doc_emb, len(train_set.documents) if val_docs is None else len(val_docs))
-    encoder, index = RunEncoder(run_dir, str(device)), load_index(run_dir, "default")  # as `search` loads them
+    encoder = RunEncoder(run_dir, str(device))
+    index = load_index(run_dir, "default", model=encoder.fingerprint)  # as `search` loads them
     if len(train_set.val_q):
         hooks.message("choosing the default search on the validation queries (the model, BM25 or both)")
         plan, record = choose_search(encoder, index, texts_of(train_set, train_set.val_q), train_set.val_qrels)
