@@ -295,6 +295,8 @@ def test_bad_requests_are_4xx_json_and_the_server_stays_up(server, body, status)
     assert r.status_code == status and "error" in r.json(), r.text
     r = httpx.post(server + "/search", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "JSON" in r.json()["error"]
+    r = httpx.post(server + "/search", content=b'{"queries": ["\xff\xfe"]}', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "UTF-8" in r.json()["error"], r.text  # (starlette said: error parsing the body)
     assert httpx.get(server + "/health").status_code == 200
 
 

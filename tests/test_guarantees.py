@@ -221,6 +221,16 @@ def test_f8_stale_temporary_files_are_removed_by_the_next_writer(cli, runs, tmp_
     assert not any(d.exists() for d in stale) and all(d.exists() for d in others)
 
 
+def test_f8_a_killed_bm25_builders_folder_is_removed_and_a_live_ones_kept(cli, runs):
+    index = (runs / "latest").resolve() / "index" / "default"
+    shutil.rmtree(index / "bm25")  # built again from the texts at the next BM25 search
+    dead, live = index / ".bm25.tmp-4194303", index / f".bm25.tmp-{os.getppid()}"
+    for d in (dead, live):
+        d.mkdir()
+    assert cli("search", "gnu compiler", "--mode", "bm25").exit_code == 0
+    assert (index / "bm25" / "bm25.json").exists() and not dead.exists() and live.exists()
+
+
 def test_f8_resume_removes_half_written_checkpoints(tmp_path):
     from twotower_cli.config import load_config
     from twotower_cli.training.loop import Hooks

@@ -219,6 +219,10 @@ def save_bm25(index_path: Path, documents) -> BM25:
     import os
     import shutil
 
+    for left in Path(index_path).glob(".bm25.tmp-*"):  # a killed builder's (a live one's is left alone)
+        pid = left.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
     tmp = Path(index_path) / f".bm25.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     final = Path(index_path) / "bm25"
@@ -230,3 +234,15 @@ def save_bm25(index_path: Path, documents) -> BM25:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return BM25.load(final)
+
+
+def alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -124,7 +124,11 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        detail = str(exc.detail)
+        if exc.status_code == 400 and detail == "There was an error parsing the body":  # starlette's, on bad UTF-8
+            detail = ('the body is not JSON in UTF-8; send a JSON object encoded as UTF-8, for example '
+                      '{"queries": ["text"], "k": 10}')
+        return JSONResponse({"error": detail}, status_code=exc.status_code)
 
     @app.exception_handler(TwotowerError)
     async def ours(request: Request, exc: TwotowerError):  # a damaged index: the server's problem, said plainly
