@@ -63,6 +63,7 @@ def bad_utf8(run: Path, keep_checksums: bool = True):
     if not keep_checksums:  # an index written before its files had checksums (format 2)
         meta = json.loads((path.parent / "meta.json").read_text())
         meta.pop("files_sha256")
+        meta.pop("meta_sha256")
         meta["format_version"] = 2
         (path.parent / "meta.json").write_text(json.dumps(meta))
 
@@ -307,6 +308,16 @@ def edit_meta(change, checksum: bool = True):
     (lambda m: m["lexical"].update(weight="x"), False, "'lexical' entry"),
     (lambda m: m["lexical"].update(weight=0.123), False, "lexical weight differ from the model's settings"),
     (lambda m: m["lexical"].update(buckets=17), False, "lexical buckets differ"),
+    # a format number edited down, with the checksum left as it was or the checksums emptied: still checked
+    (lambda m: (m.update(format_version=2), m.pop("files_sha256")), True, "its own checksum"),
+    (lambda m: m.update(files_sha256={}), False, "checksums are missing (texts.bin"),
+    (lambda m: m["lexical"].pop("sha256"), False, "lexical rows' checksums are missing"),
+    (lambda m: m["lexical"].update(sha256="x"), False, "lexical rows' checksums"),
+    (lambda m: m.update(format_version="3"), False, "format_version"),
+    (lambda m: m.update(format_version=None), False, "format_version"),
+    # names outside the index are never read (/dev/zero would be hashed for ever)
+    (lambda m: m["files_sha256"].update({"/dev/zero": "00"}), False, "outside the index"),
+    (lambda m: m["files_sha256"].update({"../../config.json": "00"}), False, "outside the index"),
 ])
 def test_an_edited_or_damaged_index_meta_is_one_line_naming_it(run, cli, change, checksum, needle):
     edit_meta(change, checksum)(run)
@@ -406,3 +417,34 @@ def test_evaluate_names_a_list_or_object_where_text_belongs(run, cli, tmp_path, 
     res = cli("evaluate", folder, "--runs-dir", run.parent)
     assert res.exit_code == 1 and f"{file}: column 'text' holds" in res.stderr, res.stderr
     assert "internal error" not in res.stderr
+
+
+def test_a_run_replaced_under_a_loaded_model_is_named_even_after_its_index_is_rebuilt(trained, run, tmp_path):
+    """Another run's model moved in and the index rebuilt with it: the loaded object says its run changed
+    (restart), not that the index comes from another model (which a rebuild would not fix)."""
+    import twotower_cli
+
+    model = twotower_cli.load(run)
+    model.search("GNU C compiler", k=3)
+    pairs = trained.parent.parent / "pairs.parquet"
+    env = {**os.environ, "TWOTOWER_MODEL_NGRAM_BUCKETS": "8192", "TWOTOWER_MODEL_HIDDEN_DIM": "16",
+           "TWOTOWER_MODEL_EMBEDDING_DIM": "16"}
+    cmd = [sys.executable, "-m", "twotower_cli"]
+    other = subprocess.run([*cmd, "train", str(pairs), "--epochs", "1", "--seed", "7", "--no-report", "--runs-dir",
+                            str(tmp_path / "other")], capture_output=True, text=True, env=env)
+    assert other.returncode == 0, other.stderr
+    for name in ("model.safetensors", "config.json", "vocab.json"):
+        os.replace((tmp_path / "other" / "latest").resolve() / name, run / name)
+    index = subprocess.run([*cmd, "index", str(pairs), "--runs-dir", str(run.parent), "--run", run.name, "--name",
+                            "default"], capture_output=True, text=True, env=env)
+    assert index.returncode == 0, index.stderr
+    with pytest.raises(ArtifactError, match="changed on disk since this model was loaded"):
+        model.search("GNU C compiler", k=3)
+
+
+@pytest.mark.parametrize("file", ["texts.offsets.npy", "lexical.weights.npy"])
+def test_a_damaged_offsets_or_lexical_file_is_named(run, cli, file):
+    path = run / "index" / "default" / file
+    path.write_bytes(path.read_bytes()[:40])
+    res = cli("search", "GNU C compiler", "--runs-dir", run.parent)
+    assert res.exit_code == 1 and file in res.stderr, res.stderr

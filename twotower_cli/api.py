@@ -67,6 +67,7 @@ class TwoTowerModel(RunEncoder):
     def index(self):
         """The index searched: one build, opened once; a rebuild of it (by `twotower index` or `index_documents`)
         is opened as a whole at the next search, never mixed with the one before."""
+        self.check_unchanged()  # a run replaced under this object: said as such, not as an index of another model
         index = self._index
         if index is None or not index.current():
             with self._lock:

@@ -75,7 +75,12 @@ class SparseRows:
         order, buckets in range, weights finite (larger ones are checked for shape and type only, as embeddings)."""
         from twotower_cli.model.files import load_npy
 
-        arrays = [load_npy(Path(folder) / f"{prefix}.{name}.npy") for name in FILES]
+        arrays = []
+        for name in FILES:
+            try:
+                arrays.append(load_npy(Path(folder) / f"{prefix}.{name}.npy"))
+            except (ValueError, EOFError) as exc:
+                raise ValueError(f"{prefix}.{name}.npy cannot be read: {exc}") from None
         indptr, bucket_ids, weights = arrays
         if indptr.dtype != np.int64 or bucket_ids.dtype != np.int32 or weights.dtype != np.float32:
             raise ValueError("its files have the wrong number types")
@@ -83,8 +88,9 @@ class SparseRows:
                 or int(indptr[-1]) != bucket_ids.shape[0] or int(indptr[0]) != 0:
             raise ValueError("its lexical rows do not match the embeddings")
         if digests and sum(a.nbytes for a in arrays) <= verify_up_to:
-            if {name: digest(a) for name, a in zip(FILES, arrays)} != digests:
-                raise ValueError("its files do not match the checksums in meta.json")
+            bad = [name for name, a in zip(FILES, arrays) if digest(a) != digests.get(name)]
+            if bad:
+                raise ValueError(f"{prefix}.{bad[0]}.npy does not match its checksum in meta.json")
             if (np.diff(indptr) < 0).any() or (bucket_ids.size and (int(bucket_ids.min()) < 0 or (
                     buckets is not None and int(bucket_ids.max()) >= buckets))) or not np.isfinite(weights).all():
                 raise ValueError("its rows are out of order or out of range")

@@ -236,9 +236,13 @@ def check_documents(folder: Path, meta: dict) -> None:
         for name in ("texts", "ids"):
             try:
                 offsets = load_npy(folder / f"{name}.offsets.npy")
-                size = (folder / f"{name}.bin").stat().st_size
             except (OSError, ValueError, EOFError):
-                raise ArtifactError(f"{folder / (name + '.bin')}: missing or damaged; rebuild the index") from None
+                raise ArtifactError(f"{folder / (name + '.offsets.npy')}: missing or damaged; rebuild the "
+                                    "index") from None
+            try:
+                size = (folder / f"{name}.bin").stat().st_size
+            except OSError:
+                raise ArtifactError(f"{folder / (name + '.bin')}: missing; rebuild the index") from None
             if offsets.shape != (count + 1,):
                 raise ArtifactError(f"{folder / (name + '.offsets.npy')}: gives {offsets.shape[0] - 1} entries for "
                                     f"{count} embeddings; rebuild the index")

@@ -46,7 +46,7 @@ def attempt(what: str, check) -> Check:
         return Check(what, True, check())
     except TwotowerError as exc:
         return Check(what, False, str(exc))
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError) as exc:
         return Check(what, False, str(exc) if str(exc).startswith("/") else f"cannot be read ({type(exc).__name__}: "
                                                                            f"{exc})")
 
@@ -87,6 +87,7 @@ def index_checks(run_dir: Path, name: str) -> list[Check]:
     """Every file of one index on its own (a damaged file does not hide the others), then the index opened as
     search opens it (shapes, offsets, the model that built it)."""
     from twotower_cli.retrieval.index import index_dir, load_index
+    from twotower_cli.retrieval.meta_file import file_digests
 
     what, folder = f"index/{name}", index_dir(run_dir, name)
     meta = {}
@@ -94,16 +95,13 @@ def index_checks(run_dir: Path, name: str) -> list[Check]:
     if not meta:
         return out
     out.append(attempt(f"{what}/embeddings.npy", lambda: embeddings(folder, meta)))
-    digests = meta.get("files_sha256") or {}
-    for file, expected in digests.items():
+    for file, expected in file_digests(meta).items():  # (only names inside the index: meta.json may be damaged)
         if file.startswith("bm25/") and not (folder / "bm25").exists():
             continue  # (built again from the texts on first use)
         out.append(attempt(f"{what}/{file}", lambda f=file, e=expected: matches(folder / f, e)))
-    if meta.get("format_version", 0) >= 3 and not digests:
-        out.append(Check(f"{what}/meta.json", False, f"{folder / 'meta.json'}: its checksums are missing; the file "
-                                                     "was altered: rebuild the index"))
-    if (meta.get("lexical") or {}).get("sha256"):
-        out.append(attempt(f"{what}/lexical.*.npy", lambda: lexical_rows(folder, meta["lexical"]["sha256"])))
+    lexical = meta.get("lexical")
+    if isinstance(lexical, dict) and isinstance(lexical.get("sha256"), dict):
+        out.append(attempt(f"{what}/lexical.*.npy", lambda: lexical_rows(folder, lexical["sha256"])))
     if (folder / "bm25").is_dir():
         out.append(attempt(f"{what}/bm25", lambda: bm25(folder / "bm25")))
     for kind in ("texts", "ids"):

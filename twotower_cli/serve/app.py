@@ -126,8 +126,8 @@ def add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException):
         detail = str(exc.detail)
         if exc.status_code == 400 and detail == "There was an error parsing the body":  # starlette's, on bad UTF-8
-            detail = ('the body is not JSON in UTF-8; send a JSON object encoded as UTF-8, for example '
-                      '{"queries": ["text"], "k": 10}')
+            detail = ('the body cannot be read as JSON (not UTF-8, nested too deep, or a number too long); send '
+                      'a JSON object encoded as UTF-8, for example {"queries": ["text"], "k": 10}')
         return JSONResponse({"error": detail}, status_code=exc.status_code)
 
     @app.exception_handler(TwotowerError)
