@@ -315,6 +315,9 @@ def edit_meta(change, checksum: bool = True):
     (lambda m: m["lexical"].update(sha256="x"), False, "lexical rows' checksums"),
     (lambda m: m.update(format_version="3"), False, "format_version"),
     (lambda m: m.update(format_version=None), False, "format_version"),
+    # a genuine format-2 index listed its strings files whenever it listed checksums
+    (lambda m: (m.update(format_version=2), m.pop("meta_sha256"), m["files_sha256"].pop("texts.bin")), True,
+     "checksums are missing (texts.bin)"),
     # names outside the index are never read (/dev/zero would be hashed for ever)
     (lambda m: m["files_sha256"].update({"/dev/zero": "00"}), False, "outside the index"),
     (lambda m: m["files_sha256"].update({"../../config.json": "00"}), False, "outside the index"),
@@ -448,3 +451,21 @@ def test_a_damaged_offsets_or_lexical_file_is_named(run, cli, file):
     path.write_bytes(path.read_bytes()[:40])
     res = cli("search", "GNU C compiler", "--runs-dir", run.parent)
     assert res.exit_code == 1 and file in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("what", ["bm25/bm25.json", "documents/part-00000.parquet", "fifo"])
+def test_a_device_or_pipe_in_place_of_an_index_file_is_never_read(run, what):
+    """/dev/zero has no end and a pipe blocks its reader: search and verify say the file is damaged, at once."""
+    folder = run / "index" / "default"
+    if what == "fifo":  # a name added to the checksums (meta.json rewritten with its own checksum) that is a pipe
+        os.mkfifo(folder / "zz")
+        edit_meta(lambda m: m["files_sha256"].update(zz="0" * 64), checksum=False)(run)
+        what = "zz"
+    else:
+        (folder / what).unlink()
+        (folder / what).symlink_to("/dev/zero")
+    for args in (["search", "GNU C compiler"], ["verify"]):
+        res = subprocess.run([sys.executable, "-m", "twotower_cli", *args, "--runs-dir", str(run.parent)],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 1 and what in (res.stderr + res.stdout), (args, res.stderr[-500:])
+        assert "internal error" not in res.stderr

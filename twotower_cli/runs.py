@@ -90,6 +90,8 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def read_json(path: Path, what: str = "file") -> dict:
     try:
+        if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
+            raise ArtifactError(f"{path}: not a regular file (a device or a pipe), expected the {what}")
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ArtifactError(f"{path}: missing {what}; the folder is incomplete") from None

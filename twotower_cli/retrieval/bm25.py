@@ -144,6 +144,8 @@ class BM25:
     def load(cls, folder: Path) -> "BM25":
         folder = Path(folder)
         try:
+            if (folder / "bm25.json").exists() and not (folder / "bm25.json").is_file():  # (a device is never read)
+                raise ValueError("bm25.json is not a regular file")
             meta = json.loads((folder / "bm25.json").read_text(encoding="utf-8"))
             arrays = [load_npy(folder / f"{n}.npy") for n in ARRAYS]
             verify(folder, arrays, meta.get("sha256"))

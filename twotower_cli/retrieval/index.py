@@ -198,15 +198,22 @@ def verify_files(folder: Path, meta: dict) -> None:
 
 
 def file_digest(path: Path) -> str | None:
+    """The sha256 of a regular file; None when it is missing, "" when it is something else (a folder, a device or
+    a pipe: never read, /dev/zero has no end), which matches no checksum."""
     import hashlib
+    import stat
 
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return ""
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        return ""
     return h.hexdigest()
 
 

@@ -60,10 +60,11 @@ def check_meta(path: Path, meta: dict) -> None:
             or not isinstance(meta.get("sha256", ""), str):
         raise damaged(path, "its checksums are damaged (files_sha256 names a file outside the index, or a digest is "
                             "not text)")
-    if with_checksums(meta):
+    if with_checksums(meta) or "files_sha256" in meta:  # every index that lists checksums lists its strings'
         folder = path.parent
         required = [*STRINGS, *(str(p.relative_to(folder)) for p in sorted(folder.glob("documents/*.parquet"))),
-                    *(f for f in ("bm25/bm25.json", "faiss.index") if (folder / f).is_file())]
+                    *(f for f in ("bm25/bm25.json", "faiss.index") if (folder / f).exists())] \
+            if with_checksums(meta) else list(STRINGS)
         missing = [f for f in required if f not in files] + ([] if meta.get("sha256") else ["embeddings.npy"])
         if missing:
             raise damaged(path, f"its checksums are missing ({', '.join(missing)})")

@@ -11,7 +11,6 @@ What is checked when:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +161,9 @@ def bm25(folder: Path) -> str:
     from twotower_cli.retrieval.bm25 import ARRAYS
     from twotower_cli.retrieval.index import file_digest
 
-    meta = json.loads((folder / "bm25.json").read_text())
+    from twotower_cli.runs import read_json
+
+    meta = read_json(folder / "bm25.json", "BM25 metadata")
     digests = meta.get("sha256")
     if isinstance(digests, dict) or "sha256" in meta:
         for name in ARRAYS:
