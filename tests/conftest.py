@@ -60,6 +60,25 @@ def tiny_pairs(tmp_path) -> Path:
     return sample_pairs(tmp_path / "tiny.parquet", 600)
 
 
+def document_model(encode_documents, **cfg):
+    """What `retrieval.build.write_folder` needs of a model, and no more: its settings, eval/train, and
+    ``encode_documents`` (a function of the token ids)."""
+    class Stub:
+        training = False
+
+        def eval(self):
+            return self
+
+        def train(self, mode=True):
+            return self
+
+        def encode_documents(self, tokens):
+            return encode_documents(tokens)
+
+    Stub.cfg = type("cfg", (), {"output_dim": 4, "max_document_length": 16, **cfg})
+    return Stub()
+
+
 def write(path: Path, text: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(text, bytes):

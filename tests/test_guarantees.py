@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 import torch
 
-from tests.conftest import SAMPLE, sample_pairs, write
+from tests.conftest import SAMPLE, document_model, sample_pairs, write
 from twotower_cli.retrieval.meta_file import meta_digest
 
 ENV = {"TWOTOWER_MODEL_NGRAM_BUCKETS": "8192", "TWOTOWER_MODEL_HIDDEN_DIM": "32", "TWOTOWER_MODEL_EMBEDDING_DIM": "16",
@@ -554,25 +554,12 @@ def test_index_dedup_compares_texts_not_only_hashes(tmp_path, monkeypatch):
     monkeypatch.setattr(pl.Series, "hash", same_hash)  # every text collides
     from twotower_cli.retrieval.build import write_folder
 
-    class Tiny:
-        class cfg:
-            output_dim, max_document_length = 4, 16
-        training = False
-
-        def eval(self):
-            return self
-
-        def train(self, mode=True):
-            return self
-
-        def encode_documents(self, tokens):
-            return torch.ones(tokens.shape[0], 4)
-
     from twotower_cli.data.vocab import Vocab
 
     vocab = Vocab.build([pl.Series(["abc"])], 1, 10)
     chunks = [(pl.Series(["alpha", "beta", "alpha"]), None), (pl.Series(["beta", "gamma"]), None)]
-    n, *_ = write_folder(tmp_path / "ix", Tiny(), vocab, chunks, "cpu", "float32", 8, None, None)
+    model = document_model(lambda tokens: torch.ones(tokens.shape[0], 4))
+    n, *_ = write_folder(tmp_path / "ix", model, vocab, chunks, "cpu", "float32", 8, None, None)
     from twotower_cli.retrieval.snapshot import Strings
 
     # alpha, beta, gamma: hash collisions kept apart, true copies dropped, the rows in the order first seen

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tests.conftest import sample_pairs
+from tests.conftest import document_model, sample_pairs
 
 QUERIES = ["GNU C compiler", "text editor", "python library for images", "zzqx", "the", "a fast web server",
            "font", "library"]
@@ -212,25 +212,14 @@ def test_writing_an_index_that_fails_leaves_no_file_open(tmp_path):
     from twotower_cli.data.vocab import Vocab
     from twotower_cli.retrieval.build import write_folder
 
-    class Failing:
-        class cfg:
-            output_dim, max_document_length, lexical_exact = 4, 16, False
-        training = False
-
-        def eval(self):
-            return self
-
-        def train(self, mode=True):
-            return self
-
-        def encode_documents(self, tokens):
-            raise RuntimeError("the model failed")
+    def fail(tokens):
+        raise RuntimeError("the model failed")
 
     vocab = Vocab.build([pl.Series(["abc"])], 1, 10)
     before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(RuntimeError):
-        write_folder(tmp_path / "ix", Failing(), vocab, [(pl.Series(["alpha", "beta"]), None)], "cpu", "float32", 8,
-                     None, None)
+        write_folder(tmp_path / "ix", document_model(fail, lexical_exact=False), vocab,
+                     [(pl.Series(["alpha", "beta"]), None)], "cpu", "float32", 8, None, None)
     opened = {os.readlink(f"/proc/self/fd/{fd}") for fd in set(os.listdir("/proc/self/fd")) - before
               if os.path.exists(f"/proc/self/fd/{fd}")}
     assert not [p for p in opened if str(tmp_path) in p], opened

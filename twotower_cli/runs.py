@@ -88,6 +88,20 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8"))
 
 
+def file_stamp(path: Path) -> tuple:
+    """A file's identity and state (inode, size, modification and change times): any write or replacement moves
+    the change time, whatever the modification time says."""
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def stamp_or_none(path: Path):
+    try:
+        return file_stamp(path)
+    except OSError:
+        return None
+
+
 def read_json(path: Path, what: str = "file") -> dict:
     try:
         if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():

@@ -85,6 +85,8 @@ class RunEncoder:
     def check_unchanged(self) -> None:
         """Refuse to encode with towers whose files were replaced or written since they were loaded: the weights
         in memory no longer match the run on disk (nor the indexes built from it)."""
+        from twotower_cli.runs import stamp_or_none
+
         for path, stamp in self.stamps.items():
             if stamp_or_none(path) != stamp:
                 raise ArtifactError(f"{path}: changed on disk since this model was loaded; load the run again "
@@ -142,15 +144,9 @@ MODEL_FILES = ("config.json", "vocab.json", "model.safetensors", "encoder/model.
 
 
 def model_stamps(run_dir: Path) -> dict:
+    from twotower_cli.runs import stamp_or_none
+
     return {run_dir / f: stamp_or_none(run_dir / f) for f in MODEL_FILES if (run_dir / f).exists()}
-
-
-def stamp_or_none(path: Path):
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class Verification:

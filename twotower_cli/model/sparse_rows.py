@@ -70,9 +70,10 @@ class SparseRows:
     @classmethod
     def load(cls, folder: Path, rows: int, prefix: str = "lexical", buckets: int | None = None,
              digests: dict | None = None, verify_up_to: int = 0) -> "SparseRows":
-        """Mapped from disk; ``ValueError`` when the three files do not fit together, ``rows`` or their types. Files
-        of up to ``verify_up_to`` bytes in all are also checked against ``digests`` and read whole: row offsets in
-        order, buckets in range, weights finite (larger ones are checked for shape and type only, as embeddings)."""
+        """Read from disk (`files.load_npy`); ``ValueError`` when the three files do not fit together, ``rows`` or
+        their types. Files of up to ``verify_up_to`` bytes in all are also checked against ``digests``: row offsets
+        in order, buckets in range, weights finite (larger ones are checked for shape and type only, as
+        embeddings)."""
         from twotower_cli.model.files import load_npy
 
         arrays = []

@@ -22,8 +22,8 @@ from twotower_cli.config_checks import NAME
 from twotower_cli.errors import ArtifactError, UsageError
 from twotower_cli.model.files import fingerprint, load_npy, read_config
 from twotower_cli.retrieval.meta_file import check_lexical_settings, check_meta
-from twotower_cli.retrieval.snapshot import Index, Strings, file_stamp
-from twotower_cli.runs import is_locked, read_json
+from twotower_cli.retrieval.snapshot import Index, Strings
+from twotower_cli.runs import is_locked, read_json, stamp_or_none
 
 INDEX_FORMAT = 3  # 3: every file's sha256 in meta.json (2: texts.bin/ids.bin and the embeddings' sha256; 1: Parquet)
 
@@ -113,13 +113,6 @@ def load_index(run_dir: Path, name: str = "default", check_model: bool = True, m
                         "rebuilt in a loop?); retry when it is written")
 
 
-def stamp_or_none(path: Path):
-    try:
-        return file_stamp(path)
-    except OSError:
-        return None
-
-
 def open_index(run_dir: Path, folder: Path, name: str, check_model: bool, model: str | None = None) -> Index:
     meta_path = folder / "meta.json"
     stamps = {meta_path: stamp_or_none(meta_path)}
@@ -176,12 +169,9 @@ def open_index(run_dir: Path, folder: Path, name: str, check_model: bool, model:
 
 def verify_files(folder: Path, meta: dict) -> None:
     """Compare the index's files with the checksums written when they were built (the smallest first, up to
-    ``VERIFY_UP_TO`` bytes in all; `twotower verify` checks any size). An index of format 3 without them is
-    damaged: they were written with it."""
+    ``VERIFY_UP_TO`` bytes in all; `twotower verify` checks any size). That an index written with checksums has
+    them all is `meta_file.check_meta`'s to say."""
     digests = meta.get("files_sha256")
-    if meta.get("format_version", 0) >= 3 and (not isinstance(digests, dict) or not meta.get("sha256")):
-        raise ArtifactError(f"{folder / 'meta.json'}: its checksums are missing; the file was altered: rebuild the "
-                            "index")
     if not isinstance(digests, dict):
         return
     if not (folder / "bm25").exists():  # BM25 removed is built again from the texts on first use, the same

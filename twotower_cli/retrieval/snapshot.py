@@ -1,5 +1,6 @@
-"""An index opened for reading: one build's embeddings, exact lexical rows, documents and BM25, every file mapped
-when it is opened, so that a reader never mixes two builds (`index.py` finds, checks and opens the folder)."""
+"""An index opened for reading: one build's embeddings, exact lexical rows, documents and BM25, every file read
+(or, when large, mapped) when it is opened, so that a reader never mixes two builds (`index.py` finds, checks and
+opens the folder)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from twotower_cli.errors import ArtifactError
+from twotower_cli.runs import file_stamp
 
 
 class Replaced(ArtifactError):
@@ -17,8 +19,8 @@ class Replaced(ArtifactError):
 
 
 class Strings:
-    """A strings file of an index (`texts.bin`, `ids.bin`) and its offsets, mapped when the index is opened: a
-    reader keeps the build it opened even when the index is rebuilt under it."""
+    """A strings file of an index (`texts.bin`, `ids.bin`) and its offsets, read (or mapped) when the index is
+    opened: a reader keeps the build it opened even when the index is rebuilt under it."""
 
     def __init__(self, folder: Path, name: str):
         import mmap
@@ -190,7 +192,3 @@ class Index:
             raise self.damaged("embeddings.npy")
         return s, i
 
-
-def file_stamp(path: Path) -> tuple:
-    st = os.stat(path)
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
