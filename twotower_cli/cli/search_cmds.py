@@ -87,6 +87,10 @@ def index_command(
         "--dtype", metavar="float32|float16", help="Precision of the stored embeddings.")] = "float32",
     backend: Annotated[str, Opt(
         "--backend", metavar="exact|faiss", help="Exact search, or FAISS HNSW (approximate).")] = "exact",
+    layout: Annotated[str, Opt(
+        "--layout", metavar="full|compact",
+        help="compact: the learned half and the exact lexical rows inverted, no lexical sketch (a third of the "
+             "size; use with --dtype float16 for the smallest).")] = "full",
     device: DeviceOpt = "auto",
     chunk_rows: Annotated[int, Opt(
         "--chunk-rows", metavar="N", min=1,
@@ -98,7 +102,7 @@ def index_command(
     from twotower_cli.api import TwoTowerModel
     from twotower_cli.data.corpus import corpus_chunks, read_in_slices
     from twotower_cli.errors import UsageError
-    from twotower_cli.retrieval.build import build_index, faiss_available
+    from twotower_cli.retrieval.build import build_index, check_layout, faiss_available
     from twotower_cli.retrieval.index import index_dir
 
     if backend not in ("exact", "faiss"):
@@ -109,6 +113,7 @@ def index_command(
     if backend == "faiss":
         faiss_available()
     cfg, run_dir = run_of(runs_dir, run, config, write=True)
+    check_layout(cfg.model, layout, backend)  # before any document is read
     if read_in_slices(corpus) and os.environ.get("RANK", "0") == "0":  # (under torchrun: said once)
         note(f"counting the documents of {corpus.name} (a text file this large is read in slices: once to count "
              "and check them, once to embed them)")
@@ -117,14 +122,15 @@ def index_command(
 
     if launched():  # torchrun: every process embeds its share of the chunks, rank 0 writes the index
         return index_sharded(corpus, cfg, run_dir, name, document_col, id_col, chunk_rows, dtype, backend, device,
-                             total)
+                             total, layout)
     dev = str(resolve(device))
     model = TwoTowerModel(run_dir, name, dev)
     progress, update = bar(f"indexing {corpus.name}", total)
     with progress:
         path = build_index(run_dir, model.torch_model(), model.vocab, chunks, name, device=dev, dtype=dtype,
                            backend=backend, progress=update, total=total,
-                           batch_size=8192 if dev.startswith("cuda") else 2048, bm25=model.plan.mode != "dense")
+                           batch_size=8192 if dev.startswith("cuda") else 2048, bm25=model.plan.mode != "dense",
+                           layout=layout)
     index_notes(path, backend, total)
 
 
@@ -133,7 +139,8 @@ def index_notes(path: Path, backend: str, total: int | None, world: int = 1) -> 
     from twotower_cli.runs import read_json
 
     meta = read_json(path / "meta.json")
-    note(f"indexed {plural(meta['count'], 'document')} ({meta['dim']}-d {meta['dtype']}, {backend}) into {path}"
+    layout = ", compact" if meta.get("layout") == "compact" else ""
+    note(f"indexed {plural(meta['count'], 'document')} ({meta['dim']}-d {meta['dtype']}, {backend}{layout}) into {path}"
          + (f" with {world} processes" if world > 1 else ""))
     if total and meta["count"] < total:
         extra = total - meta["count"]
@@ -144,7 +151,8 @@ def index_notes(path: Path, backend: str, total: int | None, world: int = 1) -> 
              "for each of them; give every document its own id (--id-col) to tell them apart")
 
 
-def index_sharded(corpus, cfg, run_dir, name, document_col, id_col, chunk_rows, dtype, backend, device, total):
+def index_sharded(corpus, cfg, run_dir, name, document_col, id_col, chunk_rows, dtype, backend, device, total,
+                  layout: str = "full"):
     from contextlib import nullcontext
 
     from twotower_cli.api import TwoTowerModel
@@ -161,7 +169,8 @@ def index_sharded(corpus, cfg, run_dir, name, document_col, id_col, chunk_rows, 
                                  lambda: corpus_chunks(corpus, document_col or cfg.data.document_col, id_col,
                                                        chunk_rows)[1],
                                  name, d, dtype=dtype, backend=backend, progress=update, total=total,
-                                 batch_size=8192 if d.device.type == "cuda" else 2048, bm25=model.plan.mode != "dense")
+                                 batch_size=8192 if d.device.type == "cuda" else 2048, bm25=model.plan.mode != "dense",
+                                 layout=layout)
         if d.main:
             index_notes(path, backend, total, d.world)
     finally:

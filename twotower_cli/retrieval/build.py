@@ -23,8 +23,9 @@ from twotower_cli.errors import TrainingError, UsageError
 from twotower_cli.model.encode import document_tokens, lexical_rows
 from twotower_cli.model.files import fingerprint
 from twotower_cli.model.sparse_rows import digest as array_digest
-from twotower_cli.retrieval.index import INDEX_FORMAT, index_dir, leftovers, lock_path, read_strings, recover
-from twotower_cli.retrieval.meta_file import meta_digest
+from twotower_cli.retrieval.index import COMPACT_FORMAT, INDEX_FORMAT, index_dir, leftovers, lock_path, read_strings, \
+    recover
+from twotower_cli.retrieval.meta_file import LAYOUTS, meta_digest
 from twotower_cli.runs import Lock, atomic_write_json, check_free_space, disk_full, fsync_folder
 
 HEADER = 128  # bytes reserved for the .npy header, written once the row count is known
@@ -69,13 +70,15 @@ class Strings:
 @torch.no_grad()
 def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", device="cpu", dtype: str = "float32",
                 backend: str = "exact", batch_size: int = 2048, progress=None, total: int | None = None,
-                precomputed=None, bm25: bool = False) -> Path:
+                precomputed=None, bm25: bool = False, layout: str = "full") -> Path:
     """Embed ``chunks`` (an iterable of (documents Series, ids list or None)) into ``index/<name>/``.
     ``precomputed(i, docs)``: the embeddings and lexical rows of every row of chunk ``i``, computed elsewhere (by the
     processes of a sharded build, `sharded.py`); what is stored is the same as when computed here. ``bm25``: the
-    BM25 side too (written before the index is swapped in, so that no reader sees the index without it)."""
+    BM25 side too (written before the index is swapped in, so that no reader sees the index without it).
+    ``layout`` "compact": the learned half only and the exact lexical rows inverted (`compact.py`)."""
     if dtype not in ("float32", "float16"):
         raise UsageError(f"--dtype {dtype!r}: use float32 or float16")
+    check_layout(model.cfg, layout, backend)
     final = index_dir(run_dir, name)
     final.parent.mkdir(parents=True, exist_ok=True)
     with Lock(lock_path(run_dir, name), f"index '{name}' of {Path(run_dir).name}"):
@@ -86,14 +89,17 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             n, dim, digest, nnz, files, shared_ids = write_folder(tmp, model, vocab, chunks, device, dtype,
-                                                                  batch_size, progress, total, precomputed)
-            meta = {"format_version": INDEX_FORMAT, "model_fingerprint": fingerprint(run_dir), "dim": dim,
-                    "count": n, "dtype": dtype, "backend": backend, "sha256": digest, "files_sha256": files,
-                    "shared_ids": shared_ids, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                                                                  batch_size, progress, total, precomputed, layout)
+            meta = {"format_version": INDEX_FORMAT if layout == "full" else COMPACT_FORMAT,
+                    "model_fingerprint": fingerprint(run_dir), "dim": dim, "count": n, "dtype": dtype,
+                    "backend": backend, "sha256": digest, "files_sha256": files, "shared_ids": shared_ids,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             if nnz is not None:
                 nnz, digests = nnz
                 meta["lexical"] = {"dim": model.cfg.lexical_dim, "buckets": model.cfg.ngram_buckets, "nnz": nnz,
                                    "weight": model.cfg.lexical_weight, "sha256": digests}
+            if layout == "compact":
+                meta["layout"] = "compact"
             if backend == "faiss":
                 meta["faiss"] = build_faiss(tmp, n, dim)
             if bm25:
@@ -128,22 +134,35 @@ def other_files(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): file_digest(p) for p in found if p.is_file()}
 
 
+def check_layout(cfg, layout: str, backend: str) -> None:
+    if layout not in LAYOUTS:
+        raise UsageError(f"--layout {layout!r}: use {' or '.join(LAYOUTS)}")
+    if layout == "compact" and not getattr(cfg, "lexical_exact", False):
+        raise UsageError("--layout compact needs a model with the exact lexical half (model.lexical_exact, the "
+                         "default since format 3): use --layout full for this run")
+    if layout == "compact" and backend != "exact":
+        raise UsageError("--layout compact scores every document exactly: use it with --backend exact")
+
+
 def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size: int, progress, total,
-                 precomputed=None):
+                 precomputed=None, layout: str = "full"):
     """Writes the index's files into ``tmp``; returns the count, the dimension, the embeddings' sha256, the lexical
     rows' (entries, sha256) or None, the document files' sha256 and how many documents kept an id given before."""
     (tmp / "documents").mkdir(parents=True)
-    dim = model.cfg.output_dim
+    compact = layout == "compact"
+    dim = model.cfg.embedding_dim if compact else model.cfg.output_dim
     if total:
         check_free_space(tmp / "embeddings.npy", HEADER + int(total) * dim * np.dtype(dtype).itemsize)
     was = model.training
     model.eval()
     texts, ids_out = Strings(tmp, "texts"), Strings(tmp, "ids")
-    lexical = LexicalWriter(tmp) if getattr(model.cfg, "lexical_exact", False) else None
+    lexical = (PostingsFiles(tmp, model.cfg.ngram_buckets) if compact else LexicalWriter(tmp)) \
+        if getattr(model.cfg, "lexical_exact", False) else None
     try:
         with open(tmp / "embeddings.npy", "wb") as raw:
             n, digest, shared_ids = write_chunks(raw, tmp, model, vocab, chunks, device, dtype, batch_size, progress,
-                                                 total, precomputed, texts, ids_out, lexical)
+                                                 total, precomputed, texts, ids_out, lexical,
+                                                 model.cfg.lexical_dim if compact else 0)
         files = {**texts.close(), **ids_out.close()}
         return n, dim, digest, lexical.close() if lexical is not None else None, files, shared_ids
     finally:
@@ -153,8 +172,9 @@ def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size
 
 
 def write_chunks(raw, tmp: Path, model, vocab, chunks, device, dtype: str, batch_size: int, progress, total,
-                 precomputed, texts: Strings, ids_out: Strings, lexical) -> tuple[int, str, int]:
-    """Embeddings appended to ``raw`` (its header written last), documents to their files; identical documents once.
+                 precomputed, texts: Strings, ids_out: Strings, lexical, skip: int = 0) -> tuple[int, str, int]:
+    """Embeddings appended to ``raw`` (its header written last; their first ``skip`` columns left out), documents to
+    their files; identical documents once.
     Also counts the documents whose id an earlier (different) document has (by the ids' 64-bit hashes)."""
     max_len = model.cfg.max_document_length
     seen_h, seen_row, seen_ids = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64), np.zeros(0, np.uint64)
@@ -187,7 +207,7 @@ def write_chunks(raw, tmp: Path, model, vocab, chunks, device, dtype: str, batch
             else:
                 emb, rows = embed_batch(model, vocab, frame["document"].slice(s, batch_size), max_len, device,
                                         lexical is not None, n + s)
-            data = emb.astype(dtype).tobytes()
+            data = np.ascontiguousarray(emb[:, skip:], dtype=dtype).tobytes()
             digest.update(data)
             raw.write(data)
             if lexical is not None:
@@ -208,7 +228,7 @@ def write_chunks(raw, tmp: Path, model, vocab, chunks, device, dtype: str, batch
     if n == 0:
         raise UsageError("the corpus has no documents to index")
     raw.seek(0)
-    raw.write(npy_header((n, model.cfg.output_dim), dtype))
+    raw.write(npy_header((n, model.cfg.output_dim - skip), dtype))
     raw.flush()
     os.fsync(raw.fileno())
     return n, digest.hexdigest(), shared_ids
@@ -261,6 +281,26 @@ class LexicalWriter:
         np.save(self.folder / "lexical.indptr.npy", indptr)
         return self.nnz, {"indptr": array_digest(indptr),
                           **{name: h.hexdigest() for name, h in self.hashes.items()}}
+
+
+class PostingsFiles:
+    """The documents' exact lexical rows inverted (`postings.py`), with `LexicalWriter`'s interface."""
+
+    def __init__(self, folder: Path, buckets: int):
+        from twotower_cli.retrieval.postings import PostingsWriter
+
+        self.folder, self.writer = folder, PostingsWriter(folder, buckets)
+        self.files = {"docs": self.writer.run_docs, "weights": self.writer.run_weights}
+
+    def add(self, rows) -> None:
+        self.writer.add(rows.indptr, rows.buckets, rows.weights)
+
+    def close(self) -> tuple[int, dict]:
+        from twotower_cli.retrieval.index import file_digest
+        from twotower_cli.retrieval.postings import FILES, PREFIX
+
+        nnz = self.writer.close()
+        return nnz, {name: file_digest(self.folder / f"{PREFIX}.{name}.npy") for name in FILES}
 
 
 def build_faiss(folder: Path, n: int, dim: int) -> dict:

@@ -26,6 +26,7 @@ from twotower_cli.retrieval.snapshot import Index, Strings
 from twotower_cli.runs import is_locked, read_json, stamp_or_none
 
 INDEX_FORMAT = 3  # 3: every file's sha256 in meta.json (2: texts.bin/ids.bin and the embeddings' sha256; 1: Parquet)
+COMPACT_FORMAT = 4  # the compact layout: the learned half and the exact lexical rows inverted (`compact.py`)
 
 
 def index_dir(run_dir: Path, name: str) -> Path:
@@ -120,7 +121,7 @@ def open_index(run_dir: Path, folder: Path, name: str, check_model: bool, model:
     version = meta.get("format_version", 0)
     if not isinstance(version, int) or isinstance(version, bool):
         raise ArtifactError(f"{meta_path}: format_version is {version!r}, not a number; rebuild the index")
-    if version > INDEX_FORMAT:
+    if version > COMPACT_FORMAT:
         raise ArtifactError(f"{meta_path}: index format {version} is newer than this twotower understands; "
                             "upgrade twotower")
     check_meta(meta_path, meta)
@@ -160,6 +161,7 @@ def open_index(run_dir: Path, folder: Path, name: str, check_model: bool, model:
                             "rebuild the index")
     lexical = load_lexical(folder, meta)
     for file in ["embeddings.npy", "faiss.index", *(f"lexical.{part}.npy" for part in ("indptr", "buckets", "weights")),
+                 *(f"postings.{part}.npy" for part in ("indptr", "docs", "weights")),
                  *(f"{kind}{end}" for kind in ("texts", "ids") for end in (".bin", ".offsets.npy")),
                  *(f"documents/{p.name}" for p in sorted((folder / "documents").glob("*.parquet")))]:
         if (folder / file).exists():
@@ -213,9 +215,13 @@ def load_lexical(folder: Path, meta: dict):
     from twotower_cli.model.sparse_rows import SparseRows
 
     lex = meta["lexical"]
+    compact = meta.get("layout") == "compact"
     if not isinstance(lex, dict) or not all(isinstance(lex.get(k), int) and not isinstance(lex.get(k), bool)
-                                            for k in ("dim", "buckets")) or not 0 < lex["dim"] <= meta.get("dim", 0):
+                                            for k in ("dim", "buckets")) or not 0 < lex["dim"] \
+            or (lex["dim"] > meta.get("dim", 0) and not compact):
         raise ArtifactError(f"{folder / 'meta.json'}: its 'lexical' entry is damaged; rebuild the index")
+    if compact:
+        return load_postings(folder, meta, lex)
     try:
         return SparseRows.load(folder, int(meta["count"]), buckets=lex["buckets"], digests=lex.get("sha256"),
                                verify_up_to=VERIFY_UP_TO)
@@ -224,6 +230,30 @@ def load_lexical(folder: Path, meta: dict):
                             "rebuild the index") from None
     except (ValueError, OSError, EOFError) as exc:
         raise ArtifactError(f"{folder}: the exact lexical rows are damaged ({exc}); rebuild the index") from None
+
+
+def load_postings(folder: Path, meta: dict, lex: dict):
+    """A compact index's inverted lexical rows; small files checked against their sha256 (as `verify_files`)."""
+    from twotower_cli.retrieval.postings import FILES, PREFIX, Postings
+
+    try:
+        postings = Postings.load(folder, int(meta["count"]), lex["buckets"])
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{exc.filename}: missing, but meta.json says the index has exact lexical rows; "
+                            "rebuild the index") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise ArtifactError(f"{folder}: the exact lexical rows are damaged ({exc}); rebuild the index") from None
+    digests = lex.get("sha256") or {}
+    if sum(getattr(postings, name).nbytes for name in FILES) <= VERIFY_UP_TO:
+        for name in FILES:
+            path = folder / f"{PREFIX}.{name}.npy"
+            if digests.get(name) is not None and file_digest(path) != digests[name]:
+                raise ArtifactError(f"{path}: does not match the checksum in meta.json; the file was altered or "
+                                    "damaged: rebuild the index")
+        if postings.docs.size and (int(postings.docs.max()) >= int(meta["count"]) or (
+                np.diff(postings.indptr) < 0).any() or not np.isfinite(postings.weights).all()):
+            raise ArtifactError(f"{folder}: the exact lexical rows are out of range; rebuild the index")
+    return postings
 
 
 def check_documents(folder: Path, meta: dict) -> None:

@@ -18,6 +18,8 @@ BACKENDS = ("exact", "faiss")
 FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?")
 STRINGS = ("texts.bin", "texts.offsets.npy", "ids.bin", "ids.offsets.npy")
 LEXICAL_PARTS = ("indptr", "buckets", "weights")
+POSTINGS_PARTS = ("indptr", "docs", "weights")  # a compact index's (`postings.py`)
+LAYOUTS = ("full", "compact")
 
 
 def meta_digest(meta: dict) -> str:
@@ -73,6 +75,9 @@ def check_meta(path: Path, meta: dict) -> None:
     if meta.get("dtype") not in DTYPES or meta.get("backend", "exact") not in BACKENDS:
         raise damaged(path, f"dtype {meta.get('dtype')!r} or backend {meta.get('backend')!r} is not one twotower "
                             "writes")
+    if meta.get("layout", "full") not in LAYOUTS or (meta.get("layout") == "compact" and (
+            meta.get("backend", "exact") != "exact" or "lexical" not in meta)):
+        raise damaged(path, f"layout {meta.get('layout')!r} is not one twotower writes with its backend and rows")
     faiss = meta.get("faiss", {})
     if not isinstance(faiss, dict) or not is_count(faiss.get("ef_search", 128), 1):
         raise damaged(path, "its 'faiss' entry is damaged")
@@ -83,11 +88,12 @@ def check_meta(path: Path, meta: dict) -> None:
     weight_ok = weight is None or (isinstance(weight, (int, float)) and not isinstance(weight, bool)
                                    and math.isfinite(weight) and 0 <= weight <= 1)
     if not isinstance(lex, dict) or not is_count(lex.get("dim"), 1) or not is_count(lex.get("buckets"), 1) \
-            or lex["dim"] > meta["dim"] or not weight_ok:
+            or (lex["dim"] > meta["dim"] and meta.get("layout") != "compact") or not weight_ok:
         raise damaged(path, "its 'lexical' entry is damaged")
     digests = lex.get("sha256")
     if (digests is not None or with_checksums(meta)) and not (
-            isinstance(digests, dict) and all(isinstance(digests.get(k), str) for k in LEXICAL_PARTS)):
+            isinstance(digests, dict) and all(isinstance(digests.get(k), str) for k in (
+                POSTINGS_PARTS if meta.get("layout") == "compact" else LEXICAL_PARTS))):
         raise damaged(path, "the exact lexical rows' checksums are missing or damaged")
 
 

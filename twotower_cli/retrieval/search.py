@@ -131,7 +131,11 @@ class Search:
         index = self.index
         embedded = self.encoder.encode_queries(queries)
         rows = self.encoder.query_lexical(queries) if index.lexical is not None else None
-        if rows is None:
+        if index.meta.get("layout") == "compact":
+            from twotower_cli.retrieval.compact import ranking
+
+            scores, found = ranking(index, embedded, rows, depth, self.plan.rerank)
+        elif rows is None:
             scores, found = index.nearest(embedded, depth, self.device)
         else:
             scores, found = exact_lexical_ranking(index, embedded, rows, depth, self.plan.rerank, self.device)

@@ -24,7 +24,7 @@ from twotower_cli.runs import atomic_write_json, read_json, scratch_dir
 
 def build_sharded(run_dir: Path, model, vocab, make_chunks, name: str, d, dtype: str = "float32",
                   backend: str = "exact", batch_size: int = 2048, progress=None, total: int | None = None,
-                  bm25: bool = False):
+                  bm25: bool = False, layout: str = "full"):
     """``make_chunks()`` gives a fresh iterator of (documents, ids) chunks (each process reads the corpus; rank 0
     reads it twice). Returns the index folder on rank 0, None on the others."""
     final = index_dir(run_dir, name)
@@ -35,7 +35,7 @@ def build_sharded(run_dir: Path, model, vocab, make_chunks, name: str, d, dtype:
     try:
         d.barrier()
         return embed_then_assemble(run_dir, model, vocab, make_chunks, name, d, folder, dtype, backend, batch_size,
-                                   progress, total, bm25)
+                                   progress, total, bm25, layout)
     except BaseException:
         if d.main:  # an interrupt (every process gets it from torchrun) or an error: the shards are not kept
             shutil.rmtree(folder, ignore_errors=True)
@@ -46,7 +46,7 @@ def build_sharded(run_dir: Path, model, vocab, make_chunks, name: str, d, dtype:
 
 
 def embed_then_assemble(run_dir, model, vocab, make_chunks, name, d, folder, dtype, backend, batch_size, progress,
-                        total, bm25: bool):
+                        total, bm25: bool, layout: str = "full"):
     lexical = bool(getattr(model.cfg, "lexical_exact", False))
     error, done = None, 0
     try:
@@ -82,7 +82,7 @@ def embed_then_assemble(run_dir, model, vocab, make_chunks, name, d, folder, dty
             return emb, SparseRows.load(folder, emb.shape[0], f"chunk-{i:06d}.lexical")
 
         return build_index(run_dir, model, vocab, make_chunks(), name, device="cpu", dtype=dtype, backend=backend,
-                           batch_size=batch_size, total=total, precomputed=load, bm25=bm25)
+                           batch_size=batch_size, total=total, precomputed=load, bm25=bm25, layout=layout)
     finally:
         d.barrier()  # nobody leaves (and the folder goes) before rank 0 has built the index
         if d.main:

@@ -99,7 +99,9 @@ def index_checks(run_dir: Path, name: str) -> list[Check]:
             continue  # (built again from the texts on first use)
         out.append(attempt(f"{what}/{file}", lambda f=file, e=expected: matches(folder / f, e)))
     lexical = meta.get("lexical")
-    if isinstance(lexical, dict) and isinstance(lexical.get("sha256"), dict):
+    if isinstance(lexical, dict) and isinstance(lexical.get("sha256"), dict) and meta.get("layout") == "compact":
+        out.append(attempt(f"{what}/postings.*.npy", lambda: postings(folder, lexical["sha256"])))
+    elif isinstance(lexical, dict) and isinstance(lexical.get("sha256"), dict):
         out.append(attempt(f"{what}/lexical.*.npy", lambda: lexical_rows(folder, lexical["sha256"])))
     if (folder / "bm25").is_dir():
         out.append(attempt(f"{what}/bm25", lambda: bm25(folder / "bm25")))
@@ -154,6 +156,17 @@ def lexical_rows(folder: Path, digests: dict) -> str:
         bad = [part for part in FILES if found[part] != digests.get(part)]
         raise ValueError(f"{folder}/lexical.{bad[0]}.npy: does not match its checksum in meta.json; rebuild the index")
     return "the exact lexical rows match their checksums"
+
+
+def postings(folder: Path, digests: dict) -> str:
+    from twotower_cli.retrieval.postings import FILES, PREFIX
+
+    for part in FILES:
+        matches(folder / f"{PREFIX}.{part}.npy", digests.get(part, ""))
+    weights = np.load(folder / f"{PREFIX}.weights.npy", mmap_mode="r")
+    if weights.size and not np.isfinite(weights).all():
+        raise ValueError(f"{folder / (PREFIX + '.weights.npy')}: holds non-finite values; rebuild the index")
+    return "the exact lexical rows (inverted) match their checksums"
 
 
 def bm25(folder: Path) -> str:

@@ -1,0 +1,149 @@
+"""Index layouts against each other on one corpus: size on disk per document, build time and peak memory, search
+latency (one query, warm: p50/p99; a cold `twotower search` process), queries per second for a batch, MRR@10, and
+top-10 agreement with an exact brute force (every document scored by the search's definition) on a subsample.
+
+    python benchmarks/scale_index.py RUN_DIR EVAL_DIR [--layouts full:float32,compact:float16,compact:float32]
+                                     [--queries 1000] [--subsample 300]
+
+RUN_DIR: a trained run (the default n-gram model); EVAL_DIR: queries.parquet, corpus.parquet (doc_id, document),
+qrels.parquet, as `twotower evaluate` reads. Each layout is indexed into the run as `scale-<layout>-<dtype>` by a
+fresh `twotower index` process (its wall time and peak RSS measured), then searched in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))  # keep this folder (it holds a tokenize.py) off sys.path
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GROUPS = {"embeddings": ("embeddings.npy",), "lexical": ("lexical.", "postings."), "bm25": ("bm25/",),
+          "texts": ("texts.", "ids.", "documents/")}
+
+
+def sizes(folder: Path, count: int) -> dict[str, float]:
+    """Bytes per document of each group of files."""
+    out = dict.fromkeys(GROUPS, 0.0)
+    for p in folder.rglob("*"):
+        if p.is_file() and p.name != "meta.json":
+            rel = str(p.relative_to(folder))
+            group = next(g for g, prefixes in GROUPS.items() if rel.startswith(prefixes))
+            out[group] += p.stat().st_size / count
+    out["total"] = sum(out.values())
+    return out
+
+
+def build(run: Path, corpus: Path, name: str, layout: str, dtype: str) -> tuple[float, float]:
+    """Seconds and peak RSS (GiB) of a fresh `twotower index` process."""
+    t = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run([sys.executable, "-m", "twotower_cli", "index", str(corpus), "--runs-dir", str(run.parent),
+                    "--run", run.name, "--id-col", "doc_id", "--name", name, "--layout", layout, "--dtype", dtype],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return time.perf_counter() - t, max(peak, before) / 2**20
+
+
+def cold_search(run: Path, name: str, query: str, times: int = 3) -> float:
+    """The median wall time of a fresh `twotower search` process (its files in the page cache)."""
+    seconds = []
+    for _ in range(times):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "twotower_cli", "search", query, "--runs-dir", str(run.parent),
+                        "--run", run.name, "--index", name, "--json"], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+        seconds.append(time.perf_counter() - t)
+    return float(np.median(seconds))
+
+
+def brute_force(model, index, queries: list[str], k: int = 10) -> list[list[str]]:
+    """The exact top k of a full-layout index: every document scored (learned half + exact lexical rows)."""
+    dim = index.meta["lexical"]["dim"]
+    q, rows = model.encode_queries(queries), model.query_lexical(queries)
+    table = np.zeros(index.meta["lexical"]["buckets"], np.float32)
+    out = []
+    for j in range(len(queries)):
+        learned = np.asarray(index.embeddings[:, dim:], dtype=np.float32) @ q[j, dim:]
+        s = learned + index.lexical.dots(rows, j, np.arange(index.count), table)
+        out.append(index.ids[np.lexsort((np.arange(index.count), -s))[:k].tolist()])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("eval_dir", type=Path)
+    ap.add_argument("--layouts", default="full:float32,compact:float16,compact:float32")
+    ap.add_argument("--queries", type=int, default=1000, help="queries timed one by one and as a batch")
+    ap.add_argument("--subsample", type=int, default=300, help="queries checked against the brute force")
+    ap.add_argument("--jsonl", type=Path)
+    args = ap.parse_args()
+
+    import twotower_cli
+    from twotower_cli.evaluation.eval_sets import load_eval
+    from twotower_cli.evaluation.metrics import retrieval_metrics
+
+    run = args.run.resolve()
+    ev = load_eval(args.eval_dir)
+    queries = ev.queries.to_list()
+    corpus = args.eval_dir / "corpus.parquet"
+    position = {d: i for i, d in enumerate(ev.doc_ids)}
+    exact = None
+    rows = []
+    for spec in args.layouts.split(","):
+        layout, dtype = spec.split(":")
+        name = f"scale-{layout}-{dtype}"
+        seconds, peak = build(run, corpus, name, layout, dtype)
+        model = twotower_cli.load(run, index=name)
+        model.search(queries[:1], k=10, mode="dense")  # opened, and its pages read once
+        if exact is None:
+            reference = model if layout == "full" else twotower_cli.load(run, index="scale-full-float32")
+            exact = brute_force(reference, reference.index, queries[:args.subsample])
+        one = []
+        for q in queries[:args.queries]:
+            t = time.perf_counter()
+            model.search([q], k=10)
+            one.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        hits = model.search(queries[:args.queries], k=10)
+        batch = time.perf_counter() - t
+        every = model.search(queries, k=100)
+        ranked = np.array([[position[h.id] for h in hs] + [-1] * (100 - len(hs)) for hs in every])
+        mrr = retrieval_metrics(ranked, ev.qrels)["mrr@10"]
+        dense = model.search(queries[:args.subsample], k=10, mode="dense")
+        agree = float(np.mean([[h.id for h in a] == b for a, b in zip(dense, exact)]))
+        row = {"layout": layout, "dtype": dtype, "documents": model.index.count, **sizes(model.index.path,
+               model.index.count), "build_s": seconds, "peak_gib": peak, "p50_ms": 1e3 * float(np.median(one)),
+               "p99_ms": 1e3 * float(np.percentile(one, 99)), "batch_qps": len(hits) / batch,
+               "cold_s": cold_search(run, name, queries[0]), "mrr@10": mrr, "top10_exact": agree,
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+        rows.append(row)
+        if args.jsonl:
+            with open(args.jsonl, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    print(f"| layout | bytes/doc (embeddings + lexical + BM25 + texts) | build s | peak GiB | p50 ms | p99 ms | "
+          f"batch q/s | cold search s | MRR@10 | top-10 = exact ({args.subsample} queries) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['layout']} {r['dtype']} | {r['total']:,.0f} ({r['embeddings']:,.0f} + {r['lexical']:,.0f} + "
+              f"{r['bm25']:,.0f} + {r['texts']:,.0f}) | {r['build_s']:.1f} | {r['peak_gib']:.2f} | {r['p50_ms']:.1f} | "
+              f"{r['p99_ms']:.1f} | {r['batch_qps']:.0f} | {r['cold_s']:.2f} | {r['mrr@10']:.4f} | "
+              f"{r['top10_exact']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
