@@ -89,8 +89,8 @@ def index_command(
         "--backend", metavar="exact|faiss", help="Exact search, or FAISS HNSW (approximate).")] = "exact",
     layout: Annotated[str, Opt(
         "--layout", metavar="full|compact",
-        help="compact: the learned half and the exact lexical rows inverted, no lexical sketch (a third of the "
-             "size; use with --dtype float16 for the smallest).")] = "full",
+        help="compact: the learned half and the exact lexical rows inverted, no lexical sketch (under half the "
+             "size, the same ranking).")] = "full",
     device: DeviceOpt = "auto",
     chunk_rows: Annotated[int, Opt(
         "--chunk-rows", metavar="N", min=1,

@@ -1,4 +1,4 @@
-"""The model's ranking over a compact index: the documents' learned half (float16) and their exact lexical rows
+"""The model's ranking over a compact index: the documents' learned half and their exact lexical rows
 inverted (`postings.py`), without the hashed lexical sketch.
 
 Every document's score is the search's own (the learned half's dot product plus the exact lexical one): the
@@ -16,14 +16,14 @@ from twotower_cli.retrieval.postings import Postings
 CHUNK = 1 << 16  # documents scored at a time: a [CHUNK, queries] float32 block
 QUERIES = 64  # queries scored together: the scan reads the documents once per this many queries
 # lists longer than this share of the documents (the commonest n-grams, of low weight) are left out of the first
-# pass and added to its best rows only: on the Debian corpus the top 10 of 500 queries was the exact one at shares
-# of 0.2 down to 0.01 (0.996 at 0.005), and a query read 3,400 entries instead of 587,000
+# pass and added to its best rows only: they are most of what a query would read, and change almost no top 10
+# (the share was measured: benchmarks/RESULTS.md, session 11)
 LONG_LIST_SHARE = 0.02
-LONG_LIST_FLOOR = 1000  # never shorter: in a small corpus every list is read (a list of 1,000 costs ~10 us)
+LONG_LIST_FLOOR = 1000  # never shorter: in a small corpus every list is cheap, and a 2% cut lost whole documents
 
 
 def exact_ranking(learned_queries: np.ndarray, query_rows: SparseRows, learned_docs, postings: Postings,
-                  depth: int, longest: int | None = None, rerank: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+                  depth: int, longest: int, rerank: int = 1000) -> tuple[np.ndarray, np.ndarray]:
     """Scores and rows [Q, min(depth, N)], best first (ties: the lower row first). ``longest``: lists longer than
     this are left out of the first pass and added to its best ``rerank`` rows only."""
     n = learned_docs.shape[0]
@@ -49,9 +49,6 @@ def exact_ranking(learned_queries: np.ndarray, query_rows: SparseRows, learned_d
                 raise FloatingPointError("postings.weights.npy")
             row = scores[j - a]
             row[rows] += lexical
-            if longest is None:
-                out_s[j], out_i[j] = best(row, depth)
-                continue
             _, top = best(row, max(depth, rerank))
             top = np.sort(top)
             long = postings.lengths(qb) > longest

@@ -21,7 +21,7 @@ import numpy as np
 from twotower_cli.config_checks import NAME
 from twotower_cli.errors import ArtifactError, UsageError
 from twotower_cli.model.files import fingerprint, load_npy, read_config
-from twotower_cli.retrieval.meta_file import check_lexical_settings, check_meta
+from twotower_cli.retrieval.meta_file import LEXICAL_PARTS, POSTINGS_PARTS, check_lexical_settings, check_meta
 from twotower_cli.retrieval.snapshot import Index, Strings
 from twotower_cli.runs import is_locked, read_json, stamp_or_none
 
@@ -160,8 +160,8 @@ def open_index(run_dir: Path, folder: Path, name: str, check_model: bool, model:
         raise ArtifactError(f"{folder / 'faiss.index'}: missing, but meta.json says the index uses FAISS; "
                             "rebuild the index")
     lexical = load_lexical(folder, meta)
-    for file in ["embeddings.npy", "faiss.index", *(f"lexical.{part}.npy" for part in ("indptr", "buckets", "weights")),
-                 *(f"postings.{part}.npy" for part in ("indptr", "docs", "weights")),
+    for file in ["embeddings.npy", "faiss.index", *(f"lexical.{part}.npy" for part in LEXICAL_PARTS),
+                 *(f"postings.{part}.npy" for part in POSTINGS_PARTS),
                  *(f"{kind}{end}" for kind in ("texts", "ids") for end in (".bin", ".offsets.npy")),
                  *(f"documents/{p.name}" for p in sorted((folder / "documents").glob("*.parquet")))]:
         if (folder / file).exists():

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-FILES = ("indptr", "docs", "weights")
+from twotower_cli.retrieval.meta_file import POSTINGS_PARTS as FILES  # (one list of the files, for meta.json too)
+
 PREFIX = "postings"
 
 
