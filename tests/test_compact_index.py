@@ -169,3 +169,20 @@ def test_compact_layout_needs_the_exact_lexical_half_and_the_exact_backend(run_w
     assert res.exit_code != 0 and "--backend exact" in res.stderr
     res = cli("index", corpus, "--runs-dir", run_with_both, "--layout", "sideways")
     assert res.exit_code != 0 and "--layout 'sideways'" in res.stderr
+
+
+def test_the_top_10_does_not_depend_on_k():
+    """Rows past the first pass's best ``rerank`` follow them, re-scored among themselves: asking for more results
+    shows more of one ranking (the long lists' additions never lift a row from past ``rerank`` into the top)."""
+    from twotower_cli.retrieval.compact import exact_ranking
+
+    rows, buckets = random_rows(5, 3000, 60), 60  # few buckets: long lists, whose additions reorder rows
+    postings = from_rows(rows.indptr, rows.buckets, rows.weights, buckets)
+    queries = random_rows(6, 4, buckets)
+    rng = np.random.default_rng(7)
+    learned_q, learned_d = rng.standard_normal((4, 8)).astype(np.float32), rng.standard_normal((3000, 8)) * 0.01
+    top10 = exact_ranking(learned_q, queries, learned_d, postings, 10, longest=100, rerank=50)[1]
+    for depth in (50, 51, 400, 3000):
+        s, found = exact_ranking(learned_q, queries, learned_d, postings, depth, longest=100, rerank=50)
+        np.testing.assert_array_equal(found[:, :10], top10)
+        assert (np.sort(found, 1)[:, 1:] != np.sort(found, 1)[:, :-1]).all()  # each row once

@@ -3,7 +3,8 @@ inverted (`postings.py`), without the hashed lexical sketch.
 
 Every document's score is the search's own (the learned half's dot product plus the exact lexical one): the
 learned half in one scan, the lexical half from the query's buckets' lists, except the longest lists (the commonest
-n-grams: ``LONG_LIST_SHARE``), which are added to the best ``rerank`` rows of that first pass only.
+n-grams: ``LONG_LIST_SHARE``), which are added to the best ``rerank`` rows of that first pass (rows past them follow,
+sorted among themselves, as in the full layout's search: the top 10 does not depend on k).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ LONG_LIST_FLOOR = 1000  # never shorter: in a small corpus every list is cheap, 
 def exact_ranking(learned_queries: np.ndarray, query_rows: SparseRows, learned_docs, postings: Postings,
                   depth: int, longest: int, rerank: int = 1000) -> tuple[np.ndarray, np.ndarray]:
     """Scores and rows [Q, min(depth, N)], best first (ties: the lower row first). ``longest``: lists longer than
-    this are left out of the first pass and added to its best ``rerank`` rows only."""
+    this are left out of the first pass and added to the rows it passes on: its best ``rerank``, then (a depth
+    over ``rerank``) its next rows, sorted among themselves."""
     n = learned_docs.shape[0]
     Q = learned_queries.shape[0]
     depth = min(depth, n)
@@ -49,16 +51,26 @@ def exact_ranking(learned_queries: np.ndarray, query_rows: SparseRows, learned_d
                 raise FloatingPointError("postings.weights.npy")
             row = scores[j - a]
             row[rows] += lexical
-            _, top = best(row, max(depth, rerank))
-            top = np.sort(top)
+            _, first = best(row, max(depth, rerank))  # the first pass's order, the same whatever depth is
             long = postings.lengths(qb) > longest
-            added = postings.at(qb[long], qw[long], top)
-            if not np.isfinite(added).all():
-                raise FloatingPointError("postings.weights.npy")
-            s_top = row[top] + added
-            s_best, i_best = best(s_top, depth)
-            out_s[j], out_i[j] = s_best, top[i_best]
+            # its best ``rerank`` rows re-scored and sorted; rows past them follow, re-scored among themselves (so
+            # that the top of the ranking never depends on how deep a caller asks)
+            ranked = [rescored(row, first[:rerank], postings, qb[long], qw[long]),
+                      rescored(row, first[rerank:], postings, qb[long], qw[long])]
+            out_s[j] = np.concatenate([r[0] for r in ranked])[:depth]
+            out_i[j] = np.concatenate([r[1] for r in ranked])[:depth]
     return out_s, out_i
+
+
+def rescored(first_pass: np.ndarray, rows: np.ndarray, postings: Postings, long_buckets: np.ndarray,
+             long_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` with the long lists' part of their lexical score added to their first-pass score, best first."""
+    rows = np.sort(rows)
+    added = postings.at(long_buckets, long_weights, rows)
+    if not np.isfinite(added).all():
+        raise FloatingPointError("postings.weights.npy")
+    scores, order = best(first_pass[rows] + added, rows.shape[0])
+    return scores, rows[order]
 
 
 def ranking(index, embedded: np.ndarray, query_rows: SparseRows, depth: int, rerank: int):
