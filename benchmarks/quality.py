@@ -173,10 +173,18 @@ def brute_force(api, queries: list[str], depth: int = 100) -> list[list[int]]:
     d_rows = index.lexical
     table = np.zeros(cfg.ngram_buckets, dtype=np.float32)
     out = []
+    compact = index.meta.get("layout") == "compact"  # (the learned half only, the lexical rows inverted)
     for j, (q, qe) in enumerate(zip(queries, api.encode_queries(queries))):
         n = cfg.lexical_dim
-        dense = (emb[:, n:] @ qe[n:] + (d_rows.dots(q_rows, j, np.arange(len(docs)), table) if d_rows is not None
-                                        else emb[:, :n] @ qe[:n])).astype(np.float64)
+        if compact:
+            lo, hi = int(q_rows.indptr[j]), int(q_rows.indptr[j + 1])
+            rows, values = d_rows.scores(q_rows.buckets[lo:hi], q_rows.weights[lo:hi], len(docs))
+            lexical = np.zeros(len(docs), dtype=np.float32)
+            lexical[rows] = values
+            dense = (emb @ qe[n:] + lexical).astype(np.float64)
+        else:
+            dense = (emb[:, n:] @ qe[n:] + (d_rows.dots(q_rows, j, np.arange(len(docs)), table) if d_rows is not None
+                                            else emb[:, :n] @ qe[:n])).astype(np.float64)
         if plan.mode == "dense":
             out.append(np.lexsort((np.arange(dense.size), -dense))[:10].tolist())
             continue

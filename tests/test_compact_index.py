@@ -28,25 +28,35 @@ def random_rows(seed: int, n: int, buckets: int) -> SparseRows:
     return SparseRows(indptr, ids, rng.random(ids.size).astype(np.float32))
 
 
-@pytest.mark.parametrize("chunk,range_entries", [(700, 5000), (3000, 1 << 20), (1, 100)])
-def test_postings_written_in_chunks_equal_the_rows_inverted_in_memory(chunk, range_entries):
+@pytest.mark.parametrize("chunk,range_entries,row_bits", [(700, 5000, 16), (3000, 1 << 20, 6), (1, 100, 3),
+                                                       (250, 3000, 32)])
+def test_postings_written_in_chunks_equal_the_rows_inverted_in_memory(chunk, range_entries, row_bits):
+    """Written chunk by chunk, each row in ``row_bits`` bits (lists split into blocks of 2**row_bits rows): the
+    same lists as the rows inverted whole, each list's rows ascending."""
     rows, buckets = random_rows(1, 900, 3000), 3000
-    whole = from_rows(rows.indptr, rows.buckets, rows.weights, buckets)
+    whole = from_rows(rows.indptr, rows.buckets, rows.weights, buckets, np.uint16, row_bits)
+    wide = from_rows(rows.indptr, rows.buckets, rows.weights, buckets)  # (whole rows, one block)
+    assert whole.blocks == max(1, -(-900 >> row_bits)) and whole.docs.dtype == (np.uint16 if row_bits < 32 else
+                                                                                np.uint32)
     with tempfile.TemporaryDirectory() as d:
-        writer = PostingsWriter(Path(d), buckets, range_entries=range_entries)
+        writer = PostingsWriter(Path(d), buckets, range_entries=range_entries, row_bits=row_bits)
         for s in range(0, len(rows), chunk):
             part = rows.take(np.arange(s, min(len(rows), s + chunk)))
             writer.add(part.indptr, part.buckets, part.weights)
         assert writer.close() == rows.buckets.size
-        read = Postings.load(Path(d), len(rows), buckets)
+        read = Postings.load(Path(d), len(rows), buckets, row_bits, writer.scale)
         for name in ("indptr", "docs", "weights"):
             np.testing.assert_array_equal(np.asarray(getattr(read, name)), getattr(whole, name))
+        for b in range(0, buckets, 7):
+            np.testing.assert_array_equal(read.rows(b)[1], wide.rows(b)[1])
+        assert read.in_range(len(rows)) and not read.in_range(len(rows) - 1) or row_bits == 32
         assert sorted(p.name for p in Path(d).iterdir()) == [f"postings.{n}.npy" for n in ("docs", "indptr", "weights")]
 
 
-def test_postings_scores_are_the_rows_exact_dot_products():
+@pytest.mark.parametrize("row_bits", [32, 16, 5])
+def test_postings_scores_are_the_rows_exact_dot_products(row_bits):
     rows, buckets = random_rows(2, 2000, 500), 500
-    postings = from_rows(rows.indptr, rows.buckets, rows.weights, buckets)
+    postings = from_rows(rows.indptr, rows.buckets, rows.weights, buckets, row_bits=row_bits)
     query = random_rows(3, 1, buckets)
     exact = rows.dots(query, 0, np.arange(len(rows)), np.zeros(buckets, np.float32))
     found, values = postings.scores(query.buckets, query.weights, len(rows))
@@ -54,14 +64,21 @@ def test_postings_scores_are_the_rows_exact_dot_products():
     full[found] = values
     np.testing.assert_allclose(full, exact, rtol=1e-6, atol=1e-7)
     assert set(found.tolist()) == set(np.flatnonzero(exact).tolist())
-    some = np.sort(np.random.default_rng(4).choice(len(rows), 300, replace=False))
-    np.testing.assert_allclose(postings.at(query.buckets, query.weights, some), exact[some], rtol=1e-6, atol=1e-7)
+    rng = np.random.default_rng(4)
+    for some in (np.sort(rng.choice(len(rows), 300, replace=False)), np.arange(31, 40), np.array([len(rows) - 1])):
+        np.testing.assert_allclose(postings.at(query.buckets, query.weights, some), exact[some], rtol=1e-6,
+                                   atol=1e-7)
     # the first pass without the long lists: exactly what the short lists give
     longest = int(np.median(postings.lengths(query.buckets)))
     short = query.buckets[postings.lengths(query.buckets) <= longest]
     found, values = postings.scores(query.buckets, query.weights, len(rows), longest=longest)
-    lists = [postings.docs[postings.indptr[b]:postings.indptr[b + 1]] for b in short]
+    lists = [postings.rows(b)[1] for b in short]
     assert set(found.tolist()) == set(np.concatenate(lists).tolist()) and len(short) < len(query.buckets)
+    # as stored: 2-byte fixed-point weights, within half a step of each weight
+    fixed = from_rows(rows.indptr, rows.buckets, rows.weights, buckets, np.uint16, row_bits)
+    found, values = fixed.scores(query.buckets, query.weights, len(rows))
+    np.testing.assert_allclose(values, exact[found], rtol=0, atol=0.5 * fixed.scale * np.abs(query.weights).sum())
+    np.testing.assert_allclose(fixed.at(query.buckets, query.weights, found), values, rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +135,9 @@ def test_compact_search_is_the_exact_search_and_the_full_one(run_with_both):
         b = compact.search(QUERIES, k=10, mode=mode)
         for x, y in zip(a, b):
             assert [h.id for h in x] == [h.id for h in y], mode
-            # (a fusion normalises over each side's best 100: the full layout's first pass is not exact that deep)
-            tolerance = 0.01 if mode == "hybrid" else 1e-5
+            # (a fusion normalises over each side's best 100: the full layout's first pass is not exact that deep;
+            # the compact layout's lexical weights are 2-byte fixed point: a dot product moves by a few 1e-6)
+            tolerance = 0.01 if mode == "hybrid" else 2e-5
             np.testing.assert_allclose([h.score for h in x], [h.score for h in y], rtol=1e-4, atol=tolerance)
     # float16 learned half: the same documents at the top, scores within float16's rounding
     half = twotower_cli.load(run, index="compact-float16").search(QUERIES, k=3, mode="dense")
@@ -132,7 +150,7 @@ def test_compact_index_is_smaller_and_says_what_it_holds(run_with_both):
     run = (run_with_both / "latest").resolve()
     full, compact = run / "index" / "full-float32", run / "index" / "compact-float16"
     meta = json.loads((compact / "meta.json").read_text())
-    assert meta["layout"] == "compact" and meta["format_version"] == 4 and meta["dim"] == 32
+    assert meta["layout"] == "compact" and meta["format_version"] == 5 and meta["dim"] == 32
     assert not list(compact.glob("lexical.*")) and (compact / "postings.docs.npy").is_file()
     emb = np.load(compact / "embeddings.npy")
     assert emb.dtype == np.float16 and emb.shape == (meta["count"], 32)
@@ -153,7 +171,7 @@ def test_a_damaged_compact_index_is_named_never_served(run_with_both, tmp_path):
     shutil.copytree(run, copy)
     folder = copy / "index" / "compact-float32"
     weights = np.load(folder / "postings.weights.npy")
-    weights[len(weights) // 2] = np.nan
+    weights[len(weights) // 2] += 1
     np.save(folder / "postings.weights.npy", weights)
     with pytest.raises(ArtifactError, match="postings.weights.npy"):
         twotower_cli.load(copy, index="compact-float32").search(QUERIES, k=5, mode="dense")
@@ -186,3 +204,71 @@ def test_the_top_10_does_not_depend_on_k():
         s, found = exact_ranking(learned_q, queries, learned_d, postings, depth, longest=100, rerank=50)
         np.testing.assert_array_equal(found[:, :10], top10)
         assert (np.sort(found, 1)[:, 1:] != np.sort(found, 1)[:, :-1]).all()  # each row once
+
+
+def test_a_compact_index_of_format_4_still_loads_and_searches_the_same(run_with_both, tmp_path):
+    """Format 4 stored whole rows (uint32) and float32 weights, without ``row_bits``: still read."""
+    import shutil
+
+    import twotower_cli
+    from twotower_cli.retrieval.index import file_digest
+    from twotower_cli.retrieval.meta_file import meta_digest
+
+    run = (run_with_both / "latest").resolve()
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy)
+    folder = copy / "index" / "compact-float32"
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["lexical"]["row_bits"] == 16 and np.load(folder / "postings.docs.npy").dtype == np.uint16
+    scale = meta["lexical"].pop("weight_scale")
+    for name, f in (("docs", lambda a: a.astype(np.uint32)), ("weights", lambda a: (a * scale).astype(np.float32))):
+        np.save(folder / f"postings.{name}.npy", f(np.load(folder / f"postings.{name}.npy")))  # (one block)
+        meta["lexical"]["sha256"][name] = file_digest(folder / f"postings.{name}.npy")
+    del meta["lexical"]["row_bits"]
+    meta["format_version"] = 4
+    meta["meta_sha256"] = meta_digest(meta)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    old = twotower_cli.load(copy, index="compact-float32")
+    assert old.index.lexical.docs.dtype == np.uint32
+    new = twotower_cli.load(run, index="compact-float32")
+    for x, y in zip(old.search(QUERIES, k=10), new.search(QUERIES, k=10)):
+        assert [h.id for h in x] == [h.id for h in y]
+
+
+def test_evaluate_searches_an_index_built_from_the_corpus_without_holding_it(run_with_both, cli, tmp_path):
+    """`evaluate --index NAME`: the corpus's ids are read, not its texts; the figures are the in-memory ones."""
+    import shutil
+
+    folder = run_with_both.parent
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    shutil.copy(folder / "corpus.parquet", ev / "corpus.parquet")
+    corpus = pl.read_parquet(ev / "corpus.parquet")
+    pairs = pl.read_parquet(folder / "pairs.parquet").filter(pl.col("label") == 1).unique("query").head(80)
+    qrels = pairs.join(corpus, on="document").with_columns(query_id=pl.format("q{}", pl.int_range(pl.len())))
+    qrels.select("query_id", "query").write_parquet(ev / "queries.parquet")
+    qrels.select("query_id", "doc_id").write_parquet(ev / "qrels.parquet")
+    figures = {}
+    for index in (None, "full-float32", "compact-float32"):
+        res = cli("evaluate", ev, "--runs-dir", run_with_both, "--baseline", "bm25", "--json",
+                  *(["--index", index] if index else []))
+        assert res.exit_code == 0, res.stderr
+        figures[index] = {r["system"].split(" (")[0]: r["metrics"]["mrr@10"] for r in json.loads(res.stdout)["systems"]}
+    assert figures[None]["bm25"] == figures["full-float32"]["bm25"] == figures["compact-float32"]["bm25"]
+    assert figures[None]["two-tower"] == figures["full-float32"]["two-tower"] > 0.3  # (in memory: the full layout)
+    # each index's figure is its own search's, as the API ranks it
+    import twotower_cli
+    from twotower_cli.evaluation.metrics import retrieval_metrics
+
+    queries, row_of = qrels["query"].to_list(), {d: i for i, d in enumerate(corpus["doc_id"].to_list())}
+    relevant = [{row_of[d]: 1.0} for d in qrels["doc_id"].to_list()]
+    for index in ("full-float32", "compact-float32"):
+        hits = twotower_cli.load(run_with_both / "latest", index=index).search(queries, k=100, mode="dense")
+        ranked = [[row_of[h.id] for h in hs] + [-1] * (100 - len(hs)) for hs in hits]
+        assert figures[index]["two-tower"] == pytest.approx(retrieval_metrics(ranked, relevant)["mrr@10"], abs=1e-9)
+    # an index of other documents: named, with the command that builds the right one
+    pl.DataFrame({"doc_id": ["x"], "document": ["another corpus"]}).write_parquet(tmp_path / "other.parquet")
+    assert cli("index", tmp_path / "other.parquet", "--runs-dir", run_with_both, "--id-col", "doc_id", "--name",
+               "other").exit_code == 0
+    res = cli("evaluate", ev, "--runs-dir", run_with_both, "--index", "other")
+    assert res.exit_code != 0 and "not in" in res.stderr and "--id-col doc_id --name other" in res.stderr

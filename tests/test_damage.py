@@ -116,7 +116,7 @@ def test_verify_passes_a_clean_run_and_checks_every_file(run, cli):
     assert res.exit_code == 0, res.stdout
     checked = {c["what"] for c in json.loads(res.stdout)["checks"]}
     assert {"run.json", "model", "index/default/embeddings.npy", "index/default/texts.bin",
-            "index/default/ids.bin", "index/default/bm25", "index/default/bm25/bm25.json", "index/default/lexical.*.npy",
+            "index/default/ids.bin", "index/default/bm25", "index/default/bm25/bm25.json", "index/default/postings.*.npy",
             "index/default/texts.offsets.npy", "index/default (opened)"} <= checked
 
 
@@ -304,7 +304,8 @@ def edit_meta(change, checksum: bool = True):
     (lambda m: m["lexical"].update(weight=0.123), True, "its own checksum"),
     (lambda m: m.update(dim="16"), False, "dim '16'"),
     (lambda m: m.update(dtype="float64"), False, "dtype 'float64'"),
-    (lambda m: m.update(backend="faiss", faiss={"ef_search": "many"}), False, "'faiss' entry"),
+    (lambda m: m.update(backend="faiss", faiss={"ef_search": "many"}), False, "not one twotower writes with its backend"),
+    (lambda m: (m.update(backend="faiss", faiss={"ef_search": "many"}), m.pop("layout")), False, "'faiss' entry"),
     (lambda m: m["lexical"].update(weight="x"), False, "'lexical' entry"),
     (lambda m: m["lexical"].update(weight=0.123), False, "lexical weight differ from the model's settings"),
     (lambda m: m["lexical"].update(buckets=17), False, "lexical buckets differ"),
@@ -362,7 +363,7 @@ model = twotower_cli.load({str(run)!r})
 model.search("GNU C compiler", k=3)
 index = model.index
 before = index.documents([0, 1])
-for name in ("texts.bin", "ids.bin", "texts.offsets.npy", "embeddings.npy", "lexical.weights.npy"):
+for name in ("texts.bin", "ids.bin", "texts.offsets.npy", "embeddings.npy", "postings.weights.npy"):
     path = Path({str(run)!r}) / "index" / "default" / name
     with open(path, "r+b") as fh:
         fh.truncate(64)
@@ -445,7 +446,8 @@ def test_a_run_replaced_under_a_loaded_model_is_named_even_after_its_index_is_re
         model.search("GNU C compiler", k=3)
 
 
-@pytest.mark.parametrize("file", ["texts.offsets.npy", "lexical.weights.npy"])
+@pytest.mark.parametrize("file", ["texts.offsets.npy", "postings.weights.npy", "postings.docs.npy",
+                                  "postings.indptr.npy"])
 def test_a_damaged_offsets_or_lexical_file_is_named(run, cli, file):
     path = run / "index" / "default" / file
     path.write_bytes(path.read_bytes()[:40])

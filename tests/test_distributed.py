@@ -239,7 +239,10 @@ def test_torchrun_index_is_the_index_one_process_builds(tiny_pairs, tmp_path):
     assert not [p.name for p in base.iterdir() if ".shards-" in p.name]  # no shard folder left behind
     meta_a, meta_b = (json.loads((p / "meta.json").read_text()) for p in (a, b))
     assert meta_a["count"] == meta_b["count"] == 41 and meta_a["lexical"]["nnz"] == meta_b["lexical"]["nnz"]
-    for name in ("texts.bin", "ids.bin", "texts.offsets.npy", "lexical.indptr.npy", "lexical.buckets.npy"):
+    assert meta_a["layout"] == meta_b["layout"] == "compact"
+    for name in ("texts.bin", "ids.bin", "texts.offsets.npy", "postings.indptr.npy", "postings.docs.npy"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    for name in ("embeddings.npy", "lexical.weights.npy"):
-        np.testing.assert_allclose(np.load(a / name), np.load(b / name), atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(np.load(a / "embeddings.npy"), np.load(b / "embeddings.npy"), atol=1e-6)
+    weights = [np.load(p / "postings.weights.npy").astype(np.int64) * m["lexical"]["weight_scale"]
+               for p, m in ((a, meta_a), (b, meta_b))]
+    np.testing.assert_allclose(*weights, atol=2 * meta_a["lexical"]["weight_scale"])  # (a step or two)

@@ -280,7 +280,12 @@ def damage(run: Path, what: str) -> None:
     elif what == "short_documents":
         offsets = np.load(index / "texts.offsets.npy")
         np.save(index / "texts.offsets.npy", offsets[:-2])
-    elif what == "faiss_missing":
+    elif what == "faiss_missing":  # (FAISS searches the full layout: the default index is rebuilt in it first)
+        import twotower_cli
+
+        model = twotower_cli.load(run)
+        model.index_documents(model.index.all_documents(), "default", model.index.ids.range(0, model.index.count),
+                              layout="full")
         meta = json.loads((index / "meta.json").read_text())
         meta.update(backend="faiss", faiss={"ef_search": 128})
         meta["meta_sha256"] = meta_digest(meta)  # the file as a FAISS build writes it: only the graph is missing

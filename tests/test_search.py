@@ -140,8 +140,20 @@ def test_index_command_and_stale_index(cli, trained, tmp_path, tiny_pairs):
     assert res.exit_code == 1 and "another model" in res.stderr
 
 
-@pytest.mark.parametrize("name", ["embeddings.npy", "lexical.weights.npy", "lexical.indptr.npy"])
+def in_full_layout(run) -> None:
+    """The run's default index rebuilt in the full layout (the default is compact)."""
+    import twotower_cli
+
+    model = twotower_cli.load(run)
+    model.index_documents(model.index.all_documents(), "default", model.index.ids.range(0, model.index.count),
+                          layout="full")
+
+
+@pytest.mark.parametrize("name", ["embeddings.npy", "lexical.weights.npy", "lexical.indptr.npy",
+                                  "postings.weights.npy", "postings.indptr.npy", "postings.docs.npy"])
 def test_corrupt_index_names_the_file(cli, trained, name):
+    if name.startswith("lexical."):
+        in_full_layout((trained / "latest").resolve())
     path = (trained / "latest").resolve() / "index/default" / name
     path.write_bytes(path.read_bytes()[: 200])
     res = cli("search", "vim", "--runs-dir", trained)
@@ -155,6 +167,11 @@ def damage_lexical(folder, how):
         meta["lexical"] = None
         (folder / "meta.json").write_text(json.dumps(meta))
         return
+    if how == "rows past the end":  # (the compact layout's postings)
+        a = np.load(folder / "postings.docs.npy")
+        a[:] = np.iinfo(a.dtype).max
+        np.save(folder / "postings.docs.npy", a)
+        return
     name = {"negative buckets": "buckets", "float offsets": "indptr", "nan weights": "weights"}[how]
     a = np.load(folder / f"lexical.{name}.npy")
     if how == "negative buckets":
@@ -166,10 +183,12 @@ def damage_lexical(folder, how):
     np.save(folder / f"lexical.{name}.npy", a)
 
 
-@pytest.mark.parametrize("how", ["negative buckets", "float offsets", "nan weights", "meta"])
+@pytest.mark.parametrize("how", ["negative buckets", "float offsets", "nan weights", "meta", "rows past the end"])
 def test_lexical_rows_damaged_in_place_are_refused(cli, trained, how):
     """Damage that keeps the files' shapes: caught by the types, the checksums in meta.json, or meta.json's checks."""
     folder = (trained / "latest").resolve() / "index/default"
+    if how not in ("meta", "rows past the end"):
+        in_full_layout((trained / "latest").resolve())
     damage_lexical(folder, how)
     res = cli("search", "vim", "--runs-dir", trained, "--mode", "dense")
     assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.stderr

@@ -47,7 +47,8 @@ def brute_force(api, queries: list[str], weight: float, depth: int = 100) -> lis
     table = np.zeros(cfg.ngram_buckets, dtype=np.float32)
     out = []
     for j, (q, qe) in enumerate(zip(queries, api.encode_queries(queries))):
-        dense = emb[:, cfg.lexical_dim:] @ qe[cfg.lexical_dim:] + d_rows.dots(q_rows, j, np.arange(len(docs)), table)
+        learned = emb[:, -cfg.embedding_dim:] @ qe[cfg.lexical_dim:]  # (a compact index stores the learned half only)
+        dense = learned + d_rows.dots(q_rows, j, np.arange(len(docs)), table)
         lex = index.bm25().scores(q)
         sides = []
         for s in (dense.astype(np.float64), lex.astype(np.float64)):

@@ -130,9 +130,10 @@ class TwoTowerModel(RunEncoder):
                 for ss, rr in zip(scores, rows)]
 
     def index_documents(self, documents: Iterable[str], name: str, ids: Sequence[str] | None = None,
-                        dtype: str = "float32", backend: str = "exact") -> Path:
+                        dtype: str = "float32", backend: str = "exact", layout: str = "auto") -> Path:
         """Embed ``documents`` into a new (or replaced) named index of this run; returns its folder. A hybrid run
-        also gets the BM25 side. Use ``load(run, index=name)`` (or ``use_index``) to search it."""
+        also gets the BM25 side. Use ``load(run, index=name)`` (or ``use_index``) to search it. ``layout``: as
+        `twotower index --layout`."""
         import polars as pl
 
         from twotower_cli.retrieval.build import build_index
@@ -142,7 +143,7 @@ class TwoTowerModel(RunEncoder):
             raise UsageError(f"{len(ids)} ids for {len(docs)} documents")
         return build_index(self.run_dir, self.torch_model(), self.vocab,
                            [(docs, None if ids is None else [str(i) for i in ids])], name, self.device, dtype, backend,
-                           bm25=self.plan.mode != "dense")
+                           bm25=self.plan.mode != "dense", layout=layout)
 
     def use_index(self, name: str) -> "TwoTowerModel":
         """Search another index of the same run from now on (a search under way finishes on the one it began)."""

@@ -88,9 +88,10 @@ def index_command(
     backend: Annotated[str, Opt(
         "--backend", metavar="exact|faiss", help="Exact search, or FAISS HNSW (approximate).")] = "exact",
     layout: Annotated[str, Opt(
-        "--layout", metavar="full|compact",
-        help="compact: the learned half and the exact lexical rows inverted, no lexical sketch (under half the "
-             "size, the same ranking).")] = "full",
+        "--layout", metavar="auto|compact|full",
+        help="compact: the learned half and the exact lexical rows inverted (a third of full's size, the same "
+             "ranking); full: also a hashed lexical sketch in every embedding (what --backend faiss searches); "
+             "auto: compact unless the run or the backend needs full.")] = "auto",
     device: DeviceOpt = "auto",
     chunk_rows: Annotated[int, Opt(
         "--chunk-rows", metavar="N", min=1,
@@ -102,7 +103,7 @@ def index_command(
     from twotower_cli.api import TwoTowerModel
     from twotower_cli.data.corpus import corpus_chunks, read_in_slices
     from twotower_cli.errors import UsageError
-    from twotower_cli.retrieval.build import build_index, check_layout, faiss_available
+    from twotower_cli.retrieval.build import build_index, faiss_available, layout_for
     from twotower_cli.retrieval.index import index_dir
 
     if backend not in ("exact", "faiss"):
@@ -113,7 +114,7 @@ def index_command(
     if backend == "faiss":
         faiss_available()
     cfg, run_dir = run_of(runs_dir, run, config, write=True)
-    check_layout(cfg.model, layout, backend)  # before any document is read
+    layout = layout_for(cfg.model, layout, backend)  # before any document is read
     if read_in_slices(corpus) and os.environ.get("RANK", "0") == "0":  # (under torchrun: said once)
         note(f"counting the documents of {corpus.name} (a text file this large is read in slices: once to count "
              "and check them, once to embed them)")
@@ -152,7 +153,7 @@ def index_notes(path: Path, backend: str, total: int | None, world: int = 1) -> 
 
 
 def index_sharded(corpus, cfg, run_dir, name, document_col, id_col, chunk_rows, dtype, backend, device, total,
-                  layout: str = "full"):
+                  layout: str = "auto"):
     from contextlib import nullcontext
 
     from twotower_cli.api import TwoTowerModel
@@ -278,6 +279,11 @@ def evaluate_command(
     hybrid: HybridOpt = False,
     hybrid_weight: WeightOpt = None,
     device: DeviceOpt = "auto",
+    index: Annotated[Optional[str], Opt(
+        "--index", metavar="NAME", show_default=False,
+        help="Search this index of the run, built from the evaluation corpus (twotower index EVAL/corpus.parquet "
+             "--id-col doc_id --name NAME), instead of embedding the corpus in memory: for corpora too large to "
+             "hold.")] = None,
     json_out: JsonOpt = False,
     runs_dir: RunsDirOpt = None,
     config: ConfigOpt = None,
@@ -290,11 +296,13 @@ def evaluate_command(
         raise UsageError(f"--baseline {baseline!r}: the only baseline is bm25")
     cfg, run_dir = run_of(runs_dir, run, config)
     mode, weight = search_mode(cfg, mode, hybrid, hybrid_weight)
-    ev = load_eval(eval_dir)  # a mistyped folder fails here, before any bar or model
-    progress, update = bar("embedding the corpus", len(ev.documents))
+    ev = load_eval(eval_dir, texts=index is None)  # a mistyped folder fails here, before any bar or model
+    from contextlib import nullcontext
+
+    progress, update = bar("embedding the corpus", len(ev.doc_ids)) if index is None else (nullcontext(), None)
     with progress:
         rows = evaluate_run(run_dir, eval_dir, baseline=baseline, mode=mode, weight=weight, progress=update, ev=ev,
-                            device=str(resolve(device)))
+                            device=str(resolve(device)), index_name=index)
     for n in ev.notes:
         note(f"[yellow]note:[/] {eval_dir}: {n}")
     if json_out:

@@ -26,7 +26,7 @@ class EvalSet:
     query_ids: list[str]
     queries: pl.Series
     doc_ids: list[str]
-    documents: pl.Series
+    documents: pl.Series | None  # None when loaded without texts (the corpus is searched in an index built before)
     qrels: list[dict[int, float]]  # per query row: {document row: grade}; rows <= -2 are relevant but missing
     notes: list[str] = field(default_factory=list)
 
@@ -36,7 +36,7 @@ def first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def read_file(path: Path, kind: str) -> pl.DataFrame:
+def read_file(path: Path, kind: str, columns: list[str] | None = None) -> pl.DataFrame:
     """One file of the folder as a frame; every way it can be unusable is a DataError naming it."""
     if not path.exists():
         raise DataError(f"{path}: missing; an evaluation folder needs queries, corpus and qrels files")
@@ -46,7 +46,7 @@ def read_file(path: Path, kind: str) -> pl.DataFrame:
         raise DataError(f"{path}: file is empty; it should hold the {kind}")
     try:
         if path.suffix == ".parquet":
-            return pl.read_parquet(path)
+            return pl.read_parquet(path, columns=columns)
         if path.suffix == ".jsonl":
             return pl.read_ndjson(path, infer_schema_length=None)
         return pl.read_csv(path, separator="\t", infer_schema=False, quote_char=None)
@@ -69,22 +69,25 @@ def plain(df: pl.DataFrame, cols: list[str], path: Path) -> None:
                             "string a row")
 
 
-def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
+def load_eval(folder: str | Path, split: str = "test", texts: bool = True) -> EvalSet:
+    """``texts`` False: the corpus's ids only (a Parquet corpus's text column is not read)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder; expected an evaluation folder (BEIR layout: corpus.jsonl, "
                         "queries.jsonl, qrels/test.tsv; or queries/corpus/qrels .parquet)")
     if (folder / "corpus.parquet").exists():
         files = {n: folder / f"{n}.parquet" for n in ("queries", "corpus", "qrels")}
-        q, c, r = (read_file(files[n], n) for n in ("queries", "corpus", "qrels"))
+        q, r = read_file(files["queries"], "queries"), read_file(files["qrels"], "qrels")
+        c = read_file(files["corpus"], "corpus", None if texts else ["doc_id"])
         need(q, ["query_id", "query"], files["queries"])
-        need(c, ["doc_id", "document"], files["corpus"])
+        need(c, ["doc_id", "document"] if texts else ["doc_id"], files["corpus"])
         need(r, ["query_id", "doc_id"], files["qrels"])
         plain(q, ["query_id", "query"], files["queries"])
-        plain(c, ["doc_id", "document"], files["corpus"])
+        plain(c, ["doc_id", "document"] if texts else ["doc_id"], files["corpus"])
         plain(r, ["query_id", "doc_id"], files["qrels"])
         q = q.select(pl.col("query_id").cast(pl.String), pl.col("query").cast(pl.String).alias("text"))
-        c = c.select(pl.col("doc_id").cast(pl.String), pl.col("document").cast(pl.String).alias("text"))
+        c = c.select(pl.col("doc_id").cast(pl.String),
+                     (pl.col("document") if texts else pl.lit("")).cast(pl.String).alias("text"))
         qrels_path = files["qrels"]
         score = pl.col("score") if "score" in r.columns else pl.lit(1.0)
         r = r.select(pl.col("query_id").cast(pl.String), pl.col("doc_id").cast(pl.String), score.alias("score"))
@@ -127,7 +130,7 @@ def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
             notes.append(f"{dup} duplicate {what} ids: the first row of each is used")
     q = q.unique("query_id", keep="first", maintain_order=True)
     c = c.unique("doc_id", keep="first", maintain_order=True)
-    for frame, what in ((q, "queries"), (c, "documents")):
+    for frame, what in ((q, "queries"), (c, "documents")) if texts else ((q, "queries"),):
         empty = frame["text"].is_null().sum() + (frame["text"].str.strip_chars() == "").sum()
         if empty:
             notes.append(f"{empty} {what} have no text (null or blank): they are kept, as empty text")
@@ -176,4 +179,5 @@ def load_eval(folder: str | Path, split: str = "test") -> EvalSet:
         notes.append(f"{unanswerable} queries have no relevant document (all grades 0): they score 0, as in "
                      "trec_eval")
     return EvalSet(folder, q["query_id"].to_list(), q["text"].fill_null("").str.normalize("NFKC"),
-                   c["doc_id"].to_list(), c["text"].fill_null("").str.normalize("NFKC"), qrels, notes)
+                   c["doc_id"].to_list(), c["text"].fill_null("").str.normalize("NFKC") if texts else None, qrels,
+                   notes)

@@ -40,23 +40,30 @@ def evaluate_model(model, q_tokens: torch.Tensor, d_tokens: torch.Tensor, qrels:
 
 
 def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, mode: str | None = None,
-                 weight: float | None = None, progress=None, ev=None, device: str = "cpu") -> list[dict]:
+                 weight: float | None = None, progress=None, ev=None, device: str = "cpu",
+                 index_name: str | None = None) -> list[dict]:
     """Rows: the model alone (always), BM25 (``baseline``), and the run's default search when it is not the model
     alone, or the search ``mode`` forced (with ``weight`` for hybrid). Each row has ``default``: whether it is what
-    `twotower search` does."""
+    `twotower search` does. ``index_name``: search that index of the run (built from the evaluation corpus, its
+    ids the corpus's) instead of embedding the corpus in memory."""
     from twotower_cli.model.run_encoder import RunEncoder
     from twotower_cli.retrieval.search import stored_plan
 
-    ev = ev or load_eval(eval_dir)
+    ev = ev or load_eval(eval_dir, texts=index_name is None)
     run = RunEncoder(run_dir, device)  # the run's query side, as `search` encodes
     default = stored_plan(run_dir)
-    index = corpus_index(run, ev.documents, device, progress)
+    if index_name is None:
+        index, position = corpus_index(run, ev.documents, device, progress), None
+    else:
+        index, position = built_index(run_dir, index_name, ev)
     queries = ev.queries.to_list()
     asked = default.forced(mode, weight) if mode is not None or weight is not None else default
 
     def ranked(plan):
         t0 = time.perf_counter()  # query time: encode, search (the corpus is indexed beforehand)
         _, rows = Search(plan, run, index, device).rank(queries, K)
+        if position is not None:  # the index's rows as the corpus's
+            rows = [position[np.asarray(r, dtype=np.int64)].tolist() for r in rows]
         return rows, time.perf_counter() - t0
 
     rows = []
@@ -77,6 +84,29 @@ def evaluate_run(run_dir: Path, eval_dir: Path, baseline: str | None = None, mod
     for r in rows:
         r["notes"] = ev.notes
     return rows
+
+
+def built_index(run_dir: Path, name: str, ev) -> tuple:
+    """The run's index ``name`` and, for each of its rows, the corpus row of its id (it must hold no other id)."""
+    import polars as pl
+
+    from twotower_cli.errors import DataError
+    from twotower_cli.retrieval.index import load_index
+
+    index = load_index(run_dir, name)
+    ids = pl.Series("doc_id", index.ids.range(0, index.count) if index.ids is not None else [], dtype=pl.String)
+    corpus = pl.DataFrame({"doc_id": ev.doc_ids}).with_row_index("row")
+    found = pl.DataFrame({"doc_id": ids}).join(corpus, on="doc_id", how="left", maintain_order="left")["row"]
+    if index.ids is None or found.null_count():
+        first = ids.filter(found.is_null())[0] if index.ids is not None and len(ids) else "(none)"
+        raise DataError(f"index '{name}' of {Path(run_dir).name} holds documents that are not in {ev.path} (id "
+                        f"{first!r}); build it from that corpus: twotower index {ev.path}/corpus.parquet "
+                        f"--id-col doc_id --name {name}")
+    missing = len(ev.doc_ids) - found.n_unique()
+    if missing:
+        ev.notes.append(f"{missing:,} documents are not in index '{name}' (an index keeps one copy of a repeated "
+                        "text): they are never found")
+    return index, np.append(found.to_numpy().astype(np.int64), -1)  # (row -1, a missing result, stays -1)
 
 
 @torch.no_grad()

@@ -70,15 +70,16 @@ class Strings:
 @torch.no_grad()
 def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", device="cpu", dtype: str = "float32",
                 backend: str = "exact", batch_size: int = 2048, progress=None, total: int | None = None,
-                precomputed=None, bm25: bool = False, layout: str = "full") -> Path:
+                precomputed=None, bm25: bool = False, layout: str = "auto") -> Path:
     """Embed ``chunks`` (an iterable of (documents Series, ids list or None)) into ``index/<name>/``.
     ``precomputed(i, docs)``: the embeddings and lexical rows of every row of chunk ``i``, computed elsewhere (by the
     processes of a sharded build, `sharded.py`); what is stored is the same as when computed here. ``bm25``: the
     BM25 side too (written before the index is swapped in, so that no reader sees the index without it).
-    ``layout`` "compact": the learned half only and the exact lexical rows inverted (`compact.py`)."""
+    ``layout`` "compact": the learned half only and the exact lexical rows inverted (`compact.py`); "auto": compact
+    where it can be (`layout_for`)."""
     if dtype not in ("float32", "float16"):
         raise UsageError(f"--dtype {dtype!r}: use float32 or float16")
-    check_layout(model.cfg, layout, backend)
+    layout = layout_for(model.cfg, layout, backend)
     final = index_dir(run_dir, name)
     final.parent.mkdir(parents=True, exist_ok=True)
     with Lock(lock_path(run_dir, name), f"index '{name}' of {Path(run_dir).name}"):
@@ -95,9 +96,9 @@ def build_index(run_dir: Path, model, vocab, chunks, name: str = "default", devi
                     "backend": backend, "sha256": digest, "files_sha256": files, "shared_ids": shared_ids,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             if nnz is not None:
-                nnz, digests = nnz
+                nnz, digests, stored = nnz
                 meta["lexical"] = {"dim": model.cfg.lexical_dim, "buckets": model.cfg.ngram_buckets, "nnz": nnz,
-                                   "weight": model.cfg.lexical_weight, "sha256": digests}
+                                   "weight": model.cfg.lexical_weight, "sha256": digests, **stored}
             if layout == "compact":
                 meta["layout"] = "compact"
             if backend == "faiss":
@@ -134,14 +135,19 @@ def other_files(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): file_digest(p) for p in found if p.is_file()}
 
 
-def check_layout(cfg, layout: str, backend: str) -> None:
+def layout_for(cfg, layout: str, backend: str) -> str:
+    """The layout an index is written in: "auto" is compact (a third of the full layout's size, the same ranking)
+    unless the model has no exact lexical half or the backend is FAISS (which searches the full embeddings)."""
+    if layout == "auto":
+        return "compact" if getattr(cfg, "lexical_exact", False) and backend == "exact" else "full"
     if layout not in LAYOUTS:
-        raise UsageError(f"--layout {layout!r}: use {' or '.join(LAYOUTS)}")
+        raise UsageError(f"--layout {layout!r}: use auto, {' or '.join(LAYOUTS)}")
     if layout == "compact" and not getattr(cfg, "lexical_exact", False):
         raise UsageError("--layout compact needs a model with the exact lexical half (model.lexical_exact, the "
                          "default since format 3): use --layout full for this run")
     if layout == "compact" and backend != "exact":
         raise UsageError("--layout compact scores every document exactly: use it with --backend exact")
+    return layout
 
 
 def write_folder(tmp: Path, model, vocab, chunks, device, dtype: str, batch_size: int, progress, total,
@@ -280,7 +286,7 @@ class LexicalWriter:
         indptr = np.concatenate(self.indptr)
         np.save(self.folder / "lexical.indptr.npy", indptr)
         return self.nnz, {"indptr": array_digest(indptr),
-                          **{name: h.hexdigest() for name, h in self.hashes.items()}}
+                          **{name: h.hexdigest() for name, h in self.hashes.items()}}, {}
 
 
 class PostingsFiles:
@@ -299,8 +305,11 @@ class PostingsFiles:
         from twotower_cli.retrieval.index import file_digest
         from twotower_cli.retrieval.postings import FILES, PREFIX
 
+        from twotower_cli.retrieval.postings import ROW_BITS
+
         nnz = self.writer.close()
-        return nnz, {name: file_digest(self.folder / f"{PREFIX}.{name}.npy") for name in FILES}
+        return nnz, {name: file_digest(self.folder / f"{PREFIX}.{name}.npy") for name in FILES}, \
+            {"row_bits": ROW_BITS, "weight_scale": self.writer.scale}
 
 
 def build_faiss(folder: Path, n: int, dim: int) -> dict:

@@ -26,7 +26,9 @@ from twotower_cli.retrieval.snapshot import Index, Strings
 from twotower_cli.runs import is_locked, read_json, stamp_or_none
 
 INDEX_FORMAT = 3  # 3: every file's sha256 in meta.json (2: texts.bin/ids.bin and the embeddings' sha256; 1: Parquet)
-COMPACT_FORMAT = 4  # the compact layout: the learned half and the exact lexical rows inverted (`compact.py`)
+# the compact layout: the learned half and the exact lexical rows inverted (`compact.py`); 5: their rows and weights
+# in 2 bytes each (4: 4 bytes each, still read)
+COMPACT_FORMAT = 5
 
 
 def index_dir(run_dir: Path, name: str) -> Path:
@@ -237,7 +239,8 @@ def load_postings(folder: Path, meta: dict, lex: dict):
     from twotower_cli.retrieval.postings import FILES, PREFIX, Postings
 
     try:
-        postings = Postings.load(folder, int(meta["count"]), lex["buckets"])
+        postings = Postings.load(folder, int(meta["count"]), lex["buckets"], lex.get("row_bits", 32),
+                                 lex.get("weight_scale"))
     except FileNotFoundError as exc:
         raise ArtifactError(f"{exc.filename}: missing, but meta.json says the index has exact lexical rows; "
                             "rebuild the index") from None
@@ -250,8 +253,8 @@ def load_postings(folder: Path, meta: dict, lex: dict):
             if digests.get(name) is not None and file_digest(path) != digests[name]:
                 raise ArtifactError(f"{path}: does not match the checksum in meta.json; the file was altered or "
                                     "damaged: rebuild the index")
-        if postings.docs.size and (int(postings.docs.max()) >= int(meta["count"]) or (
-                np.diff(postings.indptr) < 0).any() or not np.isfinite(postings.weights).all()):
+        if (np.diff(postings.indptr) < 0).any() or not postings.in_range(int(meta["count"])) \
+                or not np.isfinite(postings.weights).all():
             raise ArtifactError(f"{folder}: the exact lexical rows are out of range; rebuild the index")
     return postings
 

@@ -144,6 +144,22 @@ class Search:
         return scores, found
 
 
+    def pair_scores(self, queries: list[str], rows: np.ndarray) -> np.ndarray:
+        """The model's score of each query with one row of the index, as `dense` ranks it."""
+        index = self.index
+        embedded = self.encoder.encode_queries(queries)
+        if index.lexical is None:
+            return (embedded * np.asarray(index.embeddings[rows], dtype=np.float32)).sum(1)
+        query_rows, lex = self.encoder.query_lexical(queries), index.meta["lexical"]
+        if index.meta.get("layout") != "compact":
+            return scored(index, embedded, query_rows, np.asarray(rows).reshape(-1, 1), lex)[0][:, 0]
+        learned = (embedded[:, lex["dim"]:] * np.asarray(index.embeddings[rows], dtype=np.float32)).sum(1)
+        ptr = query_rows.indptr
+        return learned + np.array([index.lexical.at(query_rows.buckets[ptr[j]:ptr[j + 1]],
+                                                    query_rows.weights[ptr[j]:ptr[j + 1]], np.array([r]))[0]
+                                   for j, r in enumerate(np.asarray(rows).tolist())], dtype=np.float32)
+
+
 def exact_lexical_ranking(index, embedded: np.ndarray, query_rows, depth: int, rerank: int, device: str):
     """The first pass's best ``rerank`` rows (and an even mix's best `EXTRA`: see `lexical.first_pass`), re-scored
     with the exact lexical half and sorted. Past them (a depth over ``rerank``) the ranking continues with the

@@ -24,7 +24,7 @@ from twotower_cli.runs import atomic_write_json, read_json, scratch_dir
 
 def build_sharded(run_dir: Path, model, vocab, make_chunks, name: str, d, dtype: str = "float32",
                   backend: str = "exact", batch_size: int = 2048, progress=None, total: int | None = None,
-                  bm25: bool = False, layout: str = "full"):
+                  bm25: bool = False, layout: str = "auto"):
     """``make_chunks()`` gives a fresh iterator of (documents, ids) chunks (each process reads the corpus; rank 0
     reads it twice). Returns the index folder on rank 0, None on the others."""
     final = index_dir(run_dir, name)
@@ -46,7 +46,7 @@ def build_sharded(run_dir: Path, model, vocab, make_chunks, name: str, d, dtype:
 
 
 def embed_then_assemble(run_dir, model, vocab, make_chunks, name, d, folder, dtype, backend, batch_size, progress,
-                        total, bm25: bool, layout: str = "full"):
+                        total, bm25: bool, layout: str = "auto"):
     lexical = bool(getattr(model.cfg, "lexical_exact", False))
     error, done = None, 0
     try:

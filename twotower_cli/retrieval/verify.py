@@ -100,7 +100,7 @@ def index_checks(run_dir: Path, name: str) -> list[Check]:
         out.append(attempt(f"{what}/{file}", lambda f=file, e=expected: matches(folder / f, e)))
     lexical = meta.get("lexical")
     if isinstance(lexical, dict) and isinstance(lexical.get("sha256"), dict) and meta.get("layout") == "compact":
-        out.append(attempt(f"{what}/postings.*.npy", lambda: postings(folder, lexical["sha256"])))
+        out.append(attempt(f"{what}/postings.*.npy", lambda: postings(folder, meta)))
     elif isinstance(lexical, dict) and isinstance(lexical.get("sha256"), dict):
         out.append(attempt(f"{what}/lexical.*.npy", lambda: lexical_rows(folder, lexical["sha256"])))
     if (folder / "bm25").is_dir():
@@ -158,14 +158,18 @@ def lexical_rows(folder: Path, digests: dict) -> str:
     return "the exact lexical rows match their checksums"
 
 
-def postings(folder: Path, digests: dict) -> str:
-    from twotower_cli.retrieval.postings import FILES, PREFIX
+def postings(folder: Path, meta: dict) -> str:
+    from twotower_cli.retrieval.postings import FILES, PREFIX, Postings
 
+    lexical = meta["lexical"]
     for part in FILES:
-        matches(folder / f"{PREFIX}.{part}.npy", digests.get(part, ""))
-    weights = np.load(folder / f"{PREFIX}.weights.npy", mmap_mode="r")
-    if weights.size and not np.isfinite(weights).all():
+        matches(folder / f"{PREFIX}.{part}.npy", lexical["sha256"].get(part, ""))
+    lists = Postings.load(folder, int(meta.get("count", 0)), lexical.get("buckets"), lexical.get("row_bits", 32),
+                          lexical.get("weight_scale"))
+    if lists.weights.size and not np.isfinite(lists.weights).all():
         raise ValueError(f"{folder / (PREFIX + '.weights.npy')}: holds non-finite values; rebuild the index")
+    if not lists.in_range(int(meta.get("count", 0))):
+        raise ValueError(f"{folder / (PREFIX + '.docs.npy')}: holds rows past the index's documents; rebuild it")
     return "the exact lexical rows (inverted) match their checksums"
 
 

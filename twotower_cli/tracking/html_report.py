@@ -97,8 +97,8 @@ def histogram(sims: dict) -> str:
         ax.hist(sims["positive"], bins=40, alpha=0.6, label="query · relevant document", color="#2da44e")
         ax.hist(sims["negative"], bins=40, alpha=0.6, label="query · random document", color="#cf222e")
         ax.legend(fontsize=8, frameon=False)
-    ax.set_title("Cosine similarity on validation queries (best model)", fontsize=12)
-    ax.set_xlabel("cosine similarity")
+    ax.set_title("The model's score on validation queries (best model)", fontsize=12)
+    ax.set_xlabel("score, as the search ranks (cosine for a model without the exact lexical half)")
     ax.grid(alpha=0.3)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)

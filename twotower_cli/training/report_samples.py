@@ -36,11 +36,10 @@ def retrieval_examples(run_dir: Path, encoder, index, plan, train_set, k: int = 
                                   "relevant": r in rel}
                                  for j, (s, r, doc) in enumerate(zip(ss, rr, index.documents(rr))) if r >= 0]})
     atomic_write_json(run_dir / "retrieval_examples.json", rows)
-    # the embeddings' cosine of each query with its relevant document and with a random one
-    qe = encoder.encode_queries(queries)
+    # the model's score (as its search ranks) of each query with its relevant document and with a random one
+    search = Search(plan, encoder, index, encoder.device)
     positives = np.array([next(iter(rel)) for rel in qrels[:COMPARED]])
     random = np.random.default_rng(0).integers(0, index.count, len(queries))
-    pos = (qe * np.asarray(index.embeddings[positives], dtype=np.float32)).sum(1)
-    neg = (qe * np.asarray(index.embeddings[random], dtype=np.float32)).sum(1)
+    pos, neg = search.pair_scores(queries, positives), search.pair_scores(queries, random)
     atomic_write_json(run_dir / "similarities.json", {"positive": [round(float(x), 4) for x in pos],
                                                       "negative": [round(float(x), 4) for x in neg]})
