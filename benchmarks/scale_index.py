@@ -120,6 +120,9 @@ def main() -> None:
     ap.add_argument("--reference", default="",
                     help="the index the brute force scores (default: scale-full-float32 when --layouts has it, else "
                          "the first layout's, its postings read whole)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="search the scale-<layout>-<dtype> indexes an earlier run built (no build figures)")
+    ap.add_argument("--mrr-queries", type=int, default=0, help="queries MRR@10 is measured on (default: all)")
     ap.add_argument("--evaluate", action="store_true",
                     help="also time `twotower evaluate --index` over every query (a fresh process)")
     args = ap.parse_args()
@@ -138,7 +141,7 @@ def main() -> None:
     for spec in args.layouts.split(","):
         layout, dtype = spec.split(":")
         name = f"scale-{layout}-{dtype}"
-        seconds, peak = build(run, corpus, name, layout, dtype)
+        seconds, peak = build(run, corpus, name, layout, dtype) if not args.reuse else (float("nan"), float("nan"))
         model = twotower_cli.load(run, index=name)
         model.search(queries[:1], k=10, mode="dense")  # opened, and its pages read once
         if exact is None:
@@ -153,9 +156,10 @@ def main() -> None:
         t = time.perf_counter()
         hits = model.search(queries[:args.queries], k=10)
         batch = time.perf_counter() - t
-        every = model.search(queries, k=100)
+        some = args.mrr_queries or len(queries)
+        every = model.search(queries[:some], k=100)
         ranked = np.array([[position[h.id] for h in hs] + [-1] * (100 - len(hs)) for hs in every])
-        mrr = retrieval_metrics(ranked, ev.qrels)["mrr@10"]
+        mrr = retrieval_metrics(ranked, ev.qrels[:some])["mrr@10"]
         dense = model.search(queries[:args.subsample], k=10, mode="dense")
         agree = float(np.mean([[h.id for h in a] == b for a, b in zip(dense, exact)]))
         overlap = float(np.mean([len({h.id for h in a} & set(b)) / max(1, len(b)) for a, b in zip(dense, exact)]))
