@@ -99,9 +99,10 @@ def built_index(run_dir: Path, name: str, ev) -> tuple:
     found = pl.DataFrame({"doc_id": ids}).join(corpus, on="doc_id", how="left", maintain_order="left")["row"]
     if index.ids is None or found.null_count():
         first = ids.filter(found.is_null())[0] if index.ids is not None and len(ids) else "(none)"
+        other = name if name != "default" else "eval"  # (never advise replacing the run's own index)
         raise DataError(f"index '{name}' of {Path(run_dir).name} holds documents that are not in {ev.path} (id "
-                        f"{first!r}); build it from that corpus: twotower index {ev.path}/corpus.parquet "
-                        f"--id-col doc_id --name {name}")
+                        f"{first!r}); build one from that corpus: twotower index {ev.path}/corpus.parquet "
+                        f"--id-col doc_id --name {other}")
     missing = len(ev.doc_ids) - found.n_unique()
     if missing:
         ev.notes.append(f"{missing:,} documents are not in index '{name}' (an index keeps one copy of a repeated "

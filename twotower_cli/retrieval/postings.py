@@ -125,10 +125,6 @@ class Postings:
             b0 = b1
         return True
 
-    def save(self, folder: Path) -> None:
-        for name in FILES:
-            np.save(Path(folder) / f"{PREFIX}.{name}.npy", getattr(self, name))
-
     @classmethod
     def load(cls, folder: Path, count: int, buckets: int, row_bits: int = 32, scale: float | None = None) \
             -> "Postings":
